@@ -1,0 +1,11 @@
+"""ComfyUI entry point of the Wan 2.2 S2V LoRA trainer pack.
+
+Importing this module must stay cheap: the node classes only declare their inputs and
+outputs; torch, diffusers and the model code are imported inside the node functions.
+"""
+
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+WEB_DIRECTORY = "./web/js"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -1,0 +1,152 @@
+"""The one place that talks to ComfyUI.
+
+Every ComfyUI-specific call the nodes make (model folders, progress bar, cancel, server
+messages) goes through here, and each has a fallback so that the nodes also run in tests
+and from the command line where ComfyUI is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+
+def _folder_paths():
+    try:
+        import folder_paths  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return folder_paths
+
+
+def comfyui_available() -> bool:
+    return _folder_paths() is not None
+
+
+def list_model_files(kind: str) -> list[str]:
+    """Files ComfyUI knows in a model folder kind ("diffusion_models", "vae", ...)."""
+    fp = _folder_paths()
+    if fp is None:
+        return []
+    try:
+        return list(fp.get_filename_list(kind))
+    except KeyError:
+        return []
+
+
+def model_file_path(kind: str, name: str) -> Path:
+    """Absolute path of a file listed by `list_model_files`; errors if it is not there."""
+    fp = _folder_paths()
+    if fp is None:
+        raise FileNotFoundError(f"ComfyUI is not available to resolve {kind}/{name}")
+    path = fp.get_full_path(kind, name)
+    if path is None:
+        raise FileNotFoundError(f"'{name}' is not in ComfyUI's {kind} folders")
+    return Path(path)
+
+
+def extra_model_roots() -> list[Path]:
+    """Additional roots a user allows for model folders (os.pathsep-separated env var)."""
+    value = os.environ.get("WAN_S2V_TRAINER_ROOTS", "")
+    return [Path(p).resolve() for p in value.split(os.pathsep) if p]
+
+
+def input_directory() -> Path:
+    fp = _folder_paths()
+    if fp is None:
+        return Path(os.environ.get("WAN_S2V_INPUT_DIR", "input")).resolve()
+    return Path(fp.get_input_directory()).resolve()
+
+
+def output_directory() -> Path:
+    fp = _folder_paths()
+    if fp is None:
+        return Path(os.environ.get("WAN_S2V_OUTPUT_DIR", "output")).resolve()
+    return Path(fp.get_output_directory()).resolve()
+
+
+def model_folder_roots(kind: str) -> list[Path]:
+    """Every folder ComfyUI searches for a model kind."""
+    fp = _folder_paths()
+    if fp is None:
+        return []
+    try:
+        return [Path(p).resolve() for p in fp.get_folder_paths(kind)]
+    except KeyError:
+        return []
+
+
+def confine_path(user_path: str, allowed_roots: list[Path]) -> Path:
+    """Resolve `user_path` and require it to lie inside one of `allowed_roots`.
+
+    Relative paths are taken relative to the first root. Symlinks are resolved first, so a
+    link that points outside the roots is refused as well.
+    """
+    if not allowed_roots:
+        raise PermissionError("no allowed folder is configured for this path")
+    raw = Path(user_path).expanduser()
+    candidate = raw if raw.is_absolute() else allowed_roots[0] / raw
+    resolved = candidate.resolve()
+    for root in allowed_roots:
+        root = root.resolve()
+        if resolved == root or root in resolved.parents:
+            return resolved
+    roots = ", ".join(str(r) for r in allowed_roots)
+    raise PermissionError(f"'{user_path}' is outside the allowed folders ({roots})")
+
+
+class Progress:
+    """Progress reporting that drives ComfyUI's bar when it is there, and nothing otherwise."""
+
+    def __init__(self, total: int, node_id: str | None = None):
+        self.total = total
+        self._bar = None
+        try:
+            import comfy.utils  # type: ignore[import-not-found]
+
+            self._bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        except ImportError:
+            pass
+
+    def update(self, value: int, preview: Any = None) -> None:
+        if self._bar is not None:
+            self._bar.update_absolute(value, self.total, preview)
+
+
+def interrupt_requested() -> bool:
+    """True when the user pressed Cancel; reads ComfyUI's flag without clearing it."""
+    try:
+        import comfy.model_management as mm  # type: ignore[import-not-found]
+    except ImportError:
+        return False
+    return bool(mm.processing_interrupted())
+
+
+def raise_if_interrupted() -> None:
+    try:
+        import comfy.model_management as mm  # type: ignore[import-not-found]
+    except ImportError:
+        return
+    mm.throw_exception_if_processing_interrupted()
+
+
+def send_event(event: str, data: dict[str, Any]) -> None:
+    """Send a custom event to the front end (our web/js extensions listen for it)."""
+    try:
+        from server import PromptServer  # type: ignore[import-not-found]
+    except ImportError:
+        return
+    instance = getattr(PromptServer, "instance", None)
+    if instance is not None:
+        instance.send_sync(event, data)
+
+
+def free_comfyui_models() -> None:
+    """Ask ComfyUI to unload its cached models before we load a 14B model."""
+    try:
+        import comfy.model_management as mm  # type: ignore[import-not-found]
+    except ImportError:
+        return
+    mm.unload_all_models()
+    mm.soft_empty_cache()
