@@ -1,0 +1,54 @@
+"""Model loading nodes."""
+
+from __future__ import annotations
+
+from . import comfy_adapter
+
+CATEGORY = "Wan S2V Trainer/model"
+
+
+class WanS2VLoadTransformer:
+    """Load a Wan 2.2 S2V transformer from ComfyUI's diffusion_models folder."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "transformer": (
+                    comfy_adapter.list_model_files("diffusion_models"),
+                    {"tooltip": "wan2.2_s2v_14B_bf16.safetensors (or fp8_scaled) from models/diffusion_models."},
+                ),
+                "dtype": (
+                    ["bfloat16", "float16", "float32"],
+                    {"default": "bfloat16", "tooltip": "Compute dtype of the loaded weights."},
+                ),
+                "numerics": (
+                    ["official", "comfyui"],
+                    {
+                        "default": "official",
+                        "tooltip": "official: the Wan2.2 reference forward the weights were trained with. "
+                        "comfyui: ComfyUI's S2V forward (audio alignment, motion RoPE), to match its sampler.",
+                    },
+                ),
+            }
+        }
+
+    RETURN_TYPES = ("WANS2V_TRANSFORMER",)
+    RETURN_NAMES = ("transformer",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads the S2V transformer with strict key checking (any missing or unexpected key is an error)."
+
+    def load(self, transformer: str, dtype: str, numerics: str):
+        import torch
+
+        from ..trainer.model.transformer_io import load_transformer
+
+        comfy_adapter.free_comfyui_models()
+        path = comfy_adapter.model_file_path("diffusion_models", transformer)
+        model = load_transformer(path, dtype=getattr(torch, dtype), device="cpu", numerics=numerics)
+        return (model,)
+
+
+NODE_CLASS_MAPPINGS = {"WanS2VLoadTransformer": WanS2VLoadTransformer}
+NODE_DISPLAY_NAME_MAPPINGS = {"WanS2VLoadTransformer": "Load Wan S2V Transformer"}
