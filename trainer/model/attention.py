@@ -1,0 +1,84 @@
+"""Attention of the S2V transformer: q/k/v/o with biases, RMS q/k norm across heads, SDPA.
+
+The SDPA backend matters by 5x in training on Hopper (cuDNN forward+backward is far faster
+than flash there), so the backend order is chosen explicitly per device.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .rope import apply_rope
+
+
+@functools.cache
+def _backend_priority(device_type: str, major: int) -> list:
+    from torch.nn.attention import SDPBackend
+
+    if device_type == "cuda" and major >= 9:
+        return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    if device_type == "cuda":
+        return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+    return []
+
+
+def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention over [B, H, S, D] tensors with the fastest backend for the device."""
+    if q.device.type != "cuda":
+        return F.scaled_dot_product_attention(q, k, v)
+    major = torch.cuda.get_device_capability(q.device)[0]
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(_backend_priority("cuda", major), set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+class WanS2VAttention(nn.Module):
+    """Multi-head attention with q/k/v/o biases and RMS norms on q and k across all heads.
+
+    Used for self-attention (with RoPE), text cross-attention and the audio injectors.
+    """
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, eps: float = 1e-6, kv_dim: int | None = None):
+        super().__init__()
+        inner_dim = num_heads * head_dim
+        kv_dim = dim if kv_dim is None else kv_dim
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.to_q = nn.Linear(dim, inner_dim)
+        self.to_k = nn.Linear(kv_dim, inner_dim)
+        self.to_v = nn.Linear(kv_dim, inner_dim)
+        self.to_out = nn.ModuleList([nn.Linear(inner_dim, dim)])
+        self.norm_q = nn.RMSNorm(inner_dim, eps=eps, elementwise_affine=True)
+        self.norm_k = nn.RMSNorm(inner_dim, eps=eps, elementwise_affine=True)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            hidden_states: [B, S, dim] queries (and keys/values for self-attention).
+            encoder_hidden_states: [B, S_kv, kv_dim] keys/values for cross-attention.
+            rotary: (cos, sin) [S, head_dim / 2] tables applied to q and k (self-attention).
+
+        Returns:
+            [B, S, dim].
+        """
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        batch, seq = hidden_states.shape[:2]
+        q = self.norm_q(self.to_q(hidden_states)).unflatten(-1, (self.num_heads, self.head_dim))
+        k = self.norm_k(self.to_k(context)).unflatten(-1, (self.num_heads, self.head_dim))
+        v = self.to_v(context).unflatten(-1, (self.num_heads, self.head_dim))
+        if rotary is not None:
+            q = apply_rope(q, *rotary)
+            k = apply_rope(k, *rotary)
+        out = scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = out.transpose(1, 2).reshape(batch, seq, -1)
+        return self.to_out[0](out)

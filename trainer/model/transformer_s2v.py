@@ -1,0 +1,358 @@
+"""Wan 2.2 S2V transformer (speech-to-video), in diffusers style with Diffusers module names.
+
+Token sequence: noisy video tokens (frame-major, row-major), then the reference image
+tokens, then the FramePack motion tokens. Video tokens are modulated with the diffusion
+timestep, reference and motion tokens with timestep 0. Audio tokens are injected into the
+video tokens frame by frame after selected blocks.
+
+Two numerics are available behind `numerics` (config default, overridable per call):
+- "official": the Wan2.2 reference forward the weights were trained with (audio encoder
+  sees 73 prepended copies of the first audio frame; FramePack RoPE times -1, -3,
+  -19/-14/-9/-4 with integer spatial positions; reference at time 30).
+- "comfyui": ComfyUI's WanModel_S2V (audio encoder on exactly 4T frames; FramePack RoPE
+  times -1, -3, -19..-16 with fractional spatial positions; reference at max(30, T + 9);
+  per-token timesteps stretched over the sequence as ComfyUI does).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention import FeedForward
+from diffusers.models.embeddings import PixArtAlphaTextProjection, TimestepEmbedding
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from .attention import WanS2VAttention
+from .audio_modules import AudioInjector, CausalAudioEncoder
+from .framepack import FramePackMotioner
+from .rope import rope_tables, video_positions
+
+NUMERICS = ("official", "comfyui")
+DEFAULT_AUDIO_INJECT_LAYERS = (0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39)
+
+#: A complete model small enough for CPU tests (same widths as the shared tiny golden set).
+TINY_TRANSFORMER_CONFIG: dict[str, Any] = {
+    "num_attention_heads": 2,
+    "attention_head_dim": 32,
+    "ffn_dim": 96,
+    "num_layers": 4,
+    "text_dim": 32,
+    "audio_dim": 48,
+    "num_audio_token": 4,
+    "audio_inject_layers": [0, 2],
+}
+
+
+def sinusoidal_timestep_embedding(timesteps: torch.Tensor, dim: int, numerics: str) -> torch.Tensor:
+    """[N] timesteps (0..1000) -> [N, dim] (cos, sin) embedding, float32.
+
+    The official code computes it in float64, ComfyUI in float32; at t ~ 1000 that
+    differs by ~1e-4, so each numerics keeps its own precision.
+    """
+    dtype = torch.float64 if numerics == "official" else torch.float32
+    half = dim // 2
+    position = timesteps.to(dtype)
+    freqs = torch.pow(10000, -torch.arange(half, dtype=dtype, device=timesteps.device).div(half))
+    angles = torch.outer(position, freqs)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, split: int) -> torch.Tensor:
+    """x * (1 + scale) + shift with two parameter sets: tokens [0, split) use index 0
+    (timestep t), tokens [split, L) index 1 (timestep 0). x [B, L, C]; shift/scale [B, 2, C]."""
+    if split >= x.shape[1]:
+        return x * (1 + scale[:, :1]) + shift[:, :1]
+    head = x[:, :split] * (1 + scale[:, :1]) + shift[:, :1]
+    tail = x[:, split:] * (1 + scale[:, 1:]) + shift[:, 1:]
+    return torch.cat([head, tail], dim=1)
+
+
+def _gate(x: torch.Tensor, gate: torch.Tensor, split: int) -> torch.Tensor:
+    """x * gate with the same two-segment layout as `_modulate`."""
+    if split >= x.shape[1]:
+        return x * gate[:, :1]
+    return torch.cat([x[:, :split] * gate[:, :1], x[:, split:] * gate[:, 1:]], dim=1)
+
+
+class WanS2VTransformerBlock(nn.Module):
+    """Self-attention (RoPE), text cross-attention and feed-forward with 6-way modulation."""
+
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int, head_dim: int, cross_attn_norm: bool, eps: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps, elementwise_affine=False)
+        self.attn1 = WanS2VAttention(dim, num_heads, head_dim, eps)
+        self.norm2 = nn.LayerNorm(dim, eps, elementwise_affine=True) if cross_attn_norm else nn.Identity()
+        self.attn2 = WanS2VAttention(dim, num_heads, head_dim, eps)
+        self.norm3 = nn.LayerNorm(dim, eps, elementwise_affine=False)
+        self.ffn = FeedForward(dim, inner_dim=ffn_dim, activation_fn="gelu-approximate")
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        split: int,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        encoder_hidden_states: torch.Tensor,
+    ) -> torch.Tensor:
+        """
+        Args:
+            hidden_states: [B, L, C].
+            temb: [B, 2, 6, C] float32 projected timestep embeddings for (t, 0).
+            split: tokens before it use timestep t, the rest timestep 0.
+            rotary: (cos, sin) [L, D / 2].
+            encoder_hidden_states: [B, L_text, C] embedded text.
+        """
+        mod = (self.scale_shift_table.float().unsqueeze(1) + temb).unbind(2)  # 6 x [B, 2, C]
+        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = mod
+        dtype = hidden_states.dtype
+
+        normed = _modulate(self.norm1(hidden_states.float()), shift_msa, scale_msa, split)
+        attn = self.attn1(normed.to(dtype), rotary=rotary)
+        hidden_states = (hidden_states.float() + _gate(attn.float(), gate_msa, split)).to(dtype)
+
+        hidden_states = hidden_states + self.attn2(self.norm2(hidden_states), encoder_hidden_states)
+
+        normed = _modulate(self.norm3(hidden_states.float()), shift_ffn, scale_ffn, split)
+        ff = self.ffn(normed.to(dtype))
+        return (hidden_states.float() + _gate(ff.float(), gate_ffn, split)).to(dtype)
+
+
+class WanS2VConditionEmbedder(nn.Module):
+    """Timestep, text, audio and pose embedders."""
+
+    def __init__(self, dim: int, freq_dim: int, text_dim: int, audio_dim: int, num_audio_token: int,
+                 num_wav2vec_layers: int, pose_dim: int, patch_size: tuple[int, int, int]):
+        super().__init__()
+        self.time_embedder = TimestepEmbedding(in_channels=freq_dim, time_embed_dim=dim)
+        self.time_proj = nn.Linear(dim, 6 * dim)
+        self.text_embedder = PixArtAlphaTextProjection(text_dim, dim, act_fn="gelu_tanh")
+        self.causal_audio_encoder = CausalAudioEncoder(audio_dim, dim, num_audio_token, num_wav2vec_layers)
+        self.pose_embedder = nn.Conv3d(pose_dim, dim, kernel_size=patch_size, stride=patch_size)
+
+
+class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+    """Wan 2.2 S2V 14B transformer (defaults are the 14B configuration)."""
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["WanS2VTransformerBlock"]
+    _keep_in_fp32_modules = None
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: tuple[int, int, int] = (1, 2, 2),
+        num_attention_heads: int = 40,
+        attention_head_dim: int = 128,
+        in_channels: int = 16,
+        out_channels: int = 16,
+        text_dim: int = 4096,
+        freq_dim: int = 256,
+        ffn_dim: int = 13824,
+        num_layers: int = 40,
+        cross_attn_norm: bool = True,
+        eps: float = 1e-6,
+        audio_dim: int = 1024,
+        num_audio_token: int = 4,
+        num_wav2vec_layers: int = 25,
+        audio_inject_layers: tuple[int, ...] | list[int] = DEFAULT_AUDIO_INJECT_LAYERS,
+        enable_adain: bool = True,
+        adain_mode: str = "attn_norm",
+        pose_dim: int = 16,
+        framepack_drop_mode: str = "padd",
+        motion_frames: int = 73,
+        rope_theta: float = 10000.0,
+        numerics: str = "official",
+    ):
+        super().__init__()
+        if numerics not in NUMERICS:
+            raise ValueError(f"numerics must be one of {NUMERICS}, got '{numerics}'")
+        if not enable_adain or adain_mode != "attn_norm":
+            raise ValueError("only the published S2V variant (enable_adain=True, adain_mode='attn_norm') is supported")
+        dim = num_attention_heads * attention_head_dim
+        patch_size = tuple(patch_size)
+        self.numerics = numerics
+        self.gradient_checkpointing = False
+
+        self.patch_embedding = nn.Conv3d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.frame_packer = FramePackMotioner(dim, in_channels)
+        self.trainable_condition_mask = nn.Embedding(3, dim)
+        self.condition_embedder = WanS2VConditionEmbedder(
+            dim, freq_dim, text_dim, audio_dim, num_audio_token, num_wav2vec_layers, pose_dim, patch_size
+        )
+        self.blocks = nn.ModuleList(
+            [
+                WanS2VTransformerBlock(dim, ffn_dim, num_attention_heads, attention_head_dim, cross_attn_norm, eps)
+                for _ in range(num_layers)
+            ]
+        )
+        self.audio_injector = AudioInjector(dim, num_attention_heads, attention_head_dim, list(audio_inject_layers), eps)
+        self.norm_out = nn.LayerNorm(dim, eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(dim, out_channels * math.prod(patch_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    # ------------------------------------------------------------------ inputs
+
+    def _encode_audio(
+        self, audio_embeds: torch.Tensor, latent_frames: int, numerics: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, 25, D, F>=4T] per-video-frame features -> (global, local) tokens for T latent frames."""
+        needed = 4 * latent_frames
+        if audio_embeds.shape[-1] < needed:
+            raise ValueError(
+                f"audio_embeds has {audio_embeds.shape[-1]} frames; {needed} (4 per latent frame) are needed"
+            )
+        audio = audio_embeds[..., :needed].to(self.dtype)
+        encoder = self.condition_embedder.causal_audio_encoder
+        if numerics == "comfyui":
+            return encoder(audio)
+        prepend = self.config.motion_frames
+        audio = torch.cat([audio[..., :1].expand(*audio.shape[:-1], prepend), audio], dim=-1)
+        audio_global, audio_local = encoder(audio)
+        skip = (prepend + 3) // 4
+        return audio_global[:, skip : skip + latent_frames], audio_local[:, skip : skip + latent_frames]
+
+    def _timestep_split(self, num_video: int, latent_frames: int, total: int, has_ref: bool, has_motion: bool,
+                        numerics: str) -> int:
+        """Number of leading tokens modulated with the diffusion timestep (the rest get 0).
+
+        Official: exactly the video tokens. ComfyUI builds a per-entry list
+        ([t] * T + [0] for the reference, each doubled and [0, 0, 0] appended with motion)
+        and stretches it over the sequence; the t entries then cover a prefix whose length
+        this reproduces.
+        """
+        if numerics == "official":
+            return num_video
+        t_entries, zero_entries = latent_frames, int(has_ref)
+        if has_motion:
+            t_entries, zero_entries = 2 * t_entries, 2 * zero_entries + 3
+        entries = t_entries + zero_entries
+        if entries == 1:
+            return total
+        repeats = total // entries
+        if repeats == 1 and entries != total:
+            raise ValueError("sequence too short for ComfyUI's per-token timestep layout")
+        per_entry = repeats if repeats * entries == total else repeats + 1
+        return min(total, t_entries * per_entry)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        audio_embeds: torch.Tensor | None = None,
+        reference_latents: torch.Tensor | None = None,
+        pose_latents: torch.Tensor | None = None,
+        motion_latents: torch.Tensor | None = None,
+        numerics: str | None = None,
+        return_dict: bool = True,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """Velocity prediction for the noisy video latents.
+
+        Args:
+            hidden_states: [B, 16, T, H, W] noisy latents (normalised latent space); H, W even.
+            timestep: [B] (or scalar) 1000 x sigma.
+            encoder_hidden_states: [B, L, text_dim] UMT5 output (padding zeroed).
+            audio_embeds: [B, 25, audio_dim, F] per-video-frame wav2vec2 features, F >= 4T
+                (the first 4T are used). None: no audio injection.
+            reference_latents: [B, 16, 1, H, W] reference image latent.
+            pose_latents: [B, 16, T, H, W] pose latents through the pose embedder. Zeros are
+                not the same as None: zeros still add the embedder's bias.
+            motion_latents: [B, 16, Tm, H, W] previous-clip latents for FramePack tokens.
+            numerics: "official" or "comfyui"; default `self.numerics`.
+
+        Returns:
+            [B, 16, T, H, W] velocity (noise - x0) for the video tokens.
+        """
+        numerics = numerics or self.numerics
+        if numerics not in NUMERICS:
+            raise ValueError(f"numerics must be one of {NUMERICS}, got '{numerics}'")
+        batch, _, frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = self.config.patch_size
+        if frames % p_t or height % p_h or width % p_w:
+            raise ValueError(f"latent size {frames}x{height}x{width} is not a multiple of the patch {p_t}x{p_h}x{p_w}")
+        grid = (frames // p_t, height // p_h, width // p_w)
+        dtype = self.dtype
+        mask = self.trainable_condition_mask.weight.to(dtype)
+
+        audio = None
+        if audio_embeds is not None:
+            audio = self._encode_audio(audio_embeds, grid[0], numerics)
+
+        x = self.patch_embedding(hidden_states.to(dtype))
+        if pose_latents is not None:
+            x = x + self.condition_embedder.pose_embedder(pose_latents.to(dtype))
+        tokens = [x.flatten(2).transpose(1, 2) + mask[0]]
+        positions = [video_positions(*grid)]
+        num_video = tokens[0].shape[1]
+
+        if reference_latents is not None:
+            ref = self.patch_embedding(reference_latents.to(dtype)).flatten(2).transpose(1, 2)
+            tokens.append(ref + mask[1])
+            ref_time = 30 if numerics == "official" else max(30, grid[0] + 9)
+            ref_frames = reference_latents.shape[2] // p_t
+            positions.append(video_positions(ref_frames, grid[1], grid[2], t_start=ref_time))
+
+        if motion_latents is not None:
+            motion, motion_positions = self.frame_packer(motion_latents.to(dtype), numerics)
+            tokens.append(motion + mask[2])
+            positions.append(motion_positions)
+
+        x = torch.cat(tokens, dim=1)
+        rotary = rope_tables(torch.cat(positions).to(x.device), self.config.attention_head_dim, self.config.rope_theta)
+        split = self._timestep_split(
+            num_video, grid[0], x.shape[1], reference_latents is not None, motion_latents is not None, numerics
+        )
+
+        timestep = timestep.reshape(-1).expand(batch) if timestep.numel() == 1 else timestep.reshape(batch)
+        pair = torch.stack([timestep, torch.zeros_like(timestep)], dim=1).flatten()  # [B * 2]
+        sinusoid = sinusoidal_timestep_embedding(pair, self.config.freq_dim, numerics)
+        embedder = self.condition_embedder
+        temb = embedder.time_embedder(sinusoid.to(dtype)).float()  # [B * 2, C]
+        temb_blocks = embedder.time_proj(F.silu(temb).to(dtype)).float().unflatten(1, (6, -1))
+        temb = temb.unflatten(0, (batch, 2))  # [B, 2, C]
+        temb_blocks = temb_blocks.unflatten(0, (batch, 2))  # [B, 2, 6, C]
+
+        context = embedder.text_embedder(encoder_hidden_states.to(dtype))
+
+        for index, block in enumerate(self.blocks):
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, temb_blocks, split, rotary, context)
+            else:
+                x = block(x, temb_blocks, split, rotary, context)
+            if audio is not None and index in self.audio_injector.block_to_injector:
+                residual = self.audio_injector(x[:, :num_video], index, audio[1], audio[0])
+                x = torch.cat([x[:, :num_video] + residual, x[:, num_video:]], dim=1)
+
+        x = x[:, :num_video]
+        shift, scale = (self.scale_shift_table.float().unsqueeze(1) + temb.unsqueeze(2)).unbind(2)
+        x = self.proj_out(_modulate(self.norm_out(x.float()), shift, scale, split).to(dtype))
+        out = self._unpatchify(x, grid)
+        if not return_dict:
+            return (out,)
+        return Transformer2DModelOutput(sample=out)
+
+    def _unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """[B, T*h*w, p_t*p_h*p_w*C] -> [B, C, T*p_t, h*p_h, w*p_w]."""
+        p_t, p_h, p_w = self.config.patch_size
+        t, h, w = grid
+        x = x.reshape(x.shape[0], t, h, w, p_t, p_h, p_w, -1)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(x.shape[0], x.shape[1], t * p_t, h * p_h, w * p_w)
+
+
+__all__ = [
+    "DEFAULT_AUDIO_INJECT_LAYERS",
+    "NUMERICS",
+    "TINY_TRANSFORMER_CONFIG",
+    "WanS2VTransformer3DModel",
+]
