@@ -1,0 +1,303 @@
+"""End-to-end checks of this pack against a real ComfyUI server.
+
+    python scripts/comfyui_e2e.py --comfyui /tmp/ComfyUI      # or set COMFYUI_PATH
+
+Starts ComfyUI with the pack linked in (see `comfyui_server.py`), runs every check in
+`CHECKS`, prints one line per check and exits non-zero if any failed.
+
+A check is a function `check(ctx: E2EContext) -> str` that raises `CheckFailed` (or any
+exception) on failure and returns a one-line summary on success. To add one (e.g. queue an
+example workflow and inspect its outputs), write the function and append it to `CHECKS`;
+`tests/test_comfyui_e2e.py` runs each entry as its own pytest test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# scripts/ is not a package: comfyui_server is imported from this folder.
+from comfyui_server import (
+    PACK_LINK_NAME,
+    REPO_ROOT,
+    ComfyUIError,
+    ComfyUIServer,
+    import_failure_excerpt,
+)
+
+CATEGORY_PREFIX = "Wan S2V Trainer"
+PACK_MODULE = f"custom_nodes.{PACK_LINK_NAME}"
+EXAMPLE_WORKFLOWS = REPO_ROOT / "example_workflows"
+# Node types the front end provides itself; they never appear in /object_info.
+FRONTEND_ONLY_NODE_TYPES = frozenset({"Note", "MarkdownNote", "PrimitiveNode", "Reroute"})
+
+
+class CheckFailed(AssertionError):
+    """A check found the pack misbehaving in ComfyUI."""
+
+
+@dataclass
+class E2EContext:
+    """What every check gets: the running server and what the pack itself declares."""
+
+    server: ComfyUIServer
+    node_class_mappings: dict[str, type]
+    node_display_names: dict[str, str]
+    web_directory: Path | None
+    _object_info: dict[str, Any] | None = field(default=None, repr=False)
+
+    def object_info(self) -> dict[str, Any]:
+        """`/object_info`, fetched once per context."""
+        if self._object_info is None:
+            self._object_info = self.server.object_info()
+        return self._object_info
+
+
+Check = Callable[[E2EContext], str]
+
+
+@dataclass
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+
+
+# --------------------------------------------------------------------------------------
+# What the pack declares
+# --------------------------------------------------------------------------------------
+
+
+def load_pack(pack_root: Path = REPO_ROOT) -> ModuleType:
+    """Import the pack's `__init__.py` as a package, outside ComfyUI.
+
+    Importing it is cheap by design (no torch, no model code), and the node classes do not
+    need ComfyUI to be importable; this gives the list of nodes the server must show.
+    """
+    name = "_wan_s2v_pack_under_test"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, pack_root / "__init__.py", submodule_search_locations=[str(pack_root)]
+    )
+    if spec is None or spec.loader is None:
+        raise CheckFailed(f"cannot import the pack at {pack_root}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def make_context(server: ComfyUIServer, pack_root: Path = REPO_ROOT) -> E2EContext:
+    pack = load_pack(pack_root)
+    web = getattr(pack, "WEB_DIRECTORY", None)
+    return E2EContext(
+        server=server,
+        node_class_mappings=dict(pack.NODE_CLASS_MAPPINGS),
+        node_display_names=dict(getattr(pack, "NODE_DISPLAY_NAME_MAPPINGS", {}) or {}),
+        web_directory=(pack_root / web).resolve() if web else None,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------
+
+
+def check_pack_imported(ctx: E2EContext) -> str:
+    """ComfyUI loaded the pack: no IMPORT FAILED for it, and it is in the import table."""
+    log = ctx.server.log_text()
+    excerpt = import_failure_excerpt(log, ctx.server.pack_link)
+    if excerpt is not None:
+        raise CheckFailed(f"ComfyUI failed to import the pack:\n{excerpt}")
+    link = str(ctx.server.pack_link)
+    timing = [line for line in log.splitlines() if line.rstrip().endswith(link) and "seconds" in line]
+    if not timing:
+        raise CheckFailed(f"the pack ({link}) is missing from ComfyUI's custom-node import list")
+    return timing[-1].strip()
+
+
+def check_nodes_registered(ctx: E2EContext) -> str:
+    """Every NODE_CLASS_MAPPINGS key is in /object_info, from our module, in our category."""
+    info = ctx.object_info()
+    problems: list[str] = []
+    for key in ctx.node_class_mappings:
+        entry = info.get(key)
+        if entry is None:
+            problems.append(f"{key}: missing from /object_info")
+            continue
+        if entry.get("python_module") != PACK_MODULE:
+            problems.append(f"{key}: registered by {entry.get('python_module')!r}, not {PACK_MODULE!r}")
+        category = str(entry.get("category", ""))
+        if not category.startswith(CATEGORY_PREFIX):
+            problems.append(f"{key}: category {category!r} does not start with {CATEGORY_PREFIX!r}")
+        expected_name = ctx.node_display_names.get(key)
+        if expected_name is not None and entry.get("display_name") != expected_name:
+            problems.append(f"{key}: display name {entry.get('display_name')!r} != {expected_name!r}")
+    extra = sorted(
+        key
+        for key, entry in info.items()
+        if entry.get("python_module") == PACK_MODULE and key not in ctx.node_class_mappings
+    )
+    if extra:
+        problems.append(f"nodes from the pack that NODE_CLASS_MAPPINGS does not list: {extra}")
+    if not ctx.node_class_mappings:
+        problems.append("the pack declares no nodes")
+    if problems:
+        raise CheckFailed("\n".join(problems))
+    return f"{len(ctx.node_class_mappings)} node(s): {', '.join(sorted(ctx.node_class_mappings))}"
+
+
+def _workflow_node_types(workflow: dict[str, Any]) -> tuple[set[str], set[str]]:
+    """(node types used, subgraph ids defined) in a UI-format workflow, subgraphs included."""
+    subgraphs = (workflow.get("definitions") or {}).get("subgraphs") or []
+    defined = {str(sg.get("id")) for sg in subgraphs}
+    used: set[str] = set()
+    for graph in [workflow, *subgraphs]:
+        for node in graph.get("nodes") or []:
+            used.add(str(node.get("type")))
+    return used, defined
+
+
+def check_workflow_templates(ctx: E2EContext) -> str:
+    """`/api/workflow_templates` lists exactly our example_workflows/*.json, each is served,
+    is a UI-format workflow, and uses only node types the server knows."""
+    expected = sorted(p.stem for p in EXAMPLE_WORKFLOWS.glob("*.json"))
+    listed = ctx.server.get("/api/workflow_templates")
+    ours = sorted(listed.get(PACK_LINK_NAME, []))
+    if not expected:
+        if ours:
+            raise CheckFailed(f"server lists templates {ours} but example_workflows/ has no .json")
+        return "no example workflows yet (example_workflows/ is empty)"
+    if ours != expected:
+        raise CheckFailed(f"server lists {ours}, example_workflows/ has {expected}")
+    known = set(ctx.object_info()) | FRONTEND_ONLY_NODE_TYPES
+    problems: list[str] = []
+    for name in expected:
+        served = ctx.server.get(f"/api/workflow_templates/{PACK_LINK_NAME}/{name}.json")
+        on_disk = json.loads((EXAMPLE_WORKFLOWS / f"{name}.json").read_text())
+        if served != on_disk:
+            problems.append(f"{name}: served content differs from the file")
+        if not isinstance(on_disk.get("nodes"), list) or "links" not in on_disk:
+            problems.append(f"{name}: not a UI-format workflow (needs 'nodes' and 'links')")
+            continue
+        used, subgraph_ids = _workflow_node_types(on_disk)
+        unknown = sorted(used - known - subgraph_ids)
+        if unknown:
+            problems.append(f"{name}: node types unknown to the server: {unknown}")
+    if problems:
+        raise CheckFailed("\n".join(problems))
+    return f"{len(expected)} template(s): {', '.join(expected)}"
+
+
+def check_web_extensions(ctx: E2EContext) -> str:
+    """Every .js file under WEB_DIRECTORY is listed at /extensions and served."""
+    if ctx.web_directory is None or not ctx.web_directory.is_dir():
+        return "no WEB_DIRECTORY folder"
+    files = sorted(p.relative_to(ctx.web_directory).as_posix() for p in ctx.web_directory.rglob("*.js"))
+    if not files:
+        return "WEB_DIRECTORY has no .js files yet"
+    listed = set(ctx.server.get("/extensions"))
+    problems: list[str] = []
+    for rel in files:
+        url = f"/extensions/{PACK_LINK_NAME}/{rel}"
+        if url not in listed:
+            problems.append(f"{url} not listed by /extensions")
+            continue
+        served = ctx.server.get(url)
+        if served != (ctx.web_directory / rel).read_text():
+            problems.append(f"{url} served content differs from the file")
+    if problems:
+        raise CheckFailed("\n".join(problems))
+    return f"{len(files)} script(s): {', '.join(files)}"
+
+
+CHECKS: list[tuple[str, Check]] = [
+    ("pack imported", check_pack_imported),
+    ("nodes registered", check_nodes_registered),
+    ("workflow templates", check_workflow_templates),
+    ("web extensions", check_web_extensions),
+]
+
+
+# --------------------------------------------------------------------------------------
+# Runner
+# --------------------------------------------------------------------------------------
+
+
+def run_checks(ctx: E2EContext, checks: list[tuple[str, Check]] = CHECKS) -> list[CheckResult]:
+    """Run every check, collecting failures instead of stopping at the first."""
+    results: list[CheckResult] = []
+    for name, check in checks:
+        try:
+            detail = check(ctx)
+            results.append(CheckResult(name, True, detail))
+        except CheckFailed as err:
+            results.append(CheckResult(name, False, str(err)))
+        except Exception:  # noqa: BLE001 - report any crash of a check as its failure
+            results.append(CheckResult(name, False, traceback.format_exc()))
+    return results
+
+
+def format_report(results: list[CheckResult]) -> str:
+    lines = []
+    for result in results:
+        head, *rest = (result.detail or "").splitlines() or [""]
+        lines.append(f"{'PASS' if result.ok else 'FAIL'}  {result.name}: {head}")
+        lines.extend(f"      {line}" for line in rest)
+    passed = sum(r.ok for r in results)
+    lines.append(f"comfyui e2e: {passed} passed, {len(results) - passed} failed")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--comfyui", default=None, help="ComfyUI checkout (default: env COMFYUI_PATH)")
+    parser.add_argument(
+        "--python", default=None, help="interpreter for the server (default: see comfyui_server)"
+    )
+    parser.add_argument("--port", type=int, default=None, help="default: a free port")
+    parser.add_argument("--cuda-stub", choices=["auto", "always", "never"], default="auto")
+    parser.add_argument("--timeout", type=float, default=180.0, help="start-up deadline, seconds")
+    parser.add_argument("--show-log", action="store_true", help="print the server log at the end")
+    args = parser.parse_args(argv)
+
+    try:
+        server = ComfyUIServer(
+            args.comfyui,
+            python=args.python,
+            port=args.port,
+            cuda_stub=args.cuda_stub,
+            startup_timeout=args.timeout,
+        )
+        print(f"starting ComfyUI from {server.comfyui} with {server.python} ...", flush=True)
+        with server:
+            stub = " ".join(map(str, server.preload)) or "none"
+            print(f"ComfyUI up at {server.base_url}; CUDA stub preloaded: {stub}", flush=True)
+            results = run_checks(make_context(server))
+            log = server.log_text()
+    except ComfyUIError as err:
+        print(f"FAIL  server: {err}", file=sys.stderr)
+        return 1
+    if args.show_log:
+        print(log)
+    print(format_report(results))
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
