@@ -64,11 +64,26 @@ def sinusoidal_timestep_embedding(timesteps: torch.Tensor, dim: int, numerics: s
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()
 
 
+def _segment_select(params: torch.Tensor, split: int, length: int) -> torch.Tensor:
+    """Per-token view of two-segment parameters [B, 2, C]: index 0 for tokens [0, split)
+    (timestep t), index 1 for [split, length) (timestep 0). Returns [B, length, C]
+    (a broadcast view when one segment covers everything).
+
+    Under torch.compile this is an indexed load fused into the consumer kernel; in eager
+    mode the callers split the tokens instead of materialising it.
+    """
+    if split >= length:
+        return params[:, :1]
+    segment = (torch.arange(length, device=params.device) >= split).long()
+    return params[:, segment]
+
+
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, split: int) -> torch.Tensor:
     """x * (1 + scale) + shift with two parameter sets: tokens [0, split) use index 0
     (timestep t), tokens [split, L) index 1 (timestep 0). x [B, L, C]; shift/scale [B, 2, C]."""
-    if split >= x.shape[1]:
-        return x * (1 + scale[:, :1]) + shift[:, :1]
+    length = x.shape[1]
+    if split >= length or torch.compiler.is_compiling():
+        return x * (1 + _segment_select(scale, split, length)) + _segment_select(shift, split, length)
     head = x[:, :split] * (1 + scale[:, :1]) + shift[:, :1]
     tail = x[:, split:] * (1 + scale[:, 1:]) + shift[:, 1:]
     return torch.cat([head, tail], dim=1)
@@ -76,8 +91,9 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, split: 
 
 def _gate(x: torch.Tensor, gate: torch.Tensor, split: int) -> torch.Tensor:
     """x * gate with the same two-segment layout as `_modulate`."""
-    if split >= x.shape[1]:
-        return x * gate[:, :1]
+    length = x.shape[1]
+    if split >= length or torch.compiler.is_compiling():
+        return x * _segment_select(gate, split, length)
     return torch.cat([x[:, :split] * gate[:, :1], x[:, split:] * gate[:, 1:]], dim=1)
 
 
@@ -197,6 +213,12 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.norm_out = nn.LayerNorm(dim, eps, elementwise_affine=False)
         self.proj_out = nn.Linear(dim, out_channels * math.prod(patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    def compile_blocks(self, **compile_kwargs: Any) -> None:
+        """torch.compile every block in place: fuses the norm, modulation, gating and RoPE
+        work around the matmuls and attention. All blocks share one compiled graph."""
+        for block in self.blocks:
+            block.compile(**compile_kwargs)
 
     # ------------------------------------------------------------------ inputs
 

@@ -1,0 +1,95 @@
+"""Shared helpers of the GPU benchmarks: random full-size models, timing, the result table."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def random_init_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Fill every parameter in place with small random values (norm scales near 1).
+
+    Works on a model materialised with `to_empty`, so a 14B model never exists on the CPU.
+    """
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("norm_q.weight", "norm_k.weight", "norm2.weight")) and param.ndim == 1:
+                param.fill_(1.0)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                param.normal_(0.0, 0.02, generator=gen)
+    return model
+
+
+def build_on_device(factory: Callable[[], torch.nn.Module], device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """Construct on the meta device, then allocate directly on `device` in `dtype`."""
+    with torch.device("meta"):
+        model = factory()
+    model = model.to_empty(device=device).to(dtype)
+    return random_init_(model).eval()
+
+
+def time_cuda(fn: Callable[[], object], warmup: int, repeats: int) -> tuple[float, list[float]]:
+    """Median seconds of `fn` over `repeats` runs after `warmup` runs, and all samples."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples), samples
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def environment() -> dict:
+    commit = "unknown"
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = os.environ.get("BENCH_COMMIT", "unknown")
+    return {
+        "date": _dt.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
+        "torch": torch.__version__,
+        "commit": commit,
+    }
+
+
+def print_table(title: str, rows: list[dict], columns: list[str]) -> str:
+    """Print (and return) a markdown table of `rows`."""
+    lines = [f"### {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def save_json(name: str, payload: dict) -> None:
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, name).write_text(json.dumps(payload, indent=2))

@@ -1,0 +1,62 @@
+"""Kernel-level breakdown of one compiled 14B S2V forward (where the time goes).
+
+    python bench/profile_forward.py [--eager]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench_forward import s2v_inputs
+from common import build_on_device
+
+
+def classify(name: str) -> str:
+    lowered = name.lower()
+    if "attention" in lowered or "fmha" in lowered or "flash" in lowered or "cudnn" in lowered and "conv" not in lowered:
+        return "attention"
+    if "gemm" in lowered or "sm90_xmma" in lowered or "cutlass" in lowered or "nvjet" in lowered:
+        return "matmul"
+    if "triton" in lowered:
+        return "fused elementwise (triton)"
+    return "other"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--eager", action="store_true")
+    args = parser.parse_args()
+    from trainer.model.transformer_s2v import WanS2VTransformer3DModel
+
+    model = build_on_device(lambda: WanS2VTransformer3DModel(), "cuda", torch.bfloat16)
+    if not args.eager:
+        model.compile_blocks()
+    inputs = s2v_inputs(81, 480, 832, False, "cuda")
+    with torch.no_grad():
+        for _ in range(2):
+            model(**inputs)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(**inputs)
+            torch.cuda.synchronize()
+    per_kernel: dict[str, float] = defaultdict(float)
+    per_class: dict[str, float] = defaultdict(float)
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[evt.name] += evt.device_time / 1e6
+            per_class[classify(evt.name)] += evt.device_time / 1e6
+    total = sum(per_class.values())
+    print(f"total GPU kernel time {total:.3f} s")
+    for name, secs in sorted(per_class.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:32s} {secs:7.3f} s")
+    print("top kernels:")
+    for name, secs in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:25]:
+        print(f"  {secs:7.3f} s  {name[:150]}")
+
+
+if __name__ == "__main__":
+    main()
