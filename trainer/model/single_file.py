@@ -1,0 +1,340 @@
+"""Single-file safetensors I/O shared by the encoder and VAE loaders.
+
+- Streams tensors one by one with `safe_open` into a model built on the meta device, so
+  loading never holds two copies of a checkpoint in memory.
+- Strict: the renamed file keys must equal the model's keys; anything else raises
+  `CheckpointKeyError` naming the keys.
+- Understands ComfyUI's "scaled fp8" files: fp8 weights with a per-tensor float32
+  `<module>.scale_weight` (and an optional `<module>.scale_input`) and a `scaled_fp8` marker
+  tensor; they are dequantized on the fly, w = fp8 * scale.
+- Works around a torchvision/torchaudio binary built for another torch: transformers imports
+  them whenever they are installed, and a broken one makes every transformers model fail to
+  import (see `hide_broken_torch_extensions`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+
+#: Marker key of ComfyUI's scaled-fp8 files; its dtype is the fp8 format of the weights.
+SCALED_FP8_MARKER = "scaled_fp8"
+SCALE_WEIGHT_SUFFIX = ".scale_weight"
+SCALE_INPUT_SUFFIX = ".scale_input"
+FP8_DTYPES = tuple(
+    getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+    if hasattr(torch, name)
+)
+
+
+class CheckpointKeyError(ValueError):
+    """A checkpoint's tensor names do not match the model (strict loading)."""
+
+
+def hide_broken_torch_extensions(names: Iterable[str] = ("torchvision", "torchaudio")) -> None:
+    """Mark installed-but-unimportable torch extensions as absent.
+
+    PyPI's torchvision/torchaudio wheels are built against a CUDA torch; next to a CPU torch
+    they raise RuntimeError/OSError at import. transformers imports torchvision as soon as it
+    is installed (from `modeling_utils`), so every model class would fail to import.
+    A `None` entry in `sys.modules` makes `find_spec` report the package as missing, and
+    transformers then skips it. A working extension (e.g. inside ComfyUI) is left alone.
+    """
+    for name in names:
+        if name in sys.modules or importlib.util.find_spec(name) is None:
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception as error:  # noqa: BLE001 - any failure means "unusable"
+            for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+                del sys.modules[key]
+            sys.modules[name] = None  # type: ignore[assignment]
+            logger.debug("%s is installed but cannot be imported (%s); treating it as absent", name, error)
+
+
+def is_single_file(path: PathLike) -> bool:
+    """True for a `.safetensors` file, False for a folder; raises for anything else."""
+    path = Path(path)
+    if path.is_dir():
+        return False
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ValueError(f"{path}: only .safetensors files are supported (no pickled .pt/.pth/.bin)")
+        return True
+    raise FileNotFoundError(f"{path} does not exist")
+
+
+def read_header(path: PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Tensor names of a safetensors file -> (shape, safetensors dtype string), no data read."""
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+    header.pop("__metadata__", None)
+    return {key: (tuple(info["shape"]), info["dtype"]) for key, info in header.items()}
+
+
+def format_key_mismatch(missing: Iterable[str], unexpected: Iterable[str], limit: int = 20) -> str:
+    """Human-readable list of missing and unexpected keys (at most `limit` of each)."""
+    lines = []
+    for title, keys in (("missing", sorted(missing)), ("unexpected", sorted(unexpected))):
+        if keys:
+            shown = ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+            lines.append(f"{len(keys)} {title} key(s): {shown}")
+    return "; ".join(lines)
+
+
+def check_keys(expected: Iterable[str], found: Iterable[str], what: str, hint: str | None = None) -> None:
+    """Raise `CheckpointKeyError` unless the two key sets are equal."""
+    expected, found = set(expected), set(found)
+    missing, unexpected = expected - found, found - expected
+    if missing or unexpected:
+        message = f"{what}: {format_key_mismatch(missing, unexpected)}"
+        if hint:
+            message += f". {hint}"
+        raise CheckpointKeyError(message)
+
+
+@contextmanager
+def meta_device_init():
+    """Build modules with parameters on the meta device (buffers stay real)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        yield
+
+
+def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """State-dict keys that share their tensor with an earlier key: alias -> source.
+
+    transformers models are re-tied first (meta initialisation unties them).
+    """
+    if callable(getattr(model, "tie_weights", None)):
+        model.tie_weights()
+    seen: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if id(value) in seen:
+            aliases[key] = seen[id(value)]
+        else:
+            seen[id(value)] = key
+    return aliases
+
+
+def _owner(model: torch.nn.Module, key: str) -> tuple[torch.nn.Module, str]:
+    *path, leaf = key.split(".")
+    module = model
+    for part in path:
+        module = getattr(module, part)
+    return module, leaf
+
+
+def set_tensor(model: torch.nn.Module, key: str, value: torch.Tensor) -> None:
+    """Replace parameter or buffer `key` of `model` by `value` (works on meta tensors)."""
+    module, leaf = _owner(model, key)
+    if leaf in module._parameters:
+        old = module._parameters[leaf]
+        module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=old.requires_grad if old is not None else False)
+    elif leaf in module._buffers:
+        module._buffers[leaf] = value
+    else:
+        raise KeyError(f"{type(model).__name__} has no tensor {key}")
+
+
+def get_tensor(model: torch.nn.Module, key: str) -> torch.Tensor:
+    module, leaf = _owner(model, key)
+    return getattr(module, leaf)
+
+
+def retie(model: torch.nn.Module, aliases: Mapping[str, str]) -> None:
+    """Point every alias parameter at its (now loaded) source parameter again."""
+    for alias, source in aliases.items():
+        module, leaf = _owner(model, alias)
+        if leaf in module._parameters:
+            module._parameters[leaf] = get_tensor(model, source)
+        else:
+            module._buffers[leaf] = get_tensor(model, source)
+
+
+def dequantize(tensor: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """fp8 (or any) tensor times its per-tensor scale, computed in float32, returned in `dtype`."""
+    if scale is None:
+        return tensor.to(dtype)
+    return (tensor.to(torch.float32) * scale.to(torch.float32)).to(dtype)
+
+
+def scaled_fp8_keys(keys: Iterable[str]) -> tuple[set[str], set[str]]:
+    """Split ComfyUI's scaled-fp8 bookkeeping keys from the weights: (scale keys + marker, weight keys)."""
+    keys = set(keys)
+    extra = {k for k in keys if k == SCALED_FP8_MARKER or k.endswith((SCALE_WEIGHT_SUFFIX, SCALE_INPUT_SUFFIX))}
+    return extra, keys - extra
+
+
+def load_single_file(
+    model: torch.nn.Module,
+    path: PathLike,
+    rename: Callable[[str], str | None],
+    dtype: torch.dtype,
+    device: str | torch.device = "cpu",
+    what: str = "checkpoint",
+    hint: Callable[[set[str], set[str]], str | None] | None = None,
+    keep_in_fp32: Iterable[str] = (),
+) -> torch.nn.Module:
+    """Stream a safetensors file into a meta-initialised `model`, strictly.
+
+    `rename(file_key)` gives the model key, or None for a key that carries no weight (it is
+    then skipped: e.g. an embedded tokenizer). Scaled-fp8 weights are dequantized
+    (w = fp8 * scale_weight) and every floating tensor is cast to `dtype`, except those whose
+    key contains one of `keep_in_fp32` (kept in float32, as transformers does for fp16).
+    Keys of the model that alias another tensor (tied weights) need not be in the file and
+    are ignored when they are.
+    `hint(missing, unexpected)` may add a guess about what the file is to the error message.
+    """
+    path = Path(path)
+    aliases = tied_aliases(model)
+    expected = set(model.state_dict().keys()) - set(aliases)
+    header = read_header(path)
+    bookkeeping, weight_keys = scaled_fp8_keys(header)
+
+    mapping: dict[str, str] = {}
+    for file_key in sorted(weight_keys):
+        model_key = rename(file_key)
+        if model_key is None or model_key in aliases:
+            continue
+        if model_key in mapping.values():
+            raise CheckpointKeyError(f"{what} {path.name}: two tensors map to {model_key}")
+        mapping[file_key] = model_key
+
+    found = set(mapping.values())
+    missing, unexpected = expected - found, found - expected
+    if missing or unexpected:
+        message = f"{what} {path.name}: {format_key_mismatch(missing, unexpected)}"
+        extra = hint(missing, unexpected) if hint else None
+        if extra:
+            message += f". {extra}"
+        raise CheckpointKeyError(message)
+
+    fp32_markers = tuple(keep_in_fp32)
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        for file_key, model_key in mapping.items():
+            tensor = handle.get_tensor(file_key)
+            scale_key = file_key.rsplit(".", 1)[0] + SCALE_WEIGHT_SUFFIX
+            scale = handle.get_tensor(scale_key) if scale_key in bookkeeping else None
+            old = get_tensor(model, model_key)
+            if tuple(tensor.shape) != tuple(old.shape):
+                raise CheckpointKeyError(
+                    f"{what} {path.name}: {file_key} has shape {tuple(tensor.shape)}, the model expects "
+                    f"{tuple(old.shape)} for {model_key}"
+                )
+            if tensor.is_floating_point():
+                target = torch.float32 if fp32_markers and any(m in model_key for m in fp32_markers) else dtype
+                tensor = dequantize(tensor, scale, target)
+            set_tensor(model, model_key, tensor.to(device))
+            del tensor
+    retie(model, aliases)
+    leftover = [k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta]
+    if leftover:
+        raise CheckpointKeyError(f"{what} {path.name}: tensors left unloaded: {leftover[:20]}")
+    return model
+
+
+def state_dict_for_saving(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The model's state dict without tied aliases, contiguous, optionally cast (floats only)."""
+    aliases = tied_aliases(model)
+    out = {}
+    for key, value in model.state_dict().items():
+        if key in aliases:
+            continue
+        value = value.detach()
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        out[key] = value.contiguous().cpu()
+    return out
+
+
+def quantize_scaled_fp8(
+    state_dict: Mapping[str, torch.Tensor],
+    select: Callable[[str, torch.Tensor], bool],
+    fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+) -> dict[str, torch.Tensor]:
+    """Write tensors chosen by `select` the way ComfyUI's scaled-fp8 files store them.
+
+    Each chosen `X.weight` becomes fp8 with a float32 scalar `X.scale_weight`
+    (absmax / fp8 max), and the marker `scaled_fp8` (empty, of the fp8 dtype) is added.
+    Used to make test files; real ones come from ComfyUI's repackaging.
+    """
+    fp8_max = torch.finfo(fp8_dtype).max
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if select(key, value):
+            scale = (value.float().abs().max() / fp8_max).clamp(min=1e-12)
+            out[key] = (value.float() / scale).to(fp8_dtype)
+            out[key.rsplit(".", 1)[0] + SCALE_WEIGHT_SUFFIX] = scale.reshape(())
+        else:
+            out[key] = value
+    out[SCALED_FP8_MARKER] = torch.empty(0, dtype=fp8_dtype)
+    return out
+
+
+def save_single_file(state_dict: Mapping[str, torch.Tensor], path: PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write a safetensors file (creating parent folders)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(dict(state_dict), str(path), metadata=metadata)
+    return path
+
+
+def transformers_dtype_kwargs(dtype: torch.dtype) -> dict[str, Any]:
+    """`dtype=` for transformers >= 5, `torch_dtype=` before."""
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
+
+
+def check_loading_info(info: Mapping[str, Any], what: str, ignore: Iterable[str] = ()) -> None:
+    """Raise if a `from_pretrained(..., output_loading_info=True)` result has missing,
+    unexpected or mismatched keys (the keys in `ignore` are allowed)."""
+    ignore = set(ignore)
+    missing = set(info.get("missing_keys") or ()) - ignore
+    unexpected = set(info.get("unexpected_keys") or ()) - ignore
+    mismatched = [str(m) for m in info.get("mismatched_keys") or ()]
+    if missing or unexpected or mismatched:
+        message = f"{what}: {format_key_mismatch(missing, unexpected)}"
+        if mismatched:
+            message += f"; shape mismatch: {mismatched[:20]}"
+        raise CheckpointKeyError(message)
+
+
+__all__ = [
+    "CheckpointKeyError",
+    "SCALED_FP8_MARKER",
+    "check_keys",
+    "check_loading_info",
+    "dequantize",
+    "format_key_mismatch",
+    "hide_broken_torch_extensions",
+    "is_single_file",
+    "load_single_file",
+    "meta_device_init",
+    "quantize_scaled_fp8",
+    "read_header",
+    "save_single_file",
+    "state_dict_for_saving",
+    "transformers_dtype_kwargs",
+]
