@@ -305,3 +305,47 @@ def test_audio_encoder_reads_feature_extractor_config(audio_files):
     model = load_audio_encoder(audio_files["diffusers"])
     extractor = model.wan_feature_extractor
     assert extractor.do_normalize and extractor.sampling_rate == 16000
+
+
+# ----------------------------------------------------------------------------- full-size headers
+
+
+def meta_header(model: torch.nn.Module, rename=lambda k: k) -> dict:
+    """What read_header returns for a file holding `model`'s weights (shapes only)."""
+    return {rename(k): (tuple(v.shape), "F16") for k, v in model.state_dict().items()}
+
+
+def test_full_size_umt5_config_from_shapes():
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from trainer.model.single_file import meta_device_init
+    from trainer.model.text_encoder import UMT5_XXL_DEFAULTS, umt5_config_from_header
+
+    with meta_device_init():
+        model = UMT5EncoderModel(UMT5Config(**UMT5_XXL_DEFAULTS))
+    header = meta_header(model)
+    header.pop("encoder.embed_tokens.weight")
+    header[SPIECE_KEY] = ((4_548_313,), "U8")
+    config = umt5_config_from_header(header)
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_kv", "d_ff", "relative_attention_num_buckets"):
+        assert getattr(config, name) == UMT5_XXL_DEFAULTS[name], name
+    assert (config.d_model, config.num_layers, config.num_heads, config.d_ff) == (4096, 24, 64, 10240)
+    assert config.is_gated_act and config.dense_act_fn in ("gelu_new", "gelu_pytorch_tanh")
+
+
+def test_full_size_wav2vec2_config_from_shapes():
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+    from trainer.model.audio_encoder import XLSR53_ENGLISH_CONFIG, wav2vec2_config_from_header
+    from trainer.model.single_file import meta_device_init
+
+    with meta_device_init():
+        model = Wav2Vec2ForCTC(Wav2Vec2Config(**XLSR53_ENGLISH_CONFIG))
+    comfy_names = meta_header(model, lambda k: k.removeprefix("wav2vec2."))
+    comfy_names = {k: v for k, v in comfy_names.items() if not k.startswith("lm_head.")}
+    for header in (comfy_names, meta_header(model)):
+        config = wav2vec2_config_from_header(header)
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "conv_dim",
+                     "conv_kernel", "conv_stride", "num_conv_pos_embeddings", "num_conv_pos_embedding_groups"):
+            assert getattr(config, name) == getattr(model.config, name), name
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (1024, 24, 16)
