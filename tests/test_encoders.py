@@ -19,6 +19,7 @@ from trainer.model.audio_encoder import (
     encode_speech,
     load_audio_encoder,
     num_audio_frames,
+    save_audio_encoder,
 )
 from trainer.model.single_file import SCALED_FP8_MARKER, CheckpointKeyError
 from trainer.model.text_encoder import (
@@ -26,10 +27,10 @@ from trainer.model.text_encoder import (
     comfyui_text_encoder_state_dict,
     encode_prompt,
     load_text_encoder,
+    load_tokenizer,
+    save_text_encoder,
 )
 from trainer.model.tiny import build_tiny_audio_encoder, build_tiny_text_encoder, train_tiny_tokenizer
-from trainer.model.text_encoder import load_tokenizer, save_text_encoder
-from trainer.model.audio_encoder import save_audio_encoder
 
 PROMPTS = ["A woman talks to the camera.", "A man sings a slow song into a microphone, natural light, close-up."]
 TEXT_DIM = 32

@@ -60,12 +60,12 @@ def load_case(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def settings(meta: dict) -> dict:
-    return dict(
-        fps=meta.get("fps", meta.get("video_fps", 16)),
-        video_rate=meta.get("video_rate", meta.get("interp_fps", 30)),
-        input_fps=meta.get("input_fps", 50),
-        m=meta.get("m", 0),
-    )
+    return {
+        "fps": meta.get("fps", meta.get("video_fps", 16)),
+        "video_rate": meta.get("video_rate", meta.get("interp_fps", 30)),
+        "input_fps": meta.get("input_fps", 50),
+        "m": meta.get("m", 0),
+    }
 
 
 def test_golden_root_found():

@@ -40,8 +40,8 @@ from .single_file import (
 
 hide_broken_torch_extensions()
 
-from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Model  # noqa: E402
-from transformers.modeling_utils import PreTrainedModel  # noqa: E402
+from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Model
+from transformers.modeling_utils import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +49,16 @@ SAMPLE_RATE = 16000
 #: wav2vec2 frames per second of audio (conv feature encoder stride 320 at 16 kHz).
 FRAMES_PER_SECOND = 50
 #: jonatasgrosman/wav2vec2-large-xlsr-53-english (what the official code downloads).
-XLSR53_ENGLISH_CONFIG = dict(
-    hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-    hidden_act="gelu", feat_extract_norm="layer", feat_extract_activation="gelu", conv_bias=True,
-    conv_dim=(512,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
-    num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16, do_stable_layer_norm=True,
-    layer_norm_eps=1e-5, vocab_size=33, pad_token_id=0,
-)
-FEATURE_EXTRACTOR_DEFAULTS = dict(
-    feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0, do_normalize=True, return_attention_mask=True,
-)
+XLSR53_ENGLISH_CONFIG = {
+    "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
+    "hidden_act": "gelu", "feat_extract_norm": "layer", "feat_extract_activation": "gelu", "conv_bias": True,
+    "conv_dim": (512,) * 7, "conv_kernel": (10, 3, 3, 3, 3, 2, 2), "conv_stride": (5, 2, 2, 2, 2, 2, 2),
+    "num_conv_pos_embeddings": 128, "num_conv_pos_embedding_groups": 16, "do_stable_layer_norm": True,
+    "layer_norm_eps": 1e-5, "vocab_size": 33, "pad_token_id": 0,
+}
+FEATURE_EXTRACTOR_DEFAULTS = {
+    "feature_size": 1, "sampling_rate": SAMPLE_RATE, "padding_value": 0.0, "do_normalize": True, "return_attention_mask": True,
+}
 _POS_CONV = "encoder.pos_conv_embed.conv."
 _FEATURE_EXTRACTOR_FOLDERS = ("audio_processor", "feature_extractor", "processor")
 
@@ -269,8 +269,8 @@ __all__ = [
     "FRAMES_PER_SECOND",
     "SAMPLE_RATE",
     "XLSR53_ENGLISH_CONFIG",
-    "comfyui_audio_encoder_state_dict",
     "attention_heads_for_width",
+    "comfyui_audio_encoder_state_dict",
     "comfyui_to_transformers_audio_key",
     "encode_speech",
     "load_audio_encoder",

@@ -322,8 +322,8 @@ def check_loading_info(info: Mapping[str, Any], what: str, ignore: Iterable[str]
 
 
 __all__ = [
-    "CheckpointKeyError",
     "SCALED_FP8_MARKER",
+    "CheckpointKeyError",
     "check_keys",
     "check_loading_info",
     "dequantize",

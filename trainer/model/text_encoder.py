@@ -42,7 +42,7 @@ from .single_file import (
 
 hide_broken_torch_extensions()
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5TokenizerFast, UMT5Config, UMT5EncoderModel  # noqa: E402
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5TokenizerFast, UMT5Config, UMT5EncoderModel
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +52,11 @@ SPIECE_KEY = "spiece_model"
 #: Prefixes some single files put before transformers' names.
 _KNOWN_PREFIXES = ("text_encoders.umt5xxl.transformer.", "umt5xxl.transformer.", "transformer.", "text_encoder.")
 #: UMT5-XXL (Wan's text encoder); a single file's config is read from its shapes.
-UMT5_XXL_DEFAULTS = dict(
-    vocab_size=256384, d_model=4096, num_layers=24, num_heads=64, d_kv=64, d_ff=10240,
-    relative_attention_num_buckets=32, relative_attention_max_distance=128,
-    feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6,
-)
+UMT5_XXL_DEFAULTS = {
+    "vocab_size": 256384, "d_model": 4096, "num_layers": 24, "num_heads": 64, "d_kv": 64, "d_ff": 10240,
+    "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+    "feed_forward_proj": "gated-gelu", "layer_norm_epsilon": 1e-6,
+}
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -189,7 +189,7 @@ def _embedded_spiece(path: Path) -> bytes | None:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt", device="cpu") as handle:
-        if SPIECE_KEY not in handle.keys():
+        if SPIECE_KEY not in set(handle.keys()):
             return None
         return handle.get_tensor(SPIECE_KEY).numpy().tobytes()
 

@@ -27,7 +27,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-
 from diffusers import AutoencoderKLWan
 
 from .audio_encoder import XLSR53_ENGLISH_CONFIG, attention_heads_for_width, save_audio_encoder
@@ -37,12 +36,18 @@ from .vae import save_vae
 
 hide_broken_torch_extensions()
 
-from transformers import UMT5Config, UMT5EncoderModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC  # noqa: E402
+from transformers import (
+    UMT5Config,
+    UMT5EncoderModel,
+    Wav2Vec2Config,
+    Wav2Vec2FeatureExtractor,
+    Wav2Vec2ForCTC,
+)
 
 #: Widths of the tiny encoders not fixed by the transformer's config.
-TINY_VAE_CONFIG = dict(base_dim=4, z_dim=16)
-TINY_TEXT_ENCODER_CONFIG = dict(vocab_size=64, d_kv=8, num_heads=4, d_ff=64, num_layers=2)
-TINY_AUDIO_ENCODER_CONFIG = dict(intermediate_size=48, conv_dim=(16,) * 7)
+TINY_VAE_CONFIG = {"base_dim": 4, "z_dim": 16}
+TINY_TEXT_ENCODER_CONFIG = {"vocab_size": 64, "d_kv": 8, "num_heads": 4, "d_ff": 64, "num_layers": 2}
+TINY_AUDIO_ENCODER_CONFIG = {"intermediate_size": 48, "conv_dim": (16,) * 7}
 TINY_VOCAB_SIZE = 60
 
 COMFYUI_FILES = {

@@ -102,7 +102,7 @@ def vae_config_from_header(header: dict[str, tuple[tuple[int, ...], str]]) -> di
     if z_dim != 16:
         raise CheckpointKeyError(f"VAE with z_dim {z_dim}: {_vae_hint(header) or 'expected the Wan 2.1 VAE (z_dim 16)'}")
     out_channels = header["decoder.head.2.weight"][0][0] if "decoder.head.2.weight" in header else 3
-    return dict(base_dim=base_dim, z_dim=z_dim, in_channels=in_channels, out_channels=out_channels)
+    return {"base_dim": base_dim, "z_dim": z_dim, "in_channels": in_channels, "out_channels": out_channels}
 
 
 def _load_single_file(path: Path, dtype: torch.dtype, device: str | torch.device) -> AutoencoderKLWan:
