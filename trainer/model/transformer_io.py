@@ -666,6 +666,7 @@ def _analyze(source: _Source) -> _Analysis:
         kind, layout, _common_prefix(model_keys), {}, scales, auxiliary, None, [], [], [], []
     )
     if kind != "s2v":
+        analysis.notes.append(f"{len(model_keys)} tensors, e.g. {_preview(sorted(model_keys), 5)}")
         return analysis
     try:
         analysis.name_map = convert_keys(model_keys, to="diffusers", layout=layout)
