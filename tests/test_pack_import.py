@@ -1,0 +1,65 @@
+"""The pack imports like ComfyUI imports it: cheaply, and with well-formed node classes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+IMPORT_AS_COMFYUI = textwrap.dedent(
+    f"""
+    import importlib.util, json, sys
+    spec = importlib.util.spec_from_file_location(
+        "comfyui_wan_s2v_trainer", {str(REPO / "__init__.py")!r},
+        submodule_search_locations=[{str(REPO)!r}])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = pack
+    spec.loader.exec_module(pack)
+    heavy = sorted(m for m in ("torch", "diffusers", "transformers", "peft", "av") if m in sys.modules)
+    print(json.dumps({{"heavy": heavy, "nodes": sorted(pack.NODE_CLASS_MAPPINGS),
+                       "names": pack.NODE_DISPLAY_NAME_MAPPINGS, "web": pack.WEB_DIRECTORY}}))
+    """
+)
+
+
+def load_pack_report() -> dict:
+    import json
+
+    result = subprocess.run([sys.executable, "-c", IMPORT_AS_COMFYUI], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_import_is_cheap_and_complete():
+    report = load_pack_report()
+    assert report["heavy"] == [], f"importing the pack pulled in {report['heavy']}"
+    assert report["nodes"], "no nodes exported"
+    assert set(report["names"]) == set(report["nodes"])
+    assert (REPO / report["web"]).is_dir()
+
+
+def test_node_classes_follow_the_classic_api():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "comfyui_wan_s2v_trainer_t", REPO / "__init__.py", submodule_search_locations=[str(REPO)]
+    )
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = pack
+    spec.loader.exec_module(pack)
+    for name, cls in pack.NODE_CLASS_MAPPINGS.items():
+        inputs = cls.INPUT_TYPES()
+        assert set(inputs) <= {"required", "optional", "hidden"}, name
+        for section in inputs.values():
+            for input_name, spec_tuple in section.items():
+                assert isinstance(spec_tuple, tuple) and spec_tuple, (name, input_name)
+                type_or_choices = spec_tuple[0]
+                assert isinstance(type_or_choices, (str, list)), (name, input_name)
+                if len(spec_tuple) > 1:
+                    assert "tooltip" in spec_tuple[1], f"{name}.{input_name} has no tooltip"
+        assert isinstance(cls.RETURN_TYPES, tuple)
+        assert hasattr(cls, cls.FUNCTION), f"{name}.{cls.FUNCTION} missing"
+        assert cls.CATEGORY.startswith("Wan S2V Trainer"), name
