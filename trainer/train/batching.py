@@ -1,0 +1,97 @@
+"""Deterministic, resumable batching over a map-style dataset of the training-data contract.
+
+Batches never mix buckets. Order is a function of (seed, epoch) only, so the position
+(epoch, batch index) is all a checkpoint needs to continue with the very same batches.
+The bucket of an item is read from ``dataset.bucket_of(i)`` when the dataset has it (no
+tensor is loaded), else from the item itself.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+TENSOR_KEYS = ("latents", "reference_latents", "audio_embeds", "text_embeds", "motion_latents")
+
+
+def _buckets(dataset) -> list[Any]:
+    getter = getattr(dataset, "bucket_of", None)
+    if callable(getter):
+        return [getter(i) for i in range(len(dataset))]
+    return [dataset[i].get("bucket", "default") for i in range(len(dataset))]
+
+
+class BatchOrder:
+    """Epoch-wise shuffled batches of indices, one bucket per batch; incomplete tails of a
+    bucket are kept (smaller batch) so that small datasets train on every item."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, shuffle: bool = True):
+        if len(dataset) == 0:
+            raise ValueError("the training dataset is empty")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        groups: dict[Any, list[int]] = defaultdict(list)
+        for index, bucket in enumerate(_buckets(dataset)):
+            groups[str(bucket)].append(index)
+        self.groups = [groups[k] for k in sorted(groups)]
+        self.epoch = 0
+        self.position = 0
+        self._batches = self._epoch_batches(0)
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+        batches = []
+        for group in self.groups:
+            order = [group[i] for i in torch.randperm(len(group), generator=g).tolist()] if self.shuffle else group
+            batches += [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        return batches
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def next_indices(self) -> list[int]:
+        if self.position >= len(self._batches):
+            self.epoch += 1
+            self.position = 0
+            self._batches = self._epoch_batches(self.epoch)
+        batch = self._batches[self.position]
+        self.position += 1
+        return batch
+
+    def next_batch(self) -> dict[str, Any]:
+        return collate([self.dataset[i] for i in self.next_indices()])
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        self._batches = self._epoch_batches(self.epoch)
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the tensors of items of one bucket; other fields become lists. ``motion_latents``
+    is kept only when every item has it (and with equal shapes)."""
+    batch: dict[str, Any] = {}
+    for key in items[0]:
+        values = [item.get(key) for item in items]
+        if key in TENSOR_KEYS:
+            if any(v is None for v in values) or len({tuple(v.shape) for v in values}) != 1:
+                if key == "motion_latents":
+                    continue
+                shapes = sorted({tuple(v.shape) for v in values if v is not None})
+                raise ValueError(f"items of one batch differ in '{key}' ({shapes}); batches must share a bucket")
+            batch[key] = torch.stack([v for v in values])
+        else:
+            batch[key] = values
+    for key in ("latents", "audio_embeds", "text_embeds"):
+        if key not in batch:
+            raise KeyError(f"dataset items lack '{key}'")
+    return batch

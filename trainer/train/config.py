@@ -1,0 +1,272 @@
+"""Typed training settings shared by the CLI (`python -m trainer train CONFIG`) and the nodes.
+
+A config file (JSON or TOML) is either flat, with the seed's key names
+(``learning_rate``, ``lora_rank``, ``max_train_steps``, ``checkpoint_step_interval`` ...), or
+nested with ``[lora]``, ``[optimizer]`` and ``[schedule]`` sections whose keys are the field
+names of `LoraConfig`, `OptimizerConfig` and `ScheduleConfig`. Both forms may be mixed.
+Unknown keys are an error that names them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: q/k/v/o of self-attention (attn1), cross-attention (attn2) and the audio injectors.
+DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+
+OPTIMIZERS = ("adamw", "adamw8bit", "lion", "lion8bit_paged", "prodigy")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear", "polynomial")
+WEIGHTING_SCHEMES = ("logit_normal", "uniform", "beta")
+REFERENCE_FRAMES = ("first", "random")
+MIXED_PRECISION = ("no", "bf16")
+CLIP_MODES = ("norm", "value", "none")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapter settings (peft)."""
+
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    #: Module-name suffixes (peft `target_modules`); the default covers q/k/v/o of every
+    #: self-, cross- and audio-injector attention.
+    lora_target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    #: "default" (kaiming A, zero B), "gaussian" (normal A, zero B).
+    lora_init: str = "default"
+
+    def validate(self) -> None:
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora_target_modules:
+            raise ValueError("lora_target_modules is empty")
+        if self.lora_init not in ("default", "gaussian"):
+            raise ValueError(f"lora_init must be 'default' or 'gaussian', got {self.lora_init!r}")
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimizer and gradient clipping."""
+
+    optimizer: str = "adamw"
+    learning_rate: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    adam_weight_decay: float = 1e-2
+    #: "norm" clips the global grad norm to `max_grad_norm`, "value" clamps each gradient
+    #: element to +-`max_grad_value`, "none" does not clip (the norm is still logged).
+    grad_clip_mode: str = "norm"
+    max_grad_norm: float = 1.0
+    max_grad_value: float = 1.0
+
+    def validate(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.grad_clip_mode not in CLIP_MODES:
+            raise ValueError(f"grad_clip_mode must be one of {CLIP_MODES}, got {self.grad_clip_mode!r}")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule (diffusers.optimization.get_scheduler)."""
+
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_num_cycles: float = 0.5  # cosine: number of half waves ... 0.5 = one decay to 0
+    lr_power: float = 1.0  # polynomial
+    lr_end: float = 1e-7  # polynomial
+
+    def validate(self) -> None:
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}")
+        if self.lr_warmup_steps < 0:
+            raise ValueError("lr_warmup_steps must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs besides the model and the data."""
+
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    # --- where
+    output_dir: str = "output/wan_s2v_lora"
+    output_name: str = "wan_s2v_lora"
+    #: Transformer to train: a ComfyUI file or Diffusers folder; None/"tiny" = the built-in
+    #: tiny model (CLI only; the node passes a loaded model).
+    model_path: str | None = None
+    #: Dataset for the CLI: "synthetic" (built-in) or a dataset folder read by `trainer.data`.
+    dataset: str = "synthetic"
+    eval_dataset: str | None = None
+
+    # --- length and batching
+    max_train_steps: int = 1000
+    train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    seed: int = 42
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    numerics: str = "official"
+
+    # --- objective (flow matching as Wan trains)
+    flow_weighting_scheme: str = "logit_normal"
+    flow_logit_mean: float = 0.0
+    flow_logit_std: float = 1.0
+    flow_beta_alpha: float = 2.0
+    flow_beta_beta: float = 2.0
+    flow_schedule_shift: float = 3.0
+    flow_schedule_auto_shift: bool = False
+
+    # --- conditioning
+    reference_frame: str = "first"
+    caption_dropout_probability: float = 0.1
+    audio_dropout_probability: float = 0.1
+    #: Probability that a batch whose items carry the previous window (`motion_latents`)
+    #: is trained as a continuation (those latents become FramePack motion tokens).
+    motion_context_probability: float = 0.0
+
+    # --- EMA of the LoRA weights
+    use_ema: bool = False
+    ema_decay: float = 0.999
+    ema_update_interval: int = 1
+    #: Final LoRA file from the EMA weights (when use_ema) instead of the raw ones.
+    save_ema_weights: bool = True
+
+    # --- checkpoints, eval, logs, outputs
+    checkpoint_step_interval: int = 500
+    checkpoints_total_limit: int | None = 3
+    resume_from_checkpoint: str | None = None  # None, "latest" or a checkpoint folder
+    eval_step_interval: int = 0  # 0 = never (also at the end when > 0)
+    eval_timesteps: tuple[int, ...] = (100, 300, 500, 700, 900)
+    eval_seed: int = 1234
+    log_every: int = 1
+    tensorboard: bool = True
+    save_comfyui_lora: bool = True
+    save_diffusers_lora: bool = False
+    #: dtype of the saved LoRA files: "fp32" (bit-exact with training), "bf16" or "fp16".
+    save_dtype: str = "fp32"
+
+    def validate(self) -> None:
+        self.lora.validate()
+        self.optimizer.validate()
+        self.schedule.validate()
+        checks = [
+            (self.max_train_steps >= 1, "max_train_steps must be >= 1"),
+            (self.train_batch_size >= 1, "train_batch_size must be >= 1"),
+            (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
+            (self.mixed_precision in MIXED_PRECISION, f"mixed_precision must be one of {MIXED_PRECISION}"),
+            (self.flow_weighting_scheme in WEIGHTING_SCHEMES,
+             f"flow_weighting_scheme must be one of {WEIGHTING_SCHEMES}"),
+            (self.flow_schedule_shift > 0, "flow_schedule_shift must be > 0"),
+            (self.reference_frame in REFERENCE_FRAMES, f"reference_frame must be one of {REFERENCE_FRAMES}"),
+            (0 <= self.caption_dropout_probability <= 1, "caption_dropout_probability must be in [0, 1]"),
+            (0 <= self.audio_dropout_probability <= 1, "audio_dropout_probability must be in [0, 1]"),
+            (0 <= self.motion_context_probability <= 1, "motion_context_probability must be in [0, 1]"),
+            (0 < self.ema_decay < 1, "ema_decay must be in (0, 1)"),
+            (self.ema_update_interval >= 1, "ema_update_interval must be >= 1"),
+            (self.checkpoint_step_interval >= 0, "checkpoint_step_interval must be >= 0 (0 = never)"),
+            (self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
+             "checkpoints_total_limit must be >= 1 or None"),
+            (self.eval_step_interval >= 0, "eval_step_interval must be >= 0"),
+            (all(0 <= t <= 1000 for t in self.eval_timesteps), "eval_timesteps must lie in 0..1000"),
+            (self.save_dtype in ("fp32", "bf16", "fp16"), "save_dtype must be fp32, bf16 or fp16"),
+            (self.numerics in ("official", "comfyui"), "numerics must be 'official' or 'comfyui'"),
+            (bool(self.output_name) and "/" not in self.output_name and "\\" not in self.output_name,
+             "output_name must be a plain file name"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    # ------------------------------------------------------------------ (de)serialisation
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(dataclasses.asdict(self))
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        flat = self.to_dict()
+        for section in _SECTIONS:
+            flat.update(flat.pop(section))
+        return flat
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        data = dict(data)
+        sections: dict[str, dict[str, Any]] = {}
+        for name, section_cls in _SECTIONS.items():
+            # "optimizer" is both a section and a field of it (the optimizer's name)
+            nested = data.pop(name) if isinstance(data.get(name), dict) else {}
+            sections[name] = dict(nested)
+            names = {f.name for f in dataclasses.fields(section_cls)}
+            for key in list(data):
+                if key in names:
+                    sections[name][key] = data.pop(key)
+        top_names = {f.name for f in dataclasses.fields(cls)} - set(_SECTIONS)
+        unknown = sorted(set(data) - top_names)
+        for name, section_cls in _SECTIONS.items():
+            names = {f.name for f in dataclasses.fields(section_cls)}
+            unknown += sorted(f"{name}.{k}" for k in set(sections[name]) - names)
+        if unknown:
+            raise ValueError(f"unknown training settings: {', '.join(unknown)}")
+        kwargs = {k: _coerce(cls, k, v) for k, v in data.items()}
+        for name, section_cls in _SECTIONS.items():
+            kwargs[name] = section_cls(**{k: _coerce(section_cls, k, v) for k, v in sections[name].items()})
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+
+_SECTIONS: dict[str, type] = {"lora": LoraConfig, "optimizer": OptimizerConfig, "schedule": ScheduleConfig}
+
+
+def _coerce(cls: type, key: str, value: Any) -> Any:
+    """Lists from JSON/TOML become tuples where the field is a tuple."""
+    default = next(f for f in dataclasses.fields(cls) if f.name == key)
+    if isinstance(value, list) and "tuple" in str(default.type):
+        return tuple(value)
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def load_config(path: str | os.PathLike) -> TrainConfig:
+    """Read a JSON (.json) or TOML (.toml) training config."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        data = tomllib.loads(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config is an object/table of settings")
+    return TrainConfig.from_dict(data)
+
+
+def save_config(config: TrainConfig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True), encoding="utf-8")
+    return path
