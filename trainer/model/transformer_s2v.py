@@ -346,14 +346,12 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
         context = embedder.text_embedder(encoder_hidden_states.to(dtype))
 
-        for index, block in enumerate(self.blocks):
+        for index in range(len(self.blocks)):
+            args = (index, x, temb_blocks, split, rotary, context, num_video, audio)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, temb_blocks, split, rotary, context)
+                x = self._gradient_checkpointing_func(self._block_and_audio, *args)
             else:
-                x = block(x, temb_blocks, split, rotary, context)
-            if audio is not None and index in self.audio_injector.block_to_injector:
-                residual = self.audio_injector(x[:, :num_video], index, audio[1], audio[0])
-                x = torch.cat([x[:, :num_video] + residual, x[:, num_video:]], dim=1)
+                x = self._block_and_audio(*args)
 
         x = x[:, :num_video]
         shift, scale = (self.scale_shift_table.float().unsqueeze(1) + temb.unsqueeze(2)).unbind(2)
@@ -362,6 +360,25 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if not return_dict:
             return (out,)
         return Transformer2DModelOutput(sample=out)
+
+    def _block_and_audio(
+        self,
+        index: int,
+        x: torch.Tensor,
+        temb: torch.Tensor,
+        split: int,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        context: torch.Tensor,
+        num_video: int,
+        audio: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """Block `index`, then its audio injection into the video tokens (if any). One unit
+        for gradient checkpointing, so the injector's activations are not kept either."""
+        x = self.blocks[index](x, temb, split, rotary, context)
+        if audio is None or index not in self.audio_injector.block_to_injector:
+            return x
+        residual = self.audio_injector(x[:, :num_video], index, audio[1], audio[0])
+        return torch.cat([x[:, :num_video] + residual, x[:, num_video:]], dim=1)
 
     def _unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """[B, T*h*w, p_t*p_h*p_w*C] -> [B, C, T*p_t, h*p_h, w*p_w]."""
