@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_demo_parser(subparsers)
     add_inspect_parser(subparsers)
+    from .train.cli import add_train_parser
+
+    add_train_parser(subparsers)
     return parser
 
 

@@ -1,0 +1,543 @@
+"""The LoRA training loop (headless; the CLI and the ComfyUI node both call `train`).
+
+Every random draw of the loop (sigmas, noise, dropout decisions, reference frame, motion
+context) comes from one CPU `torch.Generator` whose state is checkpointed with torch's
+global RNG (LoRA dropout), Python's and NumPy's, the optimizer, the scheduler, the EMA and
+the data position, so a resumed run continues exactly as the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..lora.io import save_lora
+from .batching import BatchOrder, collate
+from .checkpoint import checkpoint_root, load_checkpoint, remove_partial, resolve_resume, save_checkpoint
+from .config import TrainConfig
+from .flow import add_noise, auto_shift, flow_loss, sample_sigmas, timesteps_from_sigmas, velocity_target
+
+logger = logging.getLogger(__name__)
+
+ADAPTER = "default"
+ProgressFn = Callable[[int, float, float, float], None]  # (step, loss, lr, eta_seconds)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; the last good state was saved."""
+
+
+@dataclass
+class TrainResult:
+    global_step: int
+    stopped: bool
+    #: peft-key LoRA tensors (EMA weights when `use_ema` and `save_ema_weights`), on CPU.
+    lora_state: dict[str, torch.Tensor]
+    lora_alphas: dict[str, float]
+    lora_path: Path | None = None
+    diffusers_lora_path: Path | None = None
+    checkpoint: Path | None = None
+    loss_history: list[tuple[int, float]] = field(default_factory=list)
+    eval_history: list[tuple[int, float]] = field(default_factory=list)
+    log_path: Path | None = None
+
+
+# --------------------------------------------------------------------------- optimizers
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al. 2023): update = sign(b1 m + (1 - b1) g); m = b2 m + (1 - b2) g."""
+
+    def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0):
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                m = state["exp_avg"]
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                update = (m * beta1 + p.grad * (1 - beta1)).sign_()
+                p.add_(update, alpha=-group["lr"])
+                m.mul_(beta2).add_(p.grad, alpha=1 - beta2)
+        return loss
+
+
+def build_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    o = config.optimizer
+    betas = (o.adam_beta1, o.adam_beta2)
+    name = o.optimizer
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=o.learning_rate, betas=betas, eps=o.adam_epsilon,
+                                 weight_decay=o.adam_weight_decay)
+    if name == "lion":
+        return Lion(params, lr=o.learning_rate, betas=betas, weight_decay=o.adam_weight_decay)
+    if name in ("adamw8bit", "lion8bit_paged"):
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise ImportError(f"optimizer '{name}' needs bitsandbytes: pip install bitsandbytes") from exc
+        if name == "adamw8bit":
+            return bnb.optim.AdamW8bit(params, lr=o.learning_rate, betas=betas, eps=o.adam_epsilon,
+                                       weight_decay=o.adam_weight_decay)
+        return bnb.optim.PagedLion8bit(params, lr=o.learning_rate, betas=betas, weight_decay=o.adam_weight_decay)
+    if name == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError as exc:
+            raise ImportError("optimizer 'prodigy' needs prodigyopt: pip install prodigyopt") from exc
+        return Prodigy(params, lr=o.learning_rate, betas=betas, weight_decay=o.adam_weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
+    from diffusers.optimization import get_scheduler
+
+    s = config.schedule
+    kwargs: dict[str, Any] = {"num_warmup_steps": s.lr_warmup_steps, "num_training_steps": config.max_train_steps}
+    if s.lr_scheduler == "constant":
+        kwargs = {}
+    elif s.lr_scheduler == "constant_with_warmup":
+        kwargs = {"num_warmup_steps": s.lr_warmup_steps}
+    elif s.lr_scheduler == "cosine":
+        kwargs["num_cycles"] = s.lr_num_cycles
+    elif s.lr_scheduler == "polynomial":
+        kwargs["power"] = s.lr_power
+        return _polynomial(optimizer, s.lr_warmup_steps, config.max_train_steps, s.lr_end, s.lr_power)
+    return get_scheduler(s.lr_scheduler, optimizer, **kwargs)
+
+
+def _polynomial(optimizer, warmup: int, total: int, lr_end: float, power: float):
+    from diffusers.optimization import get_polynomial_decay_schedule_with_warmup
+
+    return get_polynomial_decay_schedule_with_warmup(optimizer, warmup, total, lr_end=lr_end, power=power)
+
+
+# --------------------------------------------------------------------------- EMA
+
+
+class LoraEMA:
+    """Exponential moving average of the trainable (LoRA) parameters, in float32."""
+
+    def __init__(self, named_params: dict[str, torch.nn.Parameter], decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in named_params.items()}
+
+    @torch.no_grad()
+    def update(self, named_params: dict[str, torch.nn.Parameter]) -> None:
+        for name, p in named_params.items():
+            self.shadow[name].lerp_(p.detach().float(), 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name in self.shadow:
+            self.shadow[name].copy_(state[name])
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _peft_key(param_name: str) -> str:
+    return param_name.replace(f".{ADAPTER}.weight", ".weight")
+
+
+def add_lora(model: torch.nn.Module, config: TrainConfig) -> dict[str, torch.nn.Parameter]:
+    """Freeze the model, add the LoRA adapter (seeded init), return its parameters (fp32)."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    lc = config.lora
+    model.requires_grad_(False)
+    if ADAPTER in getattr(model, "peft_config", {}):
+        model.delete_adapters(ADAPTER)
+    torch.manual_seed(config.seed)
+    model.add_adapter(
+        PeftLoraConfig(
+            r=lc.lora_rank,
+            lora_alpha=lc.lora_alpha,
+            lora_dropout=lc.lora_dropout,
+            target_modules=list(lc.lora_target_modules),
+            init_lora_weights=True if lc.lora_init == "default" else "gaussian",
+        ),
+        adapter_name=ADAPTER,
+    )
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError(f"lora_target_modules {lc.lora_target_modules} matched no module of the model")
+    for p in params.values():
+        p.data = p.data.float()
+    return params
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    except ImportError:  # Windows
+        return float("nan")
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    state = {
+        "generator": generator.get_state(),
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(generator: torch.Generator, state: dict[str, Any]) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    if config.mixed_precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_inputs(
+    batch: dict[str, Any], config: TrainConfig, generator: torch.Generator, device: torch.device, train: bool = True
+) -> dict[str, Any]:
+    """Apply reference choice, caption/audio dropout and motion context to a collated batch.
+    Draws from `generator` in a fixed order (even for settings that are off)."""
+    latents = batch["latents"].float()
+    bsz, _, frames = latents.shape[:3]
+    text = batch["text_embeds"].float().clone()
+    audio = batch["audio_embeds"].float().clone()
+    ref = batch.get("reference_latents")
+    drops = torch.rand(bsz, 2, generator=generator)
+    pick = torch.randint(0, frames, (1,), generator=generator).item()
+    use_motion = torch.rand(1, generator=generator).item() < config.motion_context_probability
+    if config.reference_frame == "random" and train or ref is None:
+        index = pick if (config.reference_frame == "random" and train) else 0
+        ref = latents[:, :, index : index + 1]
+    if train:
+        text[drops[:, 0] < config.caption_dropout_probability] = 0.0
+        audio[drops[:, 1] < config.audio_dropout_probability] = 0.0
+    motion = batch.get("motion_latents") if (train and use_motion) else None
+    return {
+        "latents": latents.to(device),
+        "encoder_hidden_states": text.to(device),
+        "audio_embeds": audio.to(device),
+        "reference_latents": ref.float().to(device),
+        "motion_latents": None if motion is None else motion.float().to(device),
+    }
+
+
+def compute_loss(
+    model: torch.nn.Module,
+    inputs: dict[str, Any],
+    sigmas: torch.Tensor,
+    noise: torch.Tensor,
+    config: TrainConfig,
+    device: torch.device,
+) -> torch.Tensor:
+    x0 = inputs["latents"]
+    noise = noise.to(device)
+    noisy = add_noise(x0, noise, sigmas)
+    with _autocast(config, device):
+        pred = model(
+            hidden_states=noisy,
+            timestep=timesteps_from_sigmas(sigmas).to(device),
+            encoder_hidden_states=inputs["encoder_hidden_states"],
+            audio_embeds=inputs["audio_embeds"],
+            reference_latents=inputs["reference_latents"],
+            motion_latents=inputs["motion_latents"],
+            numerics=config.numerics,
+        ).sample
+    return flow_loss(pred, velocity_target(x0, noise))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset, config: TrainConfig, device: torch.device) -> float:
+    """Mean MSE over held-out items at the fixed `eval_timesteps` with fixed noise (seeded
+    by `eval_seed` and the item index); no dropout, first-frame reference, no motion."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for index in range(len(dataset)):
+            batch = collate([dataset[index]])
+            g = torch.Generator().manual_seed(config.eval_seed * 7919 + index)
+            inputs = prepare_inputs(batch, config, g, device, train=False)
+            for t in config.eval_timesteps:
+                noise = torch.randn(inputs["latents"].shape, generator=g)
+                sigmas = torch.full((1,), t / 1000.0)
+                total += compute_loss(model, inputs, sigmas, noise, config, device).item()
+                count += 1
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+class _Logger:
+    def __init__(self, output_dir: Path, config: TrainConfig, resumed_step: int):
+        self.path = output_dir / "logs" / "train_log.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resumed_step == 0 and self.path.exists():
+            self.path.unlink()
+        self.tb = None
+        if config.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(output_dir / "logs" / "tensorboard"), purge_step=resumed_step + 1)
+            except Exception:  # tensorboard not installed
+                self.tb = None
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.tb.add_scalar(f"train/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(
+    model: torch.nn.Module,
+    dataset,
+    config: TrainConfig,
+    eval_dataset=None,
+    progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+    keep_adapter: bool = True,
+    save_files: bool = True,
+) -> TrainResult:
+    """Train a LoRA on `model` (a `WanS2VTransformer3DModel`, frozen here) with `dataset`.
+
+    Writes checkpoints under ``<output_dir>/checkpoints`` and the final LoRA as
+    ``<output_dir>/<output_name>.safetensors`` (ComfyUI format) and/or
+    ``<output_name>_diffusers.safetensors``. `progress(step, loss, lr, eta_s)` is called after
+    every optimizer step; `should_stop()` is polled after every optimizer step: when it returns
+    True, a checkpoint and the LoRA are written and the result has ``stopped=True``.
+    Raises `NonFiniteLossError` (after saving the last good state) on a NaN/inf loss.
+    """
+    config.validate()
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_root = checkpoint_root(output_dir)
+    remove_partial(ckpt_root)
+    device = next(model.parameters()).device
+
+    params = add_lora(model, config)
+    model.train()
+    if config.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    optimizer = build_optimizer(list(params.values()), config)
+    scheduler = build_scheduler(optimizer, config)
+    ema = LoraEMA(params, config.ema_decay) if config.use_ema else None
+    generator = torch.Generator().manual_seed(config.seed)
+    order = BatchOrder(dataset, config.train_batch_size, config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed % 2**32)
+
+    global_step = 0
+    loss_history: list[tuple[int, float]] = []
+    eval_history: list[tuple[int, float]] = []
+    resume_path = resolve_resume(config.resume_from_checkpoint, ckpt_root)
+    if resume_path is not None:
+        state = load_checkpoint(resume_path)
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state["lora"][name])
+        ts = state["training_state"]
+        optimizer.load_state_dict(ts["optimizer"])
+        scheduler.load_state_dict(ts["scheduler"])
+        if ema is not None:
+            if state["ema"] is None:
+                raise ValueError(f"{resume_path} has no EMA weights but use_ema is on")
+            ema.load_state_dict(state["ema"])
+        order.load_state_dict(ts["data"])
+        _set_rng_state(generator, ts["rng"])
+        global_step = state["step"]
+        loss_history = [tuple(x) for x in ts["loss_history"]]
+        eval_history = [tuple(x) for x in ts["eval_history"]]
+        logger.info("resumed from %s at step %d", resume_path, global_step)
+
+    log = _Logger(output_dir, config, global_step)
+    config_dict = config.to_dict()
+    last_checkpoint: Path | None = resume_path
+
+    def checkpoint() -> Path:
+        nonlocal last_checkpoint
+        training_state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "data": order.state_dict(),
+            "rng": _rng_state(generator),
+            "loss_history": loss_history,
+            "eval_history": eval_history,
+        }
+        summary = {"loss": loss_history[-1][1] if loss_history else None, "config": config_dict}
+        last_checkpoint = save_checkpoint(
+            ckpt_root, global_step, {n: p.detach() for n, p in params.items()}, training_state, summary,
+            ema=None if ema is None else ema.state_dict(), total_limit=config.checkpoints_total_limit,
+        )
+        return last_checkpoint
+
+    def final_state() -> dict[str, torch.Tensor]:
+        source = ema.shadow if (ema is not None and config.save_ema_weights) else params
+        return {_peft_key(n): t.detach().float().cpu().clone() for n, t in source.items()}
+
+    alphas = {name: config.lora.lora_alpha for name in {_peft_key(n).rsplit(".lora_", 1)[0] for n in params}}
+
+    def save_outputs() -> tuple[Path | None, Path | None]:
+        if not save_files:
+            return None, None
+        state = final_state()
+        meta = {"ss_steps": str(global_step), "ss_output_name": config.output_name}
+        comfy = diff = None
+        dtype = None if config.save_dtype == "fp32" else config.save_dtype
+        if config.save_comfyui_lora:
+            comfy = save_lora(state, output_dir / f"{config.output_name}.safetensors", fmt="comfyui", alphas=alphas,
+                              dtype=dtype, training_config=config_dict, metadata=meta)
+        if config.save_diffusers_lora:
+            diff = save_lora(state, output_dir / f"{config.output_name}_diffusers.safetensors", fmt="diffusers",
+                             alphas=alphas, dtype=dtype, training_config=config_dict, metadata=meta)
+        return comfy, diff
+
+    accum = config.gradient_accumulation_steps
+    stopped = False
+    started = time.perf_counter()
+    start_step = global_step
+    try:
+        while global_step < config.max_train_steps:
+            step_start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for _ in range(accum):
+                batch = order.next_batch()
+                inputs = prepare_inputs(batch, config, generator, device)
+                x0 = inputs["latents"]
+                shift = auto_shift(*x0.shape[-2:]) if config.flow_schedule_auto_shift else config.flow_schedule_shift
+                sigmas = sample_sigmas(
+                    x0.shape[0], generator, config.flow_weighting_scheme, shift, config.flow_logit_mean,
+                    config.flow_logit_std, config.flow_beta_alpha, config.flow_beta_beta,
+                )
+                noise = torch.randn(x0.shape, generator=generator)
+                loss = compute_loss(model, inputs, sigmas, noise, config, device)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"the loss is {loss.item()} at step {global_step + 1} (sources {batch.get('source')}, "
+                        f"sigmas {sigmas.tolist()})"
+                    )
+                (loss / accum).backward()
+                step_loss += loss.item() / accum
+            grads = [p for p in params.values() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in grads]).item() if grads else 0.0
+            if not math.isfinite(grad_norm):
+                raise NonFiniteLossError(f"the gradient norm is {grad_norm} at step {global_step + 1}")
+            if config.optimizer.grad_clip_mode == "norm":
+                torch.nn.utils.clip_grads_with_norm_(grads, config.optimizer.max_grad_norm,
+                                                     torch.tensor(grad_norm))
+            elif config.optimizer.grad_clip_mode == "value":
+                torch.nn.utils.clip_grad_value_(grads, config.optimizer.max_grad_value)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            global_step += 1
+            if ema is not None and global_step % config.ema_update_interval == 0:
+                ema.update(params)
+            loss_history.append((global_step, step_loss))
+
+            step_time = time.perf_counter() - step_start
+            done = global_step - start_step
+            eta = (time.perf_counter() - started) / done * (config.max_train_steps - global_step)
+            record = {"step": global_step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                      "step_time": step_time, "memory_mb": _memory_mb(device)}
+            if config.eval_step_interval and eval_dataset is not None and (
+                global_step % config.eval_step_interval == 0 or global_step == config.max_train_steps
+            ):
+                eval_loss = evaluate(model, eval_dataset, config, device)
+                eval_history.append((global_step, eval_loss))
+                record["eval_loss"] = eval_loss
+            if global_step % config.log_every == 0 or "eval_loss" in record:
+                log.log(record)
+            if on_log is not None:
+                on_log(record)
+            if progress is not None:
+                progress(global_step, step_loss, lr, eta)
+
+            if config.checkpoint_step_interval and global_step % config.checkpoint_step_interval == 0:
+                checkpoint()
+            if should_stop is not None and global_step < config.max_train_steps and should_stop():
+                stopped = True
+                if last_checkpoint is None or not last_checkpoint.name.endswith(f"-{global_step}"):
+                    checkpoint()
+                break
+    except NonFiniteLossError as error:
+        optimizer.zero_grad(set_to_none=True)
+        saved = []
+        if global_step > 0 and save_files:
+            saved.append(str(checkpoint()))
+            saved += [str(p) for p in save_outputs() if p is not None]
+        log.close()
+        where = f"; the last good state (step {global_step}) was saved: {', '.join(saved)}" if saved else ""
+        raise NonFiniteLossError(f"training stopped: {error}{where}") from None
+    log.close()
+
+    lora_path, diffusers_path = save_outputs()
+    result = TrainResult(
+        global_step=global_step,
+        stopped=stopped,
+        lora_state=final_state(),
+        lora_alphas=alphas,
+        lora_path=lora_path,
+        diffusers_lora_path=diffusers_path,
+        checkpoint=last_checkpoint,
+        loss_history=loss_history,
+        eval_history=eval_history,
+        log_path=log.path,
+    )
+    if not keep_adapter:
+        model.delete_adapters(ADAPTER)
+    model.eval()
+    return result
+
+
+def set_threads_from_env() -> None:
+    """Honour WAN_S2V_TRAIN_THREADS (reproducible CPU runs across processes)."""
+    threads = os.environ.get("WAN_S2V_TRAIN_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
