@@ -1,0 +1,53 @@
+"""S2V training data: folder of talking videos -> cached, audio-aligned windows.
+
+Contract with the trainer (keep it stable)
+------------------------------------------
+`build_dataset(config, encoders)` returns `S2VDataset`, a map-style dataset whose items are
+dicts of CPU tensors:
+
+- `latents` [16, T, h, w] float32: VAE latents of the window, normalized latent space,
+  T = (num_frames - 1) // 4 + 1, h = h_px / 8, w = w_px / 8;
+- `reference_latents` [16, 1, h, w] float32: the reference image (default: the window's first
+  frame; or a seeded random frame, or a separate image by stem), VAE distribution mode;
+- `audio_embeds` [25, D, 4T] float16: per-video-frame wav2vec2 features (D = 1024 for
+  wav2vec2-large): frame j of the window <-> features of video frame j, computed from the
+  clip's audio starting exactly at the window's first frame (t0 = start / 16 s), 16 kHz mono,
+  as the official inference does (50 Hz -> 30 fps -> one per 16 fps frame); zeros past the
+  end of the audio (and everywhere for `allow_zero_audio` clips);
+- `text_embeds` [512, text_dim]: UMT5 embedding of the caption, padding zeroed;
+- `caption` (str), `source` (str path of the video), `window_index` (int), `bucket`
+  ((h_px, w_px)).
+
+Batches must come from one bucket: `dataset.bucket_batches(batch_size, seed)` (lists of
+indices) or `DataLoader(dataset, batch_sampler=dataset.sampler(batch_size, seed),
+collate_fn=collate)`.
+
+Pieces: `DatasetConfig` (config.py, shared by node and CLI), `scan_folder` (discovery and the
+skip report), media.py (PyAV decode, 16 fps resampling, 16 kHz audio), cache.py (safetensors
+shards + manifest, atomic), `Encoders` (lazy VAE / UMT5 / wav2vec2, released after caching).
+"""
+
+from .cache import CacheStore
+from .config import DatasetConfig, DatasetConfigError
+from .dataset import BucketBatchSampler, S2VDataset, build_dataset, collate, load_window, window_audio_features
+from .discovery import Clip, ScanResult, Skip, scan_folder
+from .encoders import Encoders
+from .media import MediaError
+
+__all__ = [
+    "BucketBatchSampler",
+    "CacheStore",
+    "Clip",
+    "DatasetConfig",
+    "DatasetConfigError",
+    "Encoders",
+    "MediaError",
+    "S2VDataset",
+    "ScanResult",
+    "Skip",
+    "build_dataset",
+    "collate",
+    "load_window",
+    "scan_folder",
+    "window_audio_features",
+]

@@ -1,0 +1,125 @@
+"""Typed configuration of the S2V dataset, shared by the ComfyUI node and the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi")
+AUDIO_EXTENSIONS = (".wav", ".mp3", ".flac", ".ogg", ".m4a")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+CAPTION_STRATEGIES = ("textfile", "filename", "instance_prompt")
+RESOLUTION_TYPES = ("pixel_area", "area")
+AUDIO_SOURCES = ("video", "folder")
+REFERENCE_MODES = ("first_frame", "random_frame", "image")
+
+#: Video frame rate the S2V model works at (windows, audio features).
+TARGET_FPS = 16
+#: Audio sample rate of wav2vec2; 16000 / 16 = 1000 samples per video frame.
+SAMPLE_RATE = 16000
+
+
+class DatasetConfigError(ValueError):
+    """A setting is invalid; the message says which and why."""
+
+
+@dataclass
+class DatasetConfig:
+    """Everything that decides which clips, windows and pixels a dataset holds.
+
+    Sizes follow SimpleTuner's names: `resolution_type="pixel_area"` means a bucket of about
+    `resolution`^2 pixels (624 gives 832x480 for 16:9), `"area"` means `resolution` megapixels.
+    `minimum_image_size` / `maximum_image_size` use the same unit (pixel_area: sqrt(w*h) in
+    px, area: megapixels; 0 = off): smaller sources are skipped, buckets are capped.
+    """
+
+    folder: str = ""
+    recursive: bool = False
+    caption_strategy: str = "textfile"
+    instance_prompt: str = ""
+    audio_source: str = "video"  # "video": each video's own track; "folder": same stem in audio_folder
+    audio_folder: str = ""
+    reference_mode: str = "first_frame"  # first_frame | random_frame | image (same stem in reference_folder)
+    reference_folder: str = ""
+    reference_seed: int = 0
+    num_frames: int = 81
+    window_stride: int = 0  # 16 fps frames between window starts; 0 = num_frames (no overlap)
+    max_windows_per_video: int = 0  # 0 = all
+    resolution: float = 624
+    resolution_type: str = "pixel_area"
+    minimum_image_size: float = 0
+    maximum_image_size: float = 0
+    crop: bool = True  # True: resize to cover the bucket and centre-crop; False: stretch
+    aspect_bucket_rounding: int = 2
+    allow_zero_audio: bool = False
+    cache_dir: str = ""
+    offload_during_startup: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> DatasetConfig:
+        def fail(message: str) -> None:
+            raise DatasetConfigError(message)
+
+        if self.caption_strategy not in CAPTION_STRATEGIES:
+            fail(f"caption_strategy must be one of {CAPTION_STRATEGIES}, got {self.caption_strategy!r}")
+        if self.caption_strategy == "instance_prompt" and not self.instance_prompt.strip():
+            fail("caption_strategy 'instance_prompt' needs a non-empty instance_prompt")
+        if self.resolution_type not in RESOLUTION_TYPES:
+            fail(f"resolution_type must be one of {RESOLUTION_TYPES}, got {self.resolution_type!r}")
+        if self.audio_source not in AUDIO_SOURCES:
+            fail(f"audio_source must be one of {AUDIO_SOURCES}, got {self.audio_source!r}")
+        if self.audio_source == "folder" and not self.audio_folder:
+            fail("audio_source 'folder' needs audio_folder")
+        if self.reference_mode not in REFERENCE_MODES:
+            fail(f"reference_mode must be one of {REFERENCE_MODES}, got {self.reference_mode!r}")
+        if self.reference_mode == "image" and not self.reference_folder:
+            fail("reference_mode 'image' needs reference_folder")
+        if self.num_frames < 1 or (self.num_frames - 1) % 4 != 0:
+            fail(f"num_frames must be 4k+1 (1, 5, ..., 81), got {self.num_frames}")
+        if self.window_stride < 0 or self.max_windows_per_video < 0:
+            fail("window_stride and max_windows_per_video must be >= 0")
+        if not self.resolution or self.resolution <= 0:
+            fail(f"resolution must be > 0, got {self.resolution}")
+        if self.maximum_image_size and self.maximum_image_size < self.minimum_image_size:
+            fail("maximum_image_size is smaller than minimum_image_size")
+        return self
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def stride(self) -> int:
+        return self.window_stride or self.num_frames
+
+    @property
+    def latent_frames(self) -> int:
+        return (self.num_frames - 1) // 4 + 1
+
+    @property
+    def audio_frames(self) -> int:
+        """Video frames of audio features per window: 4 x latent frames (84 for 81)."""
+        return 4 * self.latent_frames
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DatasetConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise DatasetConfigError(f"unknown dataset settings: {', '.join(unknown)}")
+        return cls(**data)
+
+    # Settings each cache depends on (a change re-encodes only the caches that list it).
+    def video_key(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("num_frames", "resolution", "resolution_type", "maximum_image_size",
+                                               "crop", "aspect_bucket_rounding")}
+
+    def audio_key(self) -> dict[str, Any]:
+        return {"num_frames": self.num_frames, "audio_source": self.audio_source}
+
+    def reference_key(self) -> dict[str, Any]:
+        return {**self.video_key(), "reference_mode": self.reference_mode,
+                "reference_seed": self.reference_seed if self.reference_mode == "random_frame" else None}
