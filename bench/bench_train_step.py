@@ -21,7 +21,8 @@ FLOOR_S = 9.9  # performance.md: selective checkpointing that keeps attention ou
 SIMPLETUNER = {"time_s": 15.34, "peak_gib": 69.4}
 
 
-def bench(args, compile_blocks: bool) -> dict:
+def bench(args, compile_blocks: bool, policy: str = "full") -> dict:
+    """One variant; `policy` is "full", "attention" or "attention:N" (first N blocks keep it)."""
     from peft import LoraConfig
 
     from trainer.model.transformer_s2v import WanS2VTransformer3DModel
@@ -29,8 +30,15 @@ def bench(args, compile_blocks: bool) -> dict:
     model = build_on_device(lambda: WanS2VTransformer3DModel(), "cuda", torch.bfloat16)
     model.requires_grad_(False)
     model.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    model.enable_gradient_checkpointing()
+    name, _, blocks = policy.partition(":")
+    model.configure_gradient_checkpointing(name, int(blocks) if blocks else None)
     model.train()
+    if not args.peft_cast:
+        # autocast already runs the LoRA matmuls in bf16; peft's own cast of every input to
+        # the fp32 LoRA dtype would add two full copies of each activation.
+        for module in model.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = False
     if compile_blocks:
         model.compile_blocks()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -52,7 +60,8 @@ def bench(args, compile_blocks: bool) -> dict:
 
     median, samples = time_cuda(step, args.warmup, args.repeats)
     row = {
-        "variant": "ours, per-block checkpointing" + (", compiled" if compile_blocks else ", eager"),
+        "variant": f"ours, checkpointing {policy}" + (", compiled" if compile_blocks else ", eager")
+        + ("" if args.peft_cast else ", no peft input cast"),
         "median_s": f"{median:.2f}",
         "min_s": f"{min(samples):.2f}",
         "peak_gib": f"{peak_gib():.1f}",
@@ -73,11 +82,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--no-eager", action="store_true")
+    parser.add_argument("--policies", default="full", help="comma list: full, attention, attention:N")
+    parser.add_argument("--peft-cast", action="store_true", help="keep peft's input cast to the LoRA dtype")
     args = parser.parse_args()
     env = environment()
     rows = [] if args.no_eager else [bench(args, False)]
     if args.compile:
-        rows.append(bench(args, True))
+        rows.extend(bench(args, True, policy) for policy in args.policies.split(","))
     rows.append({"variant": "floor, selective checkpointing (performance.md)", "median_s": FLOOR_S})
     rows.append({"variant": "SimpleTuner 4.10.1 (performance.md, H100)", "median_s": SIMPLETUNER["time_s"],
                  "peak_gib": SIMPLETUNER["peak_gib"]})

@@ -1,6 +1,7 @@
-"""Kernel-level breakdown of one compiled 14B S2V forward (where the time goes).
+"""Kernel-level breakdown of one compiled 14B S2V forward, or of one LoRA training step
+(where the time goes).
 
-    python bench/profile_forward.py [--eager]
+    python bench/profile_forward.py [--eager] [--train [--policy full|attention]]
 """
 
 from __future__ import annotations
@@ -26,23 +27,56 @@ def classify(name: str) -> str:
     return "other"
 
 
+def _train_step(model, inputs, policy: str):
+    from peft import LoraConfig
+
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    model.configure_gradient_checkpointing(policy)
+    model.train()
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    target = torch.randn_like(inputs["hidden_states"], dtype=torch.float32)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            pred = model(**inputs).sample
+        torch.nn.functional.mse_loss(pred.float(), target).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--eager", action="store_true")
+    parser.add_argument("--train", action="store_true", help="profile a LoRA r16 training step")
+    parser.add_argument("--policy", default="attention")
     args = parser.parse_args()
     from trainer.model.transformer_s2v import WanS2VTransformer3DModel
 
     model = build_on_device(lambda: WanS2VTransformer3DModel(), "cuda", torch.bfloat16)
+    inputs = s2v_inputs(81, 480, 832, False, "cuda")
+    if args.train:
+        run = _train_step(model, inputs, args.policy)
+    else:
+        def run():
+            with torch.no_grad():
+                model(**inputs)
     if not args.eager:
         model.compile_blocks()
-    inputs = s2v_inputs(81, 480, 832, False, "cuda")
-    with torch.no_grad():
-        for _ in range(2):
-            model(**inputs)
+    for _ in range(2):
+        run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            model(**inputs)
-            torch.cuda.synchronize()
     per_kernel: dict[str, float] = defaultdict(float)
     per_class: dict[str, float] = defaultdict(float)
     for evt in prof.events():
@@ -54,7 +88,7 @@ def main() -> None:
     for name, secs in sorted(per_class.items(), key=lambda kv: -kv[1]):
         print(f"  {name:32s} {secs:7.3f} s")
     print("top kernels:")
-    for name, secs in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:25]:
+    for name, secs in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:40]:
         print(f"  {secs:7.3f} s  {name[:150]}")
 
 

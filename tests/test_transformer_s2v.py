@@ -157,3 +157,34 @@ def test_odd_latent_size_is_a_clear_error(model):
     args["hidden_states"] = args["hidden_states"][..., :15]
     with pytest.raises(ValueError, match="multiple of the patch"):
         model(**args)
+
+
+def test_checkpoint_policies_give_the_same_gradients():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountAttention(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "scaled_dot_product" in str(func):
+                self.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    base = WanS2VTransformer3DModel(**TINY_TRANSFORMER_CONFIG)
+    grads, backward_attention_calls = {}, {}
+    for policy in ("none", "full", "attention"):
+        m = WanS2VTransformer3DModel(**TINY_TRANSFORMER_CONFIG)
+        m.load_state_dict(base.state_dict())
+        m.configure_gradient_checkpointing(policy)
+        loss = m(**inputs(motion=True)).sample.square().mean()
+        with CountAttention() as counter:
+            loss.backward()
+        backward_attention_calls[policy] = counter.calls
+        grads[policy] = torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+    torch.testing.assert_close(grads["full"], grads["none"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grads["attention"], grads["none"], rtol=1e-5, atol=1e-7)
+    # "full" re-runs every attention forward in the backward pass; "attention" re-runs none.
+    assert backward_attention_calls["full"] > backward_attention_calls["attention"]

@@ -30,6 +30,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .attention import WanS2VAttention
+from .checkpointing import CHECKPOINT_POLICIES, checkpoint_function
 from .audio_modules import AudioInjector, CausalAudioEncoder
 from .framepack import FramePackMotioner
 from .rope import rope_tables, video_positions
@@ -214,6 +215,25 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.proj_out = nn.Linear(dim, out_channels * math.prod(patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
 
+    def configure_gradient_checkpointing(self, policy: str = "full", attention_blocks: int | None = None) -> None:
+        """Choose how blocks are checkpointed in training.
+
+        Args:
+            policy: "none", "full" (recompute whole blocks) or "attention" (blocks keep
+                their attention outputs, so the backward pass does not recompute attention).
+            attention_blocks: with "attention", only the first this many blocks keep their
+                attention outputs and the rest are fully recomputed (a memory/speed dial);
+                None means all blocks.
+        """
+        if policy not in CHECKPOINT_POLICIES:
+            raise ValueError(f"policy must be one of {CHECKPOINT_POLICIES}, got '{policy}'")
+        self.gradient_checkpointing = policy != "none"
+        keep = len(self.blocks) if attention_blocks is None else attention_blocks
+        self._block_checkpoint = [
+            checkpoint_function("attention" if policy == "attention" and index < keep else "full")
+            for index in range(len(self.blocks))
+        ]
+
     def compile_blocks(self, **compile_kwargs: Any) -> None:
         """torch.compile every block in place: fuses the norm, modulation, gating and RoPE
         work around the matmuls and attention. All blocks share one compiled graph."""
@@ -349,7 +369,9 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         for index in range(len(self.blocks)):
             args = (index, x, temb_blocks, split, rotary, context, num_video, audio)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(self._block_and_audio, *args)
+                checkpointed = getattr(self, "_block_checkpoint", None)
+                run = checkpointed[index] if checkpointed else self._gradient_checkpointing_func
+                x = run(self._block_and_audio, *args)
             else:
                 x = self._block_and_audio(*args)
 

@@ -1,0 +1,48 @@
+"""Gradient checkpointing policies for the S2V transformer blocks.
+
+- "full": a block keeps only its input; the whole block is recomputed in the backward pass.
+- "attention": a block also keeps its self-attention output (the SDPA result), so the
+  recompute skips the most expensive op (about 0.97 of the 1.84 PFLOP of a 14B forward at
+  832x480x81) at the cost of one [B, S, dim] tensor per block. Cross-attention (512 text
+  keys) and the audio injectors (5 keys per frame) are cheap and still recomputed.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+CHECKPOINT_POLICIES = ("none", "full", "attention")
+
+
+def _attention_ops() -> set:
+    aten = torch.ops.aten
+    names = (
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    )
+    return {getattr(aten, name).default for name in names if hasattr(aten, name)}
+
+
+def _keep_self_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    if op in _ATTENTION_OPS and args[0].shape[-2] == args[1].shape[-2]:  # as many keys as queries
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_ATTENTION_OPS = _attention_ops()
+
+
+def checkpoint_function(policy: str) -> Callable:
+    """The `checkpoint(fn, *args)` callable for a policy ("full" or "attention")."""
+    if policy == "full":
+        return functools.partial(checkpoint, use_reentrant=False)
+    if policy == "attention":
+        context = functools.partial(create_selective_checkpoint_contexts, _keep_self_attention)
+        return functools.partial(checkpoint, use_reentrant=False, context_fn=context)
+    raise ValueError(f"unknown checkpoint policy '{policy}' (expected one of {CHECKPOINT_POLICIES})")
