@@ -145,8 +145,8 @@ def scan_folder(config: DatasetConfig) -> ScanResult:
 
 def _clip(video: Path, config: DatasetConfig, audio_files: dict[str, Path] | None,
           reference_files: dict[str, Path] | None) -> Clip:
-    caption = caption_for(video, config)
     info = probe_video(video)
+    caption = caption_for(video, config)
     if config.minimum_image_size and image_size(info.width, info.height, config) < config.minimum_image_size:
         raise MediaError(f"smaller than minimum_image_size ({info.width}x{info.height} < {config.minimum_image_size} "
                          f"{'px' if config.resolution_type == 'pixel_area' else 'MP'})")
