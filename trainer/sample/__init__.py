@@ -4,7 +4,8 @@ media (audio/mp4 through PyAV) and validation renders during training."""
 from .bundle import ModelBundle, build_tiny_bundle, load_model_bundle
 from .config import DEFAULT_NEGATIVE_PROMPT, SamplerConfig, SamplerConfigError, default_shift, snap_size
 from .lora import LoraSpec, applied_loras, lora_from_model
-from .pipeline import SampleResult, SamplingCancelled, make_scheduler, sample_s2v
+from .pipeline import SampleResult, SamplingCancelled, denoise_chunk, make_scheduler, sample_s2v
+from .validation import ValidationCase, render_validation
 
 __all__ = [
     "DEFAULT_NEGATIVE_PROMPT",
@@ -14,12 +15,15 @@ __all__ = [
     "SamplerConfig",
     "SamplerConfigError",
     "SamplingCancelled",
+    "ValidationCase",
     "applied_loras",
     "build_tiny_bundle",
+    "denoise_chunk",
     "default_shift",
     "load_model_bundle",
     "lora_from_model",
     "make_scheduler",
+    "render_validation",
     "sample_s2v",
     "snap_size",
 ]

@@ -33,6 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..model.audio_encoder import encode_speech
+from ..model.audio_features import audio_features_for_video, audio_window
+from ..model.text_encoder import encode_prompt
+from ..model.vae import decode_latents, encode_video
 from .bundle import ModelBundle
 from .config import MOTION_FRAMES, SamplerConfig
 from .lora import LoraSpec, applied_loras
@@ -190,11 +194,6 @@ def sample_s2v(
     width, height, F = cfg.width, cfg.height, cfg.frames_per_chunk
     transformer, vae = bundle.transformer, bundle.vae
 
-    from ..model.audio_encoder import encode_speech
-    from ..model.audio_features import audio_features_for_video, audio_window
-    from ..model.text_encoder import encode_prompt
-    from ..model.vae import decode_latents, encode_video
-
     image_t = _image_tensor(image)
     wave, rate = _audio_array(audio, sample_rate)
     speech = speech_16k_mono(wave, rate)
@@ -233,27 +232,17 @@ def sample_s2v(
         with applied_loras(transformer, loras, keep_active=keep_active_adapters), \
                 _placed(transformer, device, offload):
             for r in range(chunks):
-                generator = torch.Generator().manual_seed(int(cfg.seed) + r)
-                latents = torch.randn(1, 16, latent_t, latent_h, latent_w, generator=generator).to(device)
-                scheduler = make_scheduler(cfg, device)
                 audio_in = audio_window(features, r, F)
-                pose = pose_latents[r] if pose_latents is not None else torch.zeros_like(latents)
-                motion = None if r == 0 else motion_latents
+                pose = pose_latents[r] if pose_latents is not None else \
+                    torch.zeros(1, 16, latent_t, latent_h, latent_w, device=device)
                 cond = dict(context=context, audio=audio_in, pose=pose)
                 uncond = dict(context=context_null, audio=audio_in * 0.0, pose=pose) if use_cfg else None
-                for i, t in enumerate(scheduler.timesteps):
-                    if should_stop is not None and should_stop():
-                        raise SamplingCancelled(f"sampling cancelled at chunk {r + 1}/{chunks}, step {i + 1}/{cfg.steps}")
-                    t_model = t.float().reshape(1).to(device)
-                    if cfg.integer_timesteps:
-                        t_model = t_model.floor()
-                    velocity = _guided_velocity(transformer, latents, t_model, ref_latents, motion, cond, uncond,
-                                                cfg.guidance, cfg.cfg_mode, numerics)
-                    sigma = float(scheduler.sigmas[i])
-                    preview = (latents - sigma * velocity) if progress is not None else None
-                    latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
-                    if progress is not None:
-                        progress(r * cfg.steps + i + 1, total, preview)
+                latents = denoise_chunk(
+                    transformer, cfg, r, (1, 16, latent_t, latent_h, latent_w), ref_latents,
+                    None if r == 0 else motion_latents, cond, uncond, numerics=numerics, device=device,
+                    progress=progress, should_stop=should_stop, step_offset=r * cfg.steps, total=total,
+                    label=f"chunk {r + 1}/{chunks}",
+                )
                 with _placed(vae, device, offload):
                     head = ref_latents if r == 0 else motion_latents
                     video = decode_latents(vae, torch.cat([head, latents.float()], dim=2))[:, :, -F:]
@@ -280,13 +269,41 @@ def sample_s2v(
     return result
 
 
+def denoise_chunk(
+    transformer, cfg: SamplerConfig, chunk: int, shape: tuple[int, ...], ref_latents: torch.Tensor,
+    motion_latents: torch.Tensor | None, cond: dict, uncond: dict | None, *, numerics: str | None = None,
+    device: torch.device | str = "cpu", progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None, step_offset: int = 0, total: int | None = None,
+    label: str = "",
+) -> torch.Tensor:
+    """Denoise one chunk from the noise of seed `cfg.seed + chunk`; returns the clean latents
+    [1, 16, T, h, w] (float32). cond/uncond: {"context", "audio", "pose"}; uncond None = no CFG."""
+    generator = torch.Generator().manual_seed(int(cfg.seed) + chunk)
+    latents = torch.randn(*shape, generator=generator).to(device)
+    scheduler = make_scheduler(cfg, device)
+    total = total or cfg.steps
+    for i, t in enumerate(scheduler.timesteps):
+        if should_stop is not None and should_stop():
+            raise SamplingCancelled(f"sampling cancelled ({label or 'chunk'}, step {i + 1}/{cfg.steps})")
+        t_model = t.float().reshape(1).to(device)
+        if cfg.integer_timesteps:
+            t_model = t_model.floor()
+        velocity = _guided_velocity(transformer, latents, t_model, ref_latents, motion_latents, cond, uncond,
+                                    cfg.guidance, cfg.cfg_mode, numerics)
+        preview = None
+        if progress is not None:
+            preview = latents - float(scheduler.sigmas[i]) * velocity
+        latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+        if progress is not None:
+            progress(step_offset + i + 1, total, preview)
+    return latents.float()
+
+
 def _pose_latents(vae, pose_video, chunks: int, F: int, width: int, height: int,
                   device: torch.device) -> list[torch.Tensor] | None:
     """Per-chunk pose latents [1, 16, F/4, h, w] (official `load_pose_cond`), or None."""
     if pose_video is None:
         return None
-    from ..model.vae import encode_video
-
     if isinstance(pose_video, (str, os.PathLike)):
         pose_video = read_video_frames(pose_video, chunks * F)
     pose = cover_resize(torch.as_tensor(pose_video).float()[: chunks * F, ..., :3], width, height)
