@@ -1,0 +1,136 @@
+"""Dataset node: a folder of talking videos -> cached S2V dataset, report and preview."""
+
+from __future__ import annotations
+
+from . import comfy_adapter
+
+CATEGORY = "Wan S2V Trainer/data"
+TINY = "(tiny random test model)"
+
+
+def _choices(kind: str) -> list[str]:
+    return comfy_adapter.list_model_files(kind) + [TINY]
+
+
+class WanS2VDataset:
+    """Scan a folder of talking videos, cache latents / text / audio features / references."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from ..trainer.data.config import CAPTION_STRATEGIES, REFERENCE_MODES, RESOLUTION_TYPES
+
+        return {
+            "required": {
+                "folder": ("STRING", {"default": "s2v_dataset", "tooltip": "Folder of videos, relative to ComfyUI's "
+                                      "input folder (or inside a root listed in WAN_S2V_TRAINER_ROOTS)."}),
+                "vae": (_choices("vae"), {"tooltip": "Wan 2.1 VAE (wan_2.1_vae.safetensors)."}),
+                "text_encoder": (_choices("text_encoders"), {"tooltip": "UMT5-XXL (umt5_xxl_fp8_e4m3fn_scaled / fp16)."}),
+                "audio_encoder": (_choices("audio_encoders"), {"tooltip": "wav2vec2-large english (wav2vec2_large_english_fp16)."}),
+                "caption_strategy": (list(CAPTION_STRATEGIES), {"default": "textfile",
+                                     "tooltip": "textfile: same-stem .txt; filename: the file name; instance_prompt: one fixed prompt."}),
+                "instance_prompt": ("STRING", {"default": "", "multiline": True}),
+                "num_frames": ("INT", {"default": 81, "min": 1, "max": 1001, "step": 4, "tooltip": "4k+1 frames at 16 fps per window."}),
+                "window_stride": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip": "16 fps frames between windows; 0 = num_frames."}),
+                "max_windows_per_video": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip": "0 = all."}),
+                "resolution": ("FLOAT", {"default": 624, "min": 0.001, "max": 4096, "tooltip": "pixel_area: ~resolution^2 px per bucket (624 -> 832x480); area: megapixels."}),
+                "resolution_type": (list(RESOLUTION_TYPES), {"default": "pixel_area"}),
+                "crop": ("BOOLEAN", {"default": True, "tooltip": "Cover and centre-crop (else stretch) to the bucket."}),
+                "allow_zero_audio": ("BOOLEAN", {"default": False, "tooltip": "Train clips without audio with zero audio features instead of skipping them."}),
+            },
+            "optional": {
+                "recursive": ("BOOLEAN", {"default": False}),
+                "audio_folder": ("STRING", {"default": "", "tooltip": "Empty: each video's own track. Else audio files matched by stem."}),
+                "reference_mode": (list(REFERENCE_MODES), {"default": "first_frame"}),
+                "reference_folder": ("STRING", {"default": "", "tooltip": "Reference images by stem (reference_mode image)."}),
+                "reference_seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+                "minimum_image_size": ("FLOAT", {"default": 0, "min": 0, "max": 8192}),
+                "maximum_image_size": ("FLOAT", {"default": 0, "min": 0, "max": 8192}),
+                "offload_during_startup": ("BOOLEAN", {"default": True, "tooltip": "Free the encoders after caching."}),
+                "preview_count": ("INT", {"default": 4, "min": 1, "max": 64}),
+            },
+        }
+
+    RETURN_TYPES = ("S2V_DATASET", "STRING", "IMAGE")
+    RETURN_NAMES = ("dataset", "report", "preview")
+    FUNCTION = "build"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Cuts 16 fps windows with their exactly aligned 16 kHz audio from a folder of talking videos, "
+                   "caches VAE latents, UMT5 embeddings, wav2vec2 features and reference latents, and reports "
+                   "every skipped file with its reason.")
+
+    def build(self, folder, vae, text_encoder, audio_encoder, caption_strategy, instance_prompt, num_frames,
+              window_stride, max_windows_per_video, resolution, resolution_type, crop, allow_zero_audio,
+              recursive=False, audio_folder="", reference_mode="first_frame", reference_folder="", reference_seed=0,
+              minimum_image_size=0, maximum_image_size=0, offload_during_startup=True, preview_count=4):
+        import hashlib
+
+        from ..trainer.data import DatasetConfig, Encoders, build_dataset, scan_folder
+
+        roots = [comfy_adapter.input_directory(), *comfy_adapter.extra_model_roots()]
+
+        def confine(path: str) -> str:
+            return str(comfy_adapter.confine_path(path, roots)) if path else ""
+
+        source = confine(folder)
+        cache_dir = comfy_adapter.output_directory() / "wan_s2v_cache" / (
+            f"{source.rstrip('/').split('/')[-1]}-{hashlib.sha256(source.encode()).hexdigest()[:8]}")
+        config = DatasetConfig(
+            folder=source, recursive=recursive, caption_strategy=caption_strategy, instance_prompt=instance_prompt,
+            audio_source="folder" if audio_folder else "video", audio_folder=confine(audio_folder),
+            reference_mode=reference_mode, reference_folder=confine(reference_folder), reference_seed=reference_seed,
+            num_frames=num_frames, window_stride=window_stride, max_windows_per_video=max_windows_per_video,
+            resolution=resolution, resolution_type=resolution_type, minimum_image_size=minimum_image_size,
+            maximum_image_size=maximum_image_size, crop=crop, allow_zero_audio=allow_zero_audio,
+            cache_dir=str(cache_dir), offload_during_startup=offload_during_startup,
+        ).validate()
+        scan = scan_folder(config)
+        if not scan.clips:
+            raise ValueError("no usable clip in the dataset folder.\n" + scan.report())
+        encoders = self._encoders(vae, text_encoder, audio_encoder, cache_dir)
+        progress = comfy_adapter.Progress(max(1, scan.num_windows))
+        dataset = build_dataset(config, encoders, scan, progress=lambda done, total, name: progress.update(done),
+                                check_interrupt=comfy_adapter.raise_if_interrupted)
+        report = scan.report() + f"\ncache: {cache_dir}\nencoded now: {dataset.stats}"
+        return (dataset, report, self._preview(scan, preview_count, config.crop))
+
+    @staticmethod
+    def _encoders(vae, text_encoder, audio_encoder, cache_dir):
+        import torch
+
+        from ..trainer.data import Encoders
+
+        tiny = Encoders.tiny(cache_dir.parent / "_tiny_models") if TINY in (vae, text_encoder, audio_encoder) else None
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+
+        def pick(choice, kind, tiny_path):
+            return tiny_path if choice == TINY else str(comfy_adapter.model_file_path(kind, choice))
+
+        return Encoders(
+            pick(vae, "vae", tiny and tiny.vae_path), pick(text_encoder, "text_encoders", tiny and tiny.text_encoder_path),
+            pick(audio_encoder, "audio_encoders", tiny and tiny.audio_encoder_path),
+            tiny.tokenizer_path if tiny and text_encoder == TINY else None, device=device,
+            vae_dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+            text_dtype=torch.bfloat16 if device == "cuda" or text_encoder != TINY else torch.float32,
+        )
+
+    @staticmethod
+    def _preview(scan, count, crop):
+        import numpy as np
+        import torch
+
+        from ..trainer.data.media import MediaError, first_frame
+
+        h, w = scan.clips[0].bucket
+        images = []
+        for clip in scan.clips[:count]:
+            try:
+                images.append(first_frame(clip.video, (w, h), crop))
+            except MediaError:
+                continue
+        if not images:
+            return torch.zeros(1, h, w, 3)
+        return torch.from_numpy(np.stack(images)).float() / 255.0
+
+
+NODE_CLASS_MAPPINGS = {"WanS2VDataset": WanS2VDataset}
+NODE_DISPLAY_NAME_MAPPINGS = {"WanS2VDataset": "Wan S2V Dataset (talking videos)"}
