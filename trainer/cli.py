@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.cli import add_train_parser
 
     add_train_parser(subparsers)
+    from .sample.cli import add_sample_parser; add_sample_parser(subparsers)  # noqa: E702
     return parser
 
 
