@@ -297,7 +297,8 @@ def load_lora(
     from peft import LoraConfig as PeftLoraConfig
     from peft.utils import set_peft_model_state_dict
 
-    lora = source if isinstance(source, LoraFile) else read_lora_file(source)
+    is_lora = hasattr(source, "state") and hasattr(source, "alphas") and hasattr(source, "modules")
+    lora = source if is_lora else read_lora_file(source)
     modules = lora.modules
     known = dict(model.named_modules())
     missing = [m for m in modules if m not in known]
