@@ -226,11 +226,40 @@ def check_web_extensions(ctx: E2EContext) -> str:
     return f"{len(files)} script(s): {', '.join(files)}"
 
 
+def check_dataset_node_runs(ctx: E2EContext) -> str:
+    """Queue WanS2VDataset (tiny test encoders) -> PreviewImage on generated talking videos in
+    the server's input folder: the prompt succeeds, the preview image is saved."""
+    sys.path.insert(0, str(REPO_ROOT))
+    try:
+        from trainer.data import synthetic
+    finally:
+        sys.path.pop(0)
+    folder = ctx.server.input_dir / "e2e_s2v_dataset"
+    synthetic.write_video(folder / "talk_one.mp4", fps=25, duration=1.3)
+    synthetic.write_video(folder / "talk_two.mp4", fps=30, duration=1.3, size=(48, 64))
+    (folder / "broken.mp4").write_bytes(b"not a video")
+    tiny = "(tiny random test model)"
+    graph = {
+        "1": {"class_type": "WanS2VDataset", "inputs": {
+            "folder": "e2e_s2v_dataset", "vae": tiny, "text_encoder": tiny, "audio_encoder": tiny,
+            "caption_strategy": "filename", "instance_prompt": "", "num_frames": 9, "window_stride": 0,
+            "max_windows_per_video": 0, "resolution": 56.0, "resolution_type": "pixel_area", "crop": True,
+            "allow_zero_audio": False}},
+        "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 2]}},
+    }
+    result = ctx.server.wait_for(ctx.server.queue_prompt(graph), timeout=300)
+    images = result.outputs.get("2", {}).get("images", [])
+    if not images:
+        raise CheckFailed(f"no preview image from the dataset node: {result.outputs}")
+    return f"dataset node ran (2 clips, 4 windows, 1 skip), {len(images)} preview image(s)"
+
+
 CHECKS: list[tuple[str, Check]] = [
     ("pack imported", check_pack_imported),
     ("nodes registered", check_nodes_registered),
     ("workflow templates", check_workflow_templates),
     ("web extensions", check_web_extensions),
+    ("dataset node runs", check_dataset_node_runs),
 ]
 
 
