@@ -28,7 +28,7 @@ class LoraSpec:
     format), a `trainer.lora.io.LoraFile`, or a mapping {peft key: tensor} of LoRA weights
     (then `alphas` maps module -> alpha; default: alpha = rank)."""
 
-    source: Any
+    source: Any  # path | LoraFile | {peft key: tensor} | object with .to_lora_file()
     strength: float = 1.0
     name: str = ""
     alphas: Mapping[str, float] | None = None
@@ -56,6 +56,8 @@ def read_lora(spec: LoraSpec):
     from ..lora.io import LoraFile, lora_from_tensors, read_lora_file
 
     source = spec.source
+    if hasattr(source, "to_lora_file"):  # the training node's in-memory TrainedLora
+        source = source.to_lora_file()
     if isinstance(source, LoraFile):
         return source
     if isinstance(source, (str, os.PathLike)):
