@@ -33,6 +33,7 @@ from .attention import WanS2VAttention
 from .checkpointing import CHECKPOINT_POLICIES, checkpoint_function
 from .audio_modules import AudioInjector, CausalAudioEncoder
 from .framepack import FramePackMotioner
+from .routing import TokenRoute, kept_video_tokens, parse_routes
 from .rope import rope_tables, video_positions
 
 NUMERICS = ("official", "comfyui")
@@ -197,6 +198,7 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         patch_size = tuple(patch_size)
         self.numerics = numerics
         self.gradient_checkpointing = False
+        self.token_routes: list[TokenRoute] = []
 
         self.patch_embedding = nn.Conv3d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
         self.frame_packer = FramePackMotioner(dim, in_channels)
@@ -214,6 +216,11 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.norm_out = nn.LayerNorm(dim, eps, elementwise_affine=False)
         self.proj_out = nn.Linear(dim, out_channels * math.prod(patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    def set_token_routes(self, routes: Any) -> None:
+        """TREAD routes for training (`{"routes": [{"selection_ratio", "start_layer_idx",
+        "end_layer_idx"}]}` or a list); see `trainer.model.routing`. None or [] turns it off."""
+        self.token_routes = parse_routes(routes, len(self.blocks))
 
     def configure_gradient_checkpointing(self, policy: str = "full", attention_blocks: int | None = None) -> None:
         """Choose how blocks are checkpointed in training.
@@ -366,14 +373,24 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
         context = embedder.text_embedder(encoder_hidden_states.to(dtype))
 
+        routing = self.training and torch.is_grad_enabled()
+        routes = {route.start_layer_idx: route for route in self.token_routes} if routing else {}
+        state = (num_video, split, rotary)  # (video tokens, timestep split, RoPE) of the sequence
+        outside = None  # (full sequence's video tokens, kept indices, last routed block)
         for index in range(len(self.blocks)):
-            args = (index, x, temb_blocks, split, rotary, context, num_video, audio)
+            if index in routes:
+                x, state, outside = self._enter_route(x, routes[index], grid, num_video, rotary)
+            args = (index, x, temb_blocks, state[1], state[2], context, state[0], audio)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 checkpointed = getattr(self, "_block_checkpoint", None)
                 run = checkpointed[index] if checkpointed else self._gradient_checkpointing_func
                 x = run(self._block_and_audio, *args)
             else:
                 x = self._block_and_audio(*args)
+            if outside is not None and index == outside[2]:
+                video = outside[0].index_copy(1, outside[1], x[:, : state[0]])
+                x = torch.cat([video, x[:, state[0] :]], dim=1)
+                state, outside = (num_video, split, rotary), None
 
         x = x[:, :num_video]
         shift, scale = (self.scale_shift_table.float().unsqueeze(1) + temb.unsqueeze(2)).unbind(2)
@@ -382,6 +399,28 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if not return_dict:
             return (out,)
         return Transformer2DModelOutput(sample=out)
+
+    def _enter_route(
+        self,
+        x: torch.Tensor,
+        route: TokenRoute,
+        grid: tuple[int, int, int],
+        num_video: int,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, tuple, tuple]:
+        """Drop `route.selection_ratio` of the video tokens (equally per frame) for the route.
+
+        Returns the routed sequence (kept video tokens, then every other token), its state
+        (video token count, timestep split, RoPE rows of the kept tokens) and what restoring
+        needs (the full video tokens, the kept indices, the route's last block).
+        """
+        keep = kept_video_tokens(grid[0], grid[1] * grid[2], route.selection_ratio, x.device)
+        video = x[:, :num_video]
+        routed = torch.cat([video.index_select(1, keep), x[:, num_video:]], dim=1)
+        rows = torch.cat([keep, torch.arange(num_video, x.shape[1], device=x.device)])
+        kept = keep.numel()
+        # Inside a route exactly the kept video tokens carry the diffusion timestep.
+        return routed, (kept, kept, (rotary[0][rows], rotary[1][rows])), (video, keep, route.end_layer_idx)
 
     def _block_and_audio(
         self,
