@@ -188,3 +188,32 @@ def test_checkpoint_policies_give_the_same_gradients():
     torch.testing.assert_close(grads["attention"], grads["none"], rtol=1e-5, atol=1e-7)
     # "full" re-runs every attention forward in the backward pass; "attention" re-runs none.
     assert backward_attention_calls["full"] > backward_attention_calls["attention"]
+
+
+def test_chunked_feed_forward_matches_and_keeps_less_for_backward():
+    torch.manual_seed(0)
+    m = WanS2VTransformer3DModel(**TINY_TRANSFORMER_CONFIG)
+    args = inputs()
+    reference = m(**args).sample
+    reference.square().mean().backward()
+    grads = [None if p.grad is None else p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+
+    saved_bytes = {}
+    for chunk in (None, 16):
+        m.set_feed_forward_chunk_size(chunk)
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            out = m.blocks[0]._feed_forward(torch.randn(1, 128, 64))
+        saved_bytes[chunk] = sum(sizes)
+        del out
+    assert saved_bytes[16] < saved_bytes[None] / 2  # only the chunk inputs are kept
+
+    out = m(**args).sample
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+    out.square().mean().backward()
+    for g, p in zip(grads, m.parameters()):
+        if g is not None:
+            torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="positive"):
+        m.set_feed_forward_chunk_size(0)

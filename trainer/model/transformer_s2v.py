@@ -28,6 +28,7 @@ from diffusers.models.embeddings import PixArtAlphaTextProjection, TimestepEmbed
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import WanS2VAttention
 from .checkpointing import CHECKPOINT_POLICIES, checkpoint_function
@@ -111,6 +112,23 @@ class WanS2VTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = FeedForward(dim, inner_dim=ffn_dim, activation_fn="gelu-approximate")
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.ffn_chunk_size: int | None = None
+
+    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """FFN over [B, L, C], optionally `ffn_chunk_size` tokens at a time.
+
+        The [B, chunk, ffn_dim] hidden state is the largest activation of a block. With
+        gradients on, each chunk is also checkpointed on its own, so the backward pass holds
+        one chunk's hidden state at a time instead of all of them (chunking alone would keep
+        every chunk's activations for the backward pass and save nothing).
+        """
+        chunk = self.ffn_chunk_size
+        if not chunk or x.shape[1] <= chunk:
+            return self.ffn(x)
+        parts = x.split(chunk, dim=1)
+        if torch.is_grad_enabled():
+            return torch.cat([checkpoint(self.ffn, part, use_reentrant=False) for part in parts], dim=1)
+        return torch.cat([self.ffn(part) for part in parts], dim=1)
 
     def forward(
         self,
@@ -139,7 +157,7 @@ class WanS2VTransformerBlock(nn.Module):
         hidden_states = hidden_states + self.attn2(self.norm2(hidden_states), encoder_hidden_states)
 
         normed = _modulate(self.norm3(hidden_states.float()), shift_ffn, scale_ffn, split)
-        ff = self.ffn(normed.to(dtype))
+        ff = self._feed_forward(normed.to(dtype))
         return (hidden_states.float() + _gate(ff.float(), gate_ffn, split)).to(dtype)
 
 
@@ -216,6 +234,13 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.norm_out = nn.LayerNorm(dim, eps, elementwise_affine=False)
         self.proj_out = nn.Linear(dim, out_channels * math.prod(patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    def set_feed_forward_chunk_size(self, chunk_size: int | None) -> None:
+        """Run every block's feed-forward `chunk_size` tokens at a time (None: all at once)."""
+        if chunk_size is not None and chunk_size <= 0:
+            raise ValueError(f"feed_forward_chunk_size must be positive, got {chunk_size}")
+        for block in self.blocks:
+            block.ffn_chunk_size = chunk_size
 
     def set_token_routes(self, routes: Any) -> None:
         """TREAD routes for training (`{"routes": [{"selection_ratio", "start_layer_idx",
