@@ -101,3 +101,24 @@ def test_routing_with_checkpointing_gives_the_same_gradients(routed_model):
         routed_model(**inputs(motion=True)).sample.square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in routed_model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_capture_returns_video_tokens_after_the_block(routed_model):
+    calls = record_blocks(routed_model)
+    routed_model.eval()
+    out = routed_model(**inputs(), capture_block=1)
+    num_video = T * TOKENS_PER_FRAME
+    assert out.captured_mask is None
+    assert torch.equal(out.captured_hidden_states, calls[1]["out"][:, :num_video])
+
+
+def test_capture_inside_a_route_marks_the_tokens_that_ran(routed_model):
+    calls = record_blocks(routed_model)
+    out = routed_model(**inputs(), capture_block=1)
+    kept = calls[1]["num_video"]
+    mask = out.captured_mask
+    assert mask is not None and int(mask.sum()) == kept
+    assert torch.equal(out.captured_hidden_states[:, mask], calls[1]["out"][:, :kept])
+    assert torch.equal(out.captured_hidden_states[:, ~mask], calls[0]["out"][:, : T * TOKENS_PER_FRAME][:, ~mask])
+    out.captured_hidden_states.square().mean().backward()  # gradients flow from the capture
+    assert routed_model.blocks[1].attn1.to_q.weight.grad is not None

@@ -25,7 +25,9 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import FeedForward
 from diffusers.models.embeddings import PixArtAlphaTextProjection, TimestepEmbedding
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from dataclasses import dataclass
+
+from diffusers.utils import BaseOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -98,6 +100,23 @@ def _gate(x: torch.Tensor, gate: torch.Tensor, split: int) -> torch.Tensor:
     if split >= length or torch.compiler.is_compiling():
         return x * _segment_select(gate, split, length)
     return torch.cat([x[:, :split] * gate[:, :1], x[:, split:] * gate[:, 1:]], dim=1)
+
+
+@dataclass
+class WanS2VTransformerOutput(BaseOutput):
+    """
+    Args:
+        sample: [B, 16, T, H, W] velocity prediction.
+        captured_hidden_states: [B, T * h * w, C] video tokens after block `capture_block`
+            (after its audio injection), when a capture was asked for.
+        captured_mask: [T * h * w] bool, when the captured block ran inside a TREAD route:
+            True for the tokens that went through it; the others hold their values from
+            before the route.
+    """
+
+    sample: torch.Tensor
+    captured_hidden_states: torch.Tensor | None = None
+    captured_mask: torch.Tensor | None = None
 
 
 class WanS2VTransformerBlock(nn.Module):
@@ -328,8 +347,9 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         pose_latents: torch.Tensor | None = None,
         motion_latents: torch.Tensor | None = None,
         numerics: str | None = None,
+        capture_block: int | None = None,
         return_dict: bool = True,
-    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+    ) -> WanS2VTransformerOutput | tuple[torch.Tensor, ...]:
         """Velocity prediction for the noisy video latents.
 
         Args:
@@ -343,6 +363,8 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 not the same as None: zeros still add the embedder's bias.
             motion_latents: [B, 16, Tm, H, W] previous-clip latents for FramePack tokens.
             numerics: "official" or "comfyui"; default `self.numerics`.
+            capture_block: also return the video tokens after this block (CREPA's student
+                features), captured once, never a buffer of every block.
 
         Returns:
             [B, 16, T, H, W] velocity (noise - x0) for the video tokens.
@@ -398,6 +420,7 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
         context = embedder.text_embedder(encoder_hidden_states.to(dtype))
 
+        captured = captured_mask = None
         routing = self.training and torch.is_grad_enabled()
         routes = {route.start_layer_idx: route for route in self.token_routes} if routing else {}
         state = (num_video, split, rotary)  # (video tokens, timestep split, RoPE) of the sequence
@@ -412,6 +435,8 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 x = run(self._block_and_audio, *args)
             else:
                 x = self._block_and_audio(*args)
+            if index == capture_block:
+                captured, captured_mask = self._capture_video(x, state[0], outside, num_video)
             if outside is not None and index == outside[2]:
                 video = outside[0].index_copy(1, outside[1], x[:, : state[0]])
                 x = torch.cat([video, x[:, state[0] :]], dim=1)
@@ -422,8 +447,21 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         x = self.proj_out(_modulate(self.norm_out(x.float()), shift, scale, split).to(dtype))
         out = self._unpatchify(x, grid)
         if not return_dict:
-            return (out,)
-        return Transformer2DModelOutput(sample=out)
+            return (out,) if capture_block is None else (out, captured, captured_mask)
+        return WanS2VTransformerOutput(sample=out, captured_hidden_states=captured, captured_mask=captured_mask)
+
+    @staticmethod
+    def _capture_video(
+        x: torch.Tensor, video_count: int, outside: tuple | None, num_video: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Video tokens [B, num_video, C] of the current sequence (restored to the full grid
+        inside a route) and the mask of tokens that went through the route (or None)."""
+        if outside is None:
+            return x[:, :num_video], None
+        video, keep, _ = outside
+        mask = torch.zeros(num_video, dtype=torch.bool, device=x.device)
+        mask[keep] = True
+        return video.index_copy(1, keep, x[:, :video_count]), mask
 
     def _enter_route(
         self,
@@ -477,6 +515,7 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
 __all__ = [
     "DEFAULT_AUDIO_INJECT_LAYERS",
+    "WanS2VTransformerOutput",
     "NUMERICS",
     "TINY_TRANSFORMER_CONFIG",
     "WanS2VTransformer3DModel",
