@@ -59,7 +59,6 @@ def test_comfyui_lora_loader_applies_every_key(tmp_path):
     if not comfyui:
         pytest.skip("COMFYUI_PATH is not set: no ComfyUI checkout to check the LoRA against")
     import comfyui_server  # scripts/
-
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from trainer.lora.io import save_lora

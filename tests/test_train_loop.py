@@ -148,7 +148,7 @@ def test_lr_schedules(tmp_path, schedule, check):
 
 
 def test_grad_clipping_and_accumulation(tmp_path):
-    norms, reads = [], []
+    norms = []
     data = _data()
     result = train(_model(), data, _cfg(tmp_path, max_train_steps=3, gradient_accumulation_steps=2,
                                         grad_clip_mode="value", max_grad_value=1e-4),

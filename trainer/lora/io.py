@@ -128,7 +128,7 @@ def from_comfyui(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.T
     alphas: dict[str, float] = {}
     unknown = []
     for key, tensor in tensors.items():
-        bare = key[len(COMFY_PREFIX):] if key.startswith(COMFY_PREFIX) else key
+        bare = key.removeprefix(COMFY_PREFIX)
         for suffix, kind in ((".lora_A.weight", "lora_A"), (".lora_B.weight", "lora_B"),
                              (".lora_down.weight", "lora_A"), (".lora_up.weight", "lora_B"), (".alpha", None)):
             if bare.endswith(suffix):

@@ -314,7 +314,7 @@ class _Logger:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(output_dir / "logs" / "tensorboard"), purge_step=resumed_step + 1)
-            except Exception:  # tensorboard not installed
+            except ImportError:  # tensorboard not installed
                 self.tb = None
 
     def log(self, record: dict[str, Any]) -> None:
