@@ -56,13 +56,14 @@ def lora_file(transformer, path, rank: int = 4, seed: int = 1, fmt: str = "comfy
     (the transformer itself is left without adapters)."""
     from trainer.lora.io import save_lora
 
-    modules = sorted({n for n, m in transformer.named_modules()
-                      if isinstance(m, torch.nn.Linear) and n.endswith(("to_q", "to_k", "to_v", "to_out.0"))
-                      and n.startswith("blocks.")})
+    modules = sorted({n.removesuffix(".base_layer") for n, m in transformer.named_modules()
+                      if isinstance(m, torch.nn.Linear) and n.startswith("blocks.")
+                      and n.removesuffix(".base_layer").endswith(("to_q", "to_k", "to_v", "to_out.0"))})
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for name in modules:
-        layer = dict(transformer.named_modules())[name]
+        layer = transformer.get_submodule(name)
+        layer = getattr(layer, "base_layer", layer)
         state[f"{name}.lora_A.weight"] = torch.randn(rank, layer.in_features, generator=gen) * 0.2
         state[f"{name}.lora_B.weight"] = torch.randn(layer.out_features, rank, generator=gen) * 0.2
     return save_lora(state, path, fmt=fmt, alphas={"*": float(rank)})

@@ -108,6 +108,8 @@ def applied_loras(model: torch.nn.Module, loras: Sequence[LoraSpec] | None, keep
     finally:
         if added:
             model.delete_adapters(added)
+        if not existing and hasattr(model, "unload_lora"):
+            model.unload_lora()  # no adapters before: remove the peft wrappers too
         if previous:
             model.set_adapters(previous)
             if was_disabled:
