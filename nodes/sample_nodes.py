@@ -1,0 +1,292 @@
+"""Sampling nodes: model bundle loader, LoRA list (file / trained), S2V sampler, save video."""
+
+from __future__ import annotations
+
+from . import comfy_adapter
+
+CATEGORY = "Wan S2V Trainer/sampling"
+TINY = "(tiny random test model)"
+
+
+def _choices(kind: str) -> list[str]:
+    return comfy_adapter.list_model_files(kind) + [TINY]
+
+
+def _device(choice: str) -> str:
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
+class WanS2VLoadModelBundle:
+    """Transformer + VAE + UMT5 + wav2vec2 for sampling, from ComfyUI's model folders."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "transformer": (_choices("diffusion_models"), {"tooltip": "wan2.2_s2v_14B_bf16 (or fp8_scaled) from "
+                                "models/diffusion_models. The tiny entry builds the whole tiny random model set "
+                                "(tests; the other files are then ignored)."}),
+                "vae": (_choices("vae"), {"tooltip": "Wan 2.1 VAE (wan_2.1_vae.safetensors)."}),
+                "text_encoder": (_choices("text_encoders"), {"tooltip": "UMT5-XXL (umt5_xxl_fp16 or fp8_e4m3fn_scaled)."}),
+                "audio_encoder": (_choices("audio_encoders"), {"tooltip": "wav2vec2-large english "
+                                  "(wav2vec2_large_english_fp16)."}),
+                "dtype": (["bfloat16", "float16", "float32"], {"default": "bfloat16",
+                          "tooltip": "Compute dtype of the transformer and the text encoder."}),
+                "numerics": (["official", "comfyui"], {"default": "official", "tooltip": "official: the Wan2.2 "
+                             "forward the weights were trained with; comfyui: ComfyUI's S2V forward."}),
+                "device": (["auto", "cuda", "cpu"], {"default": "auto", "tooltip": "Where sampling runs "
+                           "(auto: the GPU if there is one)."}),
+            },
+            "optional": {
+                "transformer_model": ("WANS2V_TRANSFORMER", {"tooltip": "An already loaded transformer (e.g. the "
+                                      "one a training node uses); replaces the transformer file."}),
+            },
+        }
+
+    RETURN_TYPES = ("WANS2V_MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads every model the S2V sampler needs (strict key checks), or the tiny random set for tests."
+
+    def load(self, transformer, vae, text_encoder, audio_encoder, dtype, numerics, device, transformer_model=None):
+        from ..trainer.sample.bundle import build_tiny_bundle, load_model_bundle
+
+        device = _device(device)
+        if transformer == TINY and transformer_model is None:
+            return (build_tiny_bundle(device=device, numerics=numerics),)
+        if TINY in (vae, text_encoder, audio_encoder):
+            raise ValueError("pick real VAE, text encoder and audio encoder files (the tiny entry only works "
+                             "for the whole set, chosen as the transformer)")
+        comfy_adapter.free_comfyui_models()
+        path = lambda kind, name: comfy_adapter.model_file_path(kind, name)  # noqa: E731
+        if transformer_model is not None:
+            import dataclasses
+
+            bundle = build_tiny_bundle() if transformer == TINY else None
+            if bundle is None:
+                from ..trainer.model.audio_encoder import load_audio_encoder
+                from ..trainer.model.text_encoder import load_text_encoder
+                from ..trainer.model.vae import load_vae
+                from ..trainer.sample.bundle import ModelBundle, _dtype
+
+                te, tok = load_text_encoder(path("text_encoders", text_encoder), dtype=_dtype(dtype))
+                bundle = ModelBundle(transformer_model, load_vae(path("vae", vae)), te, tok,
+                                     load_audio_encoder(path("audio_encoders", audio_encoder)), device, _dtype(dtype))
+            return (dataclasses.replace(bundle, transformer=transformer_model, device=device),)
+        bundle = load_model_bundle(
+            path("diffusion_models", transformer), path("vae", vae), path("text_encoders", text_encoder),
+            path("audio_encoders", audio_encoder), dtype=dtype, device=device, numerics=numerics,
+        )
+        return (bundle,)
+
+
+def _lora_list(loras) -> list:
+    return list(loras) if loras else []
+
+
+class WanS2VLoadLoRA:
+    """Add a LoRA file (ComfyUI or Diffusers format) with a strength to a LoRA list."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "lora_name": (comfy_adapter.list_model_files("loras"), {"tooltip": "A Wan S2V LoRA from models/loras "
+                              "(ComfyUI native or Diffusers keys)."}),
+                "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                             "tooltip": "Multiplies the LoRA's weight delta; 0 = off (bit-exact with no LoRA)."}),
+            },
+            "optional": {
+                "loras": ("S2V_LORA", {"tooltip": "LoRAs to keep in the list (chain several Load LoRA nodes)."}),
+            },
+        }
+
+    RETURN_TYPES = ("S2V_LORA",)
+    RETURN_NAMES = ("loras",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Appends a LoRA file and its strength to a LoRA list for the S2V sampler."
+
+    def load(self, lora_name, strength, loras=None):
+        from ..trainer.lora.io import read_lora_file
+        from ..trainer.sample.lora import LoraSpec
+
+        path = comfy_adapter.model_file_path("loras", lora_name)
+        spec = LoraSpec(read_lora_file(path), float(strength), name=lora_name)
+        return (_lora_list(loras) + [spec],)
+
+
+class WanS2VApplyLoRA:
+    """Add the LoRA a training node produced (in memory) with a strength to a LoRA list."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "lora": ("WANS2V_LORA", {"tooltip": "The trained LoRA output of the Wan S2V training node."}),
+                "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                             "tooltip": "Multiplies the LoRA's weight delta; 0 = off."}),
+            },
+            "optional": {
+                "loras": ("S2V_LORA", {"tooltip": "LoRAs to keep in the list."}),
+            },
+        }
+
+    RETURN_TYPES = ("S2V_LORA",)
+    RETURN_NAMES = ("loras",)
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Puts an in-memory trained LoRA with a strength into a LoRA list for the S2V sampler."
+
+    def apply(self, lora, strength, loras=None):
+        from ..trainer.sample.lora import LoraSpec
+
+        return (_lora_list(loras) + [LoraSpec(lora, float(strength), name="trained LoRA")],)
+
+
+class WanS2VSampler:
+    """Reference image + speech + prompt -> talking video (official chunked S2V generation)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("WANS2V_MODEL", {"tooltip": "From Load Wan S2V Model Bundle."}),
+                "image": ("IMAGE", {"tooltip": "Reference image (first of the batch); resized to cover and "
+                          "centre-cropped to width x height."}),
+                "audio": ("AUDIO", {"tooltip": "Speech, any length, rate, mono or stereo. It sets the number of "
+                          "chunks; the output audio is this, cut to the video length."}),
+                "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What the video shows."}),
+                "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "Used with zeroed "
+                                    "audio for the unconditional pass; empty = the official negative prompt."}),
+                "width": ("INT", {"default": 832, "min": 64, "max": 4096, "step": 16,
+                          "tooltip": "Snapped to a multiple of 16."}),
+                "height": ("INT", {"default": 480, "min": 64, "max": 4096, "step": 16,
+                           "tooltip": "Snapped to a multiple of 16."}),
+                "frames_per_chunk": ("INT", {"default": 80, "min": 4, "max": 400, "step": 4, "tooltip": "Frames "
+                                     "per generated chunk (4k; official 80). The first chunk yields 3 fewer."}),
+                "max_chunks": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "0 = as many as the audio "
+                               "needs; else at most this many. Chunks after the first continue from the last "
+                               "73 frames (FramePack motion)."}),
+                "steps": ("INT", {"default": 40, "min": 1, "max": 200, "tooltip": "Denoising steps per chunk."}),
+                "guidance": ("FLOAT", {"default": 4.5, "min": 0.0, "max": 20.0, "step": 0.1,
+                             "tooltip": "CFG scale; <= 1 turns the unconditional pass off."}),
+                "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1,
+                          "tooltip": "Sigma shift; 0 = 3 at 480p, 5 at 720p (official)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "tooltip": "Chunk r uses seed + r."}),
+                "scheduler": (["unipc", "euler"], {"default": "unipc", "tooltip": "UniPC multistep (flow) as the "
+                              "official sampler, or flow-matching Euler."}),
+                "cfg_mode": (["batch", "sequential"], {"default": "batch", "tooltip": "Cond and uncond as one "
+                             "batch (faster) or one after the other (less memory)."}),
+            },
+            "optional": {
+                "loras": ("S2V_LORA", {"tooltip": "LoRAs with strengths (Load LoRA / Apply LoRA), applied for "
+                          "this run only."}),
+                "pose_video": ("IMAGE", {"tooltip": "Optional pose frames driving the motion (16 fps)."}),
+                "offload": ("BOOLEAN", {"default": False, "tooltip": "Keep models on the CPU and move each to the "
+                            "GPU only while it runs."}),
+                "save_mp4": ("BOOLEAN", {"default": True, "tooltip": "Also write an mp4 with the audio to "
+                             "output/wan_s2v_samples/ (its path is the video output)."}),
+            },
+        }
+
+    RETURN_TYPES = ("IMAGE", "AUDIO", "STRING")
+    RETURN_NAMES = ("frames", "audio", "video_path")
+    FUNCTION = "sample"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Wan 2.2 S2V sampling as the official pipeline: CFG with the negative prompt and zeroed audio, "
+                   "long audio in chunks with the last 73 frames as motion context. Frames and audio can go to "
+                   "ComfyUI's own video nodes (Create Video / Save Video) or to Save Wan S2V Video.")
+
+    def sample(self, model, image, audio, prompt, negative_prompt, width, height, frames_per_chunk, max_chunks,
+               steps, guidance, shift, seed, scheduler, cfg_mode, loras=None, pose_video=None, offload=False,
+               save_mp4=True):
+        from ..trainer.sample.config import SamplerConfig
+        from ..trainer.sample.pipeline import SamplingCancelled, sample_s2v
+
+        config = SamplerConfig(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
+                               frames_per_chunk=frames_per_chunk, max_chunks=max_chunks, steps=steps,
+                               guidance=guidance, shift=shift, seed=seed, scheduler=scheduler, cfg_mode=cfg_mode,
+                               offload=offload)
+        bar = {"bar": None}
+
+        def progress(step, total, _preview):
+            if bar["bar"] is None:
+                bar["bar"] = comfy_adapter.Progress(total)
+            bar["bar"].update(step)
+
+        out_path = _next_path("wan_s2v_samples", "s2v") if save_mp4 else None
+        try:
+            result = sample_s2v(model, image, audio, config, loras=loras, pose_video=pose_video, progress=progress,
+                                should_stop=comfy_adapter.interrupt_requested, out_path=out_path, log=print)
+        except SamplingCancelled:
+            comfy_adapter.raise_if_interrupted()
+            raise
+        return (result.frames, result.comfy_audio(), str(result.path) if result.path else "")
+
+
+def _next_path(subfolder: str, prefix: str):
+    out = comfy_adapter.output_directory() / subfolder
+    out.mkdir(parents=True, exist_ok=True)
+    index = 1 + max((int(p.stem.rsplit("_", 1)[-1]) for p in out.glob(f"{prefix}_*.mp4")
+                     if p.stem.rsplit("_", 1)[-1].isdigit()), default=0)
+    return out / f"{prefix}_{index:05d}.mp4"
+
+
+class WanS2VSaveVideo:
+    """Write frames + audio as an mp4 (H.264 + AAC) into ComfyUI's output folder."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "frames": ("IMAGE", {"tooltip": "Video frames (the sampler's frames output)."}),
+                "filename_prefix": ("STRING", {"default": "wan_s2v", "tooltip": "File name start; a counter "
+                                    "follows. Saved under output/wan_s2v_videos/."}),
+                "fps": ("INT", {"default": 16, "min": 1, "max": 120, "tooltip": "S2V generates 16 fps."}),
+            },
+            "optional": {
+                "audio": ("AUDIO", {"tooltip": "Audio to mux (the sampler's audio output)."}),
+            },
+        }
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("video_path",)
+    FUNCTION = "save"
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+    DESCRIPTION = "Saves an mp4 with its audio muxed (PyAV: libx264 + AAC) and shows it."
+
+    def save(self, frames, filename_prefix, fps, audio=None):
+        from ..trainer.sample.media import write_mp4
+
+        prefix = "".join(c if c.isalnum() or c in "-_" else "_" for c in filename_prefix) or "wan_s2v"
+        path = _next_path("wan_s2v_videos", prefix)
+        wave, rate = None, None
+        if audio is not None:
+            wave, rate = audio["waveform"][0], int(audio["sample_rate"])
+        write_mp4(path, frames, fps, wave, rate)
+        ui = {"images": [{"filename": path.name, "subfolder": "wan_s2v_videos", "type": "output"}],
+              "animated": (True,)}
+        return {"ui": ui, "result": (str(path),)}
+
+
+NODE_CLASS_MAPPINGS = {
+    "WanS2VLoadModelBundle": WanS2VLoadModelBundle,
+    "WanS2VLoadLoRA": WanS2VLoadLoRA,
+    "WanS2VApplyLoRA": WanS2VApplyLoRA,
+    "WanS2VSampler": WanS2VSampler,
+    "WanS2VSaveVideo": WanS2VSaveVideo,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "WanS2VLoadModelBundle": "Load Wan S2V Model Bundle",
+    "WanS2VLoadLoRA": "Load Wan S2V LoRA",
+    "WanS2VApplyLoRA": "Apply Trained Wan S2V LoRA",
+    "WanS2VSampler": "Wan S2V Sampler",
+    "WanS2VSaveVideo": "Save Wan S2V Video (with audio)",
+}
