@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-TENSOR_KEYS = ("latents", "reference_latents", "audio_embeds", "text_embeds", "motion_latents")
+TENSOR_KEYS = ("latents", "reference_latents", "audio_embeds", "text_embeds", "motion_latents", "teacher_frames")
 
 
 def _buckets(dataset) -> list[Any]:

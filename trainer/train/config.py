@@ -95,6 +95,52 @@ class ScheduleConfig:
             raise ValueError("lr_warmup_steps must be >= 0")
 
 
+#: DINOv2 teachers for CREPA: (input short side in px, patch size).
+TEACHERS = {"dinov2_vitg14": (518, 14), "dinov2_vits14": (224, 14)}
+
+
+@dataclass
+class CrepaConfig:
+    """CREPA settings (the seed's names)."""
+
+    crepa_enabled: bool = False
+    crepa_lambda: float = 0.5
+    crepa_block_index: int = 8
+    crepa_adjacent_distance: int = 1
+    crepa_adjacent_tau: float = 1.0
+    crepa_warmup_steps: int = 0
+    crepa_cutoff_step: int | None = None
+    #: "dinov2_vitg14" (518 px) or "dinov2_vits14" (224 px, the light option).
+    crepa_teacher: str = "dinov2_vitg14"
+    #: A local transformers Dinov2 folder or a .safetensors file beside its config.json.
+    crepa_teacher_path: str | None = None
+
+    def validate(self) -> None:
+        if self.crepa_teacher not in TEACHERS:
+            raise ValueError(f"crepa_teacher must be one of {sorted(TEACHERS)}, got {self.crepa_teacher!r}")
+        if self.crepa_lambda < 0 or self.crepa_adjacent_distance < 0 or self.crepa_adjacent_tau <= 0:
+            raise ValueError("crepa_lambda and crepa_adjacent_distance must be >= 0, crepa_adjacent_tau > 0")
+        if self.crepa_enabled and not self.crepa_teacher_path:
+            raise ValueError(
+                "CREPA needs a DINOv2 teacher on disk: set crepa_teacher_path to a transformers Dinov2 folder "
+                f"(config.json + model.safetensors) for {self.crepa_teacher}, e.g. ComfyUI/models/dinov2/"
+                f"{self.crepa_teacher}/; nothing is downloaded at run time"
+            )
+
+    @property
+    def teacher_geometry(self) -> tuple[int, int]:
+        """(input short side in px, patch size) of the chosen teacher."""
+        return TEACHERS[self.crepa_teacher]
+
+    def weight(self, step: int) -> float:
+        """lambda at `step`: ramps linearly over the warmup, 0 from the cutoff on."""
+        if not self.crepa_enabled or (self.crepa_cutoff_step is not None and step >= self.crepa_cutoff_step):
+            return 0.0
+        if self.crepa_warmup_steps > 0:
+            return self.crepa_lambda * min(1.0, (step + 1) / self.crepa_warmup_steps)
+        return self.crepa_lambda
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs besides the model and the data."""
@@ -102,6 +148,7 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    crepa: CrepaConfig = field(default_factory=CrepaConfig)
 
     # --- where
     output_dir: str = "output/wan_s2v_lora"
@@ -139,6 +186,11 @@ class TrainConfig:
     #: is trained as a continuation (those latents become FramePack motion tokens).
     motion_context_probability: float = 0.0
 
+    # --- TREAD token routing (the seed's format): {"routes": [{"selection_ratio": 0.5,
+    #: "start_layer_idx": 2, "end_layer_idx": -2}]}; selection_ratio = fraction of video
+    #: tokens DROPPED inside the route. None = off.
+    tread_config: dict | None = None
+
     # --- EMA of the LoRA weights
     use_ema: bool = False
     ema_decay: float = 0.999
@@ -164,6 +216,7 @@ class TrainConfig:
         self.lora.validate()
         self.optimizer.validate()
         self.schedule.validate()
+        self.crepa.validate()
         checks = [
             (self.max_train_steps >= 1, "max_train_steps must be >= 1"),
             (self.train_batch_size >= 1, "train_batch_size must be >= 1"),
@@ -230,7 +283,9 @@ class TrainConfig:
         return config
 
 
-_SECTIONS: dict[str, type] = {"lora": LoraConfig, "optimizer": OptimizerConfig, "schedule": ScheduleConfig}
+_SECTIONS: dict[str, type] = {
+    "lora": LoraConfig, "optimizer": OptimizerConfig, "schedule": ScheduleConfig, "crepa": CrepaConfig,
+}
 
 
 def _coerce(cls: type, key: str, value: Any) -> Any:

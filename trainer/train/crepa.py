@@ -16,52 +16,15 @@ teacher token, and the regularizer added to the flow loss is `lambda * (1 + loss
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: DINOv2 variants: (input short side in px, patch size).
-TEACHERS = {"dinov2_vitg14": (518, 14), "dinov2_vits14": (224, 14)}
+from .config import TEACHERS, CrepaConfig
 
-
-@dataclass
-class CrepaConfig:
-    """CREPA settings (the seed's names)."""
-
-    crepa_enabled: bool = False
-    crepa_lambda: float = 0.5
-    crepa_block_index: int = 8
-    crepa_adjacent_distance: int = 1
-    crepa_adjacent_tau: float = 1.0
-    crepa_warmup_steps: int = 0
-    crepa_cutoff_step: int | None = None
-    #: "dinov2_vitg14" (518 px) or "dinov2_vits14" (224 px, the light option).
-    crepa_teacher: str = "dinov2_vitg14"
-    #: A local transformers Dinov2 folder or a .safetensors file beside its config.json.
-    crepa_teacher_path: str | None = None
-
-    def validate(self) -> None:
-        if self.crepa_teacher not in TEACHERS:
-            raise ValueError(f"crepa_teacher must be one of {sorted(TEACHERS)}, got {self.crepa_teacher!r}")
-        if self.crepa_lambda < 0 or self.crepa_adjacent_distance < 0 or self.crepa_adjacent_tau <= 0:
-            raise ValueError("crepa_lambda and crepa_adjacent_distance must be >= 0, crepa_adjacent_tau > 0")
-        if self.crepa_enabled and not self.crepa_teacher_path:
-            raise ValueError(
-                "CREPA needs a DINOv2 teacher on disk: set crepa_teacher_path to a transformers Dinov2 folder "
-                f"(config.json + model.safetensors) for {self.crepa_teacher}, e.g. ComfyUI/models/dinov2/"
-                f"{self.crepa_teacher}/; nothing is downloaded at run time"
-            )
-
-    def weight(self, step: int) -> float:
-        """lambda at `step`: ramps linearly over the warmup, 0 from the cutoff on."""
-        if not self.crepa_enabled or (self.crepa_cutoff_step is not None and step >= self.crepa_cutoff_step):
-            return 0.0
-        if self.crepa_warmup_steps > 0:
-            return self.crepa_lambda * min(1.0, (step + 1) / self.crepa_warmup_steps)
-        return self.crepa_lambda
+__all__ = ["CrepaConfig", "CrepaProjector", "crepa_loss", "load_teacher", "teacher_frame_indices", "teacher_tokens"]
 
 
 class CrepaProjector(nn.Module):
@@ -171,3 +134,31 @@ def crepa_loss(
             total = total + weight * mean
             norm += weight
     return -total / norm
+
+
+class CrepaRegularizer:
+    """The CREPA term of a training run: a frozen teacher and the trainable projector.
+
+    Only the projector trains; it is saved in training checkpoints, never in LoRA files.
+    """
+
+    def __init__(self, config: CrepaConfig, model_dim: int, device: torch.device | str, dtype: torch.dtype):
+        self.config = config
+        self.teacher = load_teacher(config.crepa_teacher_path, device, dtype)
+        self.projector = CrepaProjector(model_dim, self.teacher.config.hidden_size).to(device)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.projector.parameters())
+
+    def loss(self, captured: torch.Tensor, mask: torch.Tensor | None, teacher_frames: torch.Tensor,
+             grid: tuple[int, int, int]) -> torch.Tensor:
+        """CREPA loss for captured video tokens [B, T*h*w, C] and the latent-aligned pixel
+        frames [B, 3, T, H, W] in [-1, 1] (see `teacher_frame_indices`)."""
+        frames, height, width = grid
+        if teacher_frames.shape[2] != frames:
+            raise ValueError(f"CREPA needs one teacher frame per latent frame ({frames}), "
+                             f"the batch has {teacher_frames.shape[2]}")
+        short_side, patch = self.config.teacher_geometry
+        target = teacher_tokens(self.teacher, teacher_frames, (height, width), short_side, patch)
+        student = self.projector(captured).view(captured.shape[0], frames, height * width, -1)
+        return crepa_loss(student, target, self.config.crepa_adjacent_distance, self.config.crepa_adjacent_tau, mask)

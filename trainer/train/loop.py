@@ -27,6 +27,7 @@ from ..lora.io import save_lora
 from .batching import BatchOrder, collate
 from .checkpoint import checkpoint_root, load_checkpoint, remove_partial, resolve_resume, save_checkpoint
 from .config import TrainConfig
+from .crepa import CrepaRegularizer
 from .flow import add_noise, auto_shift, flow_loss, sample_sigmas, timesteps_from_sigmas, velocity_target
 
 logger = logging.getLogger(__name__)
@@ -253,7 +254,51 @@ def prepare_inputs(
         "audio_embeds": audio.to(device),
         "reference_latents": ref.float().to(device),
         "motion_latents": None if motion is None else motion.float().to(device),
+        "teacher_frames": None if "teacher_frames" not in batch else batch["teacher_frames"].float().to(device),
     }
+
+
+def compute_losses(
+    model: torch.nn.Module,
+    inputs: dict[str, Any],
+    sigmas: torch.Tensor,
+    noise: torch.Tensor,
+    config: TrainConfig,
+    device: torch.device,
+    crepa: CrepaRegularizer | None = None,
+    step: int = 0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Flow-matching MSE (+ lambda * (1 + CREPA) when CREPA is on at `step`).
+
+    Returns the total loss and its parts for the logs.
+    """
+    x0 = inputs["latents"]
+    noise = noise.to(device)
+    noisy = add_noise(x0, noise, sigmas)
+    crepa_weight = crepa.config.weight(step) if crepa is not None else 0.0
+    with _autocast(config, device):
+        out = model(
+            hidden_states=noisy,
+            timestep=timesteps_from_sigmas(sigmas).to(device),
+            encoder_hidden_states=inputs["encoder_hidden_states"],
+            audio_embeds=inputs["audio_embeds"],
+            reference_latents=inputs["reference_latents"],
+            motion_latents=inputs["motion_latents"],
+            numerics=config.numerics,
+            capture_block=crepa.config.crepa_block_index if crepa_weight > 0 else None,
+        )
+    loss = flow_loss(out.sample, velocity_target(x0, noise))
+    parts = {"flow_loss": loss.item()}
+    if crepa_weight > 0:
+        frames = inputs.get("teacher_frames")
+        if frames is None:
+            raise ValueError("CREPA is on but the dataset items carry no 'teacher_frames' "
+                             "(cache the dataset with CREPA enabled)")
+        t, h, w = x0.shape[2], x0.shape[3] // 2, x0.shape[4] // 2
+        term = crepa.loss(out.captured_hidden_states, out.captured_mask, frames, (t, h, w))
+        parts["crepa_loss"] = term.item()
+        loss = loss + crepa_weight * (1.0 + term)
+    return loss, parts
 
 
 def compute_loss(
@@ -264,20 +309,8 @@ def compute_loss(
     config: TrainConfig,
     device: torch.device,
 ) -> torch.Tensor:
-    x0 = inputs["latents"]
-    noise = noise.to(device)
-    noisy = add_noise(x0, noise, sigmas)
-    with _autocast(config, device):
-        pred = model(
-            hidden_states=noisy,
-            timestep=timesteps_from_sigmas(sigmas).to(device),
-            encoder_hidden_states=inputs["encoder_hidden_states"],
-            audio_embeds=inputs["audio_embeds"],
-            reference_latents=inputs["reference_latents"],
-            motion_latents=inputs["motion_latents"],
-            numerics=config.numerics,
-        ).sample
-    return flow_loss(pred, velocity_target(x0, noise))
+    """The flow-matching MSE alone (what evaluation reports)."""
+    return compute_losses(model, inputs, sigmas, noise, config, device)[0]
 
 
 @torch.no_grad()
@@ -364,7 +397,13 @@ def train(
     model.train()
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    optimizer = build_optimizer(list(params.values()), config)
+    model.set_token_routes(config.tread_config)
+    crepa = None
+    if config.crepa.crepa_enabled:
+        dim = model.config.num_attention_heads * model.config.attention_head_dim
+        crepa = CrepaRegularizer(config.crepa, dim, device, next(model.parameters()).dtype)
+    trainable = list(params.values()) + (crepa.parameters() if crepa is not None else [])
+    optimizer = build_optimizer(trainable, config)
     scheduler = build_scheduler(optimizer, config)
     ema = LoraEMA(params, config.ema_decay) if config.use_ema else None
     generator = torch.Generator().manual_seed(config.seed)
@@ -389,6 +428,10 @@ def train(
                 raise ValueError(f"{resume_path} has no EMA weights but use_ema is on")
             ema.load_state_dict(state["ema"])
         order.load_state_dict(ts["data"])
+        if crepa is not None:
+            if "crepa_projector" not in ts:
+                raise ValueError(f"{resume_path} has no CREPA projector but CREPA is on")
+            crepa.projector.load_state_dict(ts["crepa_projector"])
         _set_rng_state(generator, ts["rng"])
         global_step = state["step"]
         loss_history = [tuple(x) for x in ts["loss_history"]]
@@ -409,6 +452,8 @@ def train(
             "loss_history": loss_history,
             "eval_history": eval_history,
         }
+        if crepa is not None:
+            training_state["crepa_projector"] = crepa.projector.state_dict()
         summary = {"loss": loss_history[-1][1] if loss_history else None, "config": config_dict}
         last_checkpoint = save_checkpoint(
             ckpt_root, global_step, {n: p.detach() for n, p in params.items()}, training_state, summary,
@@ -446,6 +491,7 @@ def train(
             step_start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
+            step_parts: dict[str, float] = {}
             for _ in range(accum):
                 batch = order.next_batch()
                 inputs = prepare_inputs(batch, config, generator, device)
@@ -456,7 +502,7 @@ def train(
                     config.flow_logit_std, config.flow_beta_alpha, config.flow_beta_beta,
                 )
                 noise = torch.randn(x0.shape, generator=generator)
-                loss = compute_loss(model, inputs, sigmas, noise, config, device)
+                loss, parts = compute_losses(model, inputs, sigmas, noise, config, device, crepa, global_step)
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(
                         f"the loss is {loss.item()} at step {global_step + 1} (sources {batch.get('source')}, "
@@ -464,7 +510,9 @@ def train(
                     )
                 (loss / accum).backward()
                 step_loss += loss.item() / accum
-            grads = [p for p in params.values() if p.grad is not None]
+                for name, value in parts.items():
+                    step_parts[name] = step_parts.get(name, 0.0) + value / accum
+            grads = [p for p in trainable if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in grads]).item() if grads else 0.0
             if not math.isfinite(grad_norm):
                 raise NonFiniteLossError(f"the gradient norm is {grad_norm} at step {global_step + 1}")
@@ -485,7 +533,7 @@ def train(
             done = global_step - start_step
             eta = (time.perf_counter() - started) / done * (config.max_train_steps - global_step)
             record = {"step": global_step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                      "step_time": step_time, "memory_mb": _memory_mb(device)}
+                      "step_time": step_time, "memory_mb": _memory_mb(device), **step_parts}
             if config.eval_step_interval and eval_dataset is not None and (
                 global_step % config.eval_step_interval == 0 or global_step == config.max_train_steps
             ):
@@ -530,6 +578,7 @@ def train(
         eval_history=eval_history,
         log_path=log.path,
     )
+    model.set_token_routes(None)
     if not keep_adapter:
         model.delete_adapters(ADAPTER)
     model.eval()

@@ -5,6 +5,8 @@ Items are dicts of CPU tensors, exactly as `trainer.data` datasets yield them:
 ``audio_embeds`` [25, D, 4T], ``text_embeds`` [L, text_dim] (padding zeroed), plus
 ``caption``, ``source``, ``window_index``, ``bucket``. Windows after the first of a source
 also carry ``motion_latents`` (the previous window's latents) for continuation training.
+With ``teacher_frames=True`` items carry ``teacher_frames`` [3, T, 8h, 8w] in [-1, 1], the
+pixel frames CREPA's teacher sees (one per latent frame).
 
 The data is random but learnable: each source has a fixed "face" latent, and each window
 adds a motion pattern that is a fixed linear function of its audio features, so a model can
@@ -32,6 +34,7 @@ class SyntheticTalkingDataset(Dataset):
         channels: int = 16,
         seed: int = 0,
         buckets: tuple[tuple[int, int, int], ...] | None = None,
+        teacher_frames: bool = False,
     ):
         g = torch.Generator().manual_seed(seed)
         self.items: list[dict] = []
@@ -62,6 +65,10 @@ class SyntheticTalkingDataset(Dataset):
                 }
                 if previous is not None:
                     item["motion_latents"] = previous.clone()
+                if teacher_frames:  # CREPA: one pixel frame per latent frame, in [-1, 1]
+                    pixels = latents[:3].unsqueeze(0)  # [1, 3, T, h, w]
+                    pixels = torch.nn.functional.interpolate(pixels, scale_factor=(1, 8, 8), mode="nearest")
+                    item["teacher_frames"] = torch.tanh(pixels[0])
                 self.items.append(item)
                 previous = latents
 
