@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from common import build_on_device, environment, print_table, random_init_, save_json  # noqa: E402
+import numpy as np
+import torch
+from common import build_on_device, environment, print_table, random_init_, save_json
 
 
 def full_size_bundle(device: str, dtype: torch.dtype):

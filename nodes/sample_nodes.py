@@ -63,7 +63,7 @@ class WanS2VLoadModelBundle:
             raise ValueError("pick real VAE, text encoder and audio encoder files (the tiny entry only works "
                              "for the whole set, chosen as the transformer)")
         comfy_adapter.free_comfyui_models()
-        path = lambda kind, name: comfy_adapter.model_file_path(kind, name)  # noqa: E731
+        path = lambda kind, name: comfy_adapter.model_file_path(kind, name)
         if transformer_model is not None:
             import dataclasses
 

@@ -7,7 +7,13 @@ import pytest
 import torch
 from sample_helpers import reference_image, speech, write_png, write_wav
 
-from trainer.sample.config import DEFAULT_NEGATIVE_PROMPT, SamplerConfig, SamplerConfigError, default_shift, snap_size
+from trainer.sample.config import (
+    DEFAULT_NEGATIVE_PROMPT,
+    SamplerConfig,
+    SamplerConfigError,
+    default_shift,
+    snap_size,
+)
 from trainer.sample.media import (
     cover_resize,
     decode_audio_file,

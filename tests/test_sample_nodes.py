@@ -70,7 +70,7 @@ def test_sample_command_tiny(tmp_path):
         [sys.executable, "-m", "trainer", "sample", "--tiny", "--image", str(tmp_path / "ref.png"),
          "--audio", str(tmp_path / "speech.wav"), "--prompt", "a woman talks", "--steps", "2",
          "--max-chunks", "1", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "wrote" in result.stdout and "5 frames" in result.stdout

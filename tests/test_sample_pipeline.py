@@ -7,6 +7,7 @@ import pytest
 import torch
 from sample_helpers import SIZE, lora_file, reference_image, speech, write_png, write_wav
 
+from trainer.model.vae import encode_video
 from trainer.sample import (
     LoraSpec,
     SamplerConfig,
@@ -18,7 +19,6 @@ from trainer.sample import (
 from trainer.sample import pipeline as pipeline_module
 from trainer.sample.config import MOTION_FRAMES
 from trainer.sample.media import probe_mp4
-from trainer.model.vae import encode_video
 
 CHUNK = 8  # frames per chunk: 2 latent frames
 
@@ -34,8 +34,8 @@ def image():
 
 
 def config(**changes) -> SamplerConfig:
-    base = dict(prompt="a man talks to the camera", width=SIZE, height=SIZE, frames_per_chunk=CHUNK,
-                max_chunks=1, steps=2, guidance=4.5, seed=3)
+    base = {"prompt": "a man talks to the camera", "width": SIZE, "height": SIZE, "frames_per_chunk": CHUNK,
+                "max_chunks": 1, "steps": 2, "guidance": 4.5, "seed": 3}
     base.update(changes)
     return SamplerConfig(**base)
 

@@ -22,7 +22,7 @@ class ModelBundle:
     text_encoder: Any
     tokenizer: Any
     audio_encoder: Any
-    device: torch.device = torch.device("cpu")
+    device: torch.device | str = "cpu"
     dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:

@@ -29,8 +29,8 @@ class SamplerConfigError(ValueError):
 def snap_size(width: int, height: int, multiple: int = SIZE_MULTIPLE) -> tuple[int, int, str | None]:
     """Round width/height to the nearest multiple of `multiple` (at least one multiple);
     returns (width, height, note) where note says what changed, or None."""
-    new_w = max(multiple, int(round(width / multiple)) * multiple)
-    new_h = max(multiple, int(round(height / multiple)) * multiple)
+    new_w = max(multiple, round(width / multiple) * multiple)
+    new_h = max(multiple, round(height / multiple) * multiple)
     note = None
     if (new_w, new_h) != (width, height):
         note = f"size {width}x{height} snapped to {new_w}x{new_h} (width and height must be multiples of {multiple})"

@@ -90,7 +90,7 @@ def speech_16k_mono(waveform: np.ndarray | torch.Tensor, sample_rate: int) -> np
 
 def cut_audio(waveform: np.ndarray, sample_rate: int, seconds: float) -> np.ndarray:
     """The first `seconds` of [C, N] (shorter audio stays as it is)."""
-    return waveform[:, : int(round(seconds * sample_rate))]
+    return waveform[:, : round(seconds * sample_rate)]
 
 
 # ----------------------------------------------------------------------------- images and video
@@ -204,7 +204,7 @@ def write_mp4(
 
             def audio_until(seconds: float) -> None:
                 nonlocal written
-                end = min(wave.shape[1], int(round(seconds * sample_rate)))
+                end = min(wave.shape[1], round(seconds * sample_rate))
                 while written < end:
                     chunk = np.ascontiguousarray(wave[:, written:min(written + block, wave.shape[1])])
                     frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=_layout(wave.shape[0]))

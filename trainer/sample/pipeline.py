@@ -40,7 +40,15 @@ from ..model.vae import decode_latents, encode_video
 from .bundle import ModelBundle
 from .config import MOTION_FRAMES, SamplerConfig
 from .lora import LoraSpec, applied_loras
-from .media import cover_resize, cut_audio, decode_audio_file, load_image, read_video_frames, speech_16k_mono, write_mp4
+from .media import (
+    cover_resize,
+    cut_audio,
+    decode_audio_file,
+    load_image,
+    read_video_frames,
+    speech_16k_mono,
+    write_mp4,
+)
 
 ProgressFn = Callable[[int, int, "torch.Tensor | None"], None]
 FIRST_CHUNK_DROP = 3  # frames the official decode drops after the reference frame in chunk 0
@@ -235,8 +243,8 @@ def sample_s2v(
                 audio_in = audio_window(features, r, F)
                 pose = pose_latents[r] if pose_latents is not None else \
                     torch.zeros(1, 16, latent_t, latent_h, latent_w, device=device)
-                cond = dict(context=context, audio=audio_in, pose=pose)
-                uncond = dict(context=context_null, audio=audio_in * 0.0, pose=pose) if use_cfg else None
+                cond = {"context": context, "audio": audio_in, "pose": pose}
+                uncond = {"context": context_null, "audio": audio_in * 0.0, "pose": pose} if use_cfg else None
                 latents = denoise_chunk(
                     transformer, cfg, r, (1, 16, latent_t, latent_h, latent_w), ref_latents,
                     None if r == 0 else motion_latents, cond, uncond, numerics=numerics, device=device,
