@@ -1,0 +1,216 @@
+"""Memory modes on the tiny model (issue 6): int8/fp8 base weights, block offload, checkpoint
+policies, activation offload, chunked feed-forward, the refused precisions and exclusivity.
+
+Tolerances (tiny model, bf16 weights, bf16 autocast on CPU, loss = MSE to a random target,
+LoRA r4 with non-zero A and B):
+- int8-quanto vs bf16: loss within 2% relative (per-channel int8 error ~0.4% per weight).
+- fp8 e4m3 + per-tensor scale vs bf16: loss within 5% relative (3 mantissa bits).
+- every offload/checkpoint mode vs the same precision without it: loss and every LoRA
+  gradient equal to 1e-5 relative (same arithmetic, only where the weights live differs).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from test_transformer_s2v import inputs
+from trainer.memory import MemoryConfig, MemoryConfigError, apply_memory_config
+from trainer.memory.offload import BlockOffloader
+from trainer.memory.quantize import Fp8Linear
+from trainer.model import TINY_TRANSFORMER_CONFIG, WanS2VTransformer3DModel
+
+PRECISION_TOLERANCE = {"no_change": 0.0, "int8-quanto": 0.02, "fp8": 0.05}
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    torch.manual_seed(0)
+    return WanS2VTransformer3DModel(**TINY_TRANSFORMER_CONFIG).to(torch.bfloat16)
+
+
+def add_lora(model, seed=3):
+    from peft import LoraConfig
+
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    gen = torch.Generator().manual_seed(seed)
+    params = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p.data = (torch.randn(p.shape, generator=gen) * 0.05).float()
+            params[name] = p
+    return params
+
+
+def build(base_model, **memory):
+    model = copy.deepcopy(base_model)
+    setup = apply_memory_config(model, MemoryConfig(**memory), "cpu")
+    params = add_lora(model)
+    setup.after_lora()
+    model.train()
+    return model, params, setup
+
+
+def loss_and_grads(model, params, seed=1):
+    x = inputs(seed=seed)
+    gen = torch.Generator().manual_seed(seed + 100)
+    target = torch.randn(x["hidden_states"].shape, generator=gen)
+    for p in params.values():
+        p.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**x).sample
+    loss = torch.nn.functional.mse_loss(out.float(), target)
+    loss.backward()
+    return loss.item(), {n: p.grad.detach().clone() for n, p in params.items()}
+
+
+@pytest.fixture(scope="module")
+def reference(base_model):
+    model, params, _ = build(base_model, gradient_checkpointing="full")
+    return loss_and_grads(model, params)
+
+
+@pytest.mark.parametrize("precision", ["no_change", "int8-quanto", "fp8"])
+def test_precision_loss_matches_bf16_and_lora_trains(base_model, reference, precision):
+    model, params, setup = build(base_model, base_model_precision=precision, gradient_checkpointing="full")
+    if precision != "no_change":
+        assert setup.converted_linears == 48  # 4 blocks x 10 + 2 injectors x 4
+    loss, grads = loss_and_grads(model, params)
+    ref_loss, _ = reference
+    assert abs(loss - ref_loss) <= PRECISION_TOLERANCE[precision] * ref_loss + 1e-6, (precision, loss, ref_loss)
+    assert len(grads) == len(reference[1])
+    for name, g in grads.items():
+        assert torch.isfinite(g).all() and g.abs().sum() > 0, name
+    # an optimizer step changes the loss: the LoRA really trains on top of the converted base
+    opt = torch.optim.SGD(params.values(), lr=1.0)
+    opt.step()
+    loss_after, _ = loss_and_grads(model, params)
+    assert loss_after < loss
+
+
+def test_fp8_and_int8_types_and_what_stays_bf16(base_model):
+    from optimum.quanto import QLinear
+
+    for precision, cls in (("fp8", Fp8Linear), ("int8-quanto", QLinear)):
+        model = copy.deepcopy(base_model)
+        apply_memory_config(model, MemoryConfig(base_model_precision=precision), "cpu")
+        assert isinstance(model.blocks[0].attn1.to_q, cls)
+        assert isinstance(model.blocks[3].ffn.net[2], cls)
+        assert isinstance(model.audio_injector.injector[1].to_out[0], cls)
+        # head, embedders, modulation and AdaIN projections stay as they were
+        for name in ("proj_out", "condition_embedder.time_proj", "audio_injector.injector_adain_layers.0.linear"):
+            module = model.get_submodule(name)
+            assert type(module) is torch.nn.Linear and module.weight.dtype == torch.bfloat16, name
+        assert model.blocks[0].scale_shift_table.dtype == torch.bfloat16
+    fp8 = copy.deepcopy(base_model)
+    apply_memory_config(fp8, MemoryConfig(base_model_precision="fp8"), "cpu")
+    assert fp8.blocks[0].attn1.to_q.weight.dtype == torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("name", ["nf4", "int4", "int4-quanto", "NF4"])
+def test_4bit_precisions_are_refused(name):
+    with pytest.raises(MemoryConfigError, match="sensitive"):
+        MemoryConfig(base_model_precision=name).validate()
+
+
+def test_block_offload_and_model_offload_are_exclusive():
+    with pytest.raises(MemoryConfigError, match="mutually exclusive"):
+        MemoryConfig.from_dict({"offload": "blocks", "enable_model_cpu_offload": True})
+    with pytest.raises(MemoryConfigError, match="mutually exclusive"):
+        MemoryConfig.from_dict({"enable_block_offload": True, "offload": "model"})
+    with pytest.raises(MemoryConfigError, match="checkpointed"):
+        MemoryConfig(offload="blocks", gradient_checkpointing="none").validate()
+    with pytest.raises(MemoryConfigError, match="unknown"):
+        MemoryConfig.from_dict({"offlaod": "blocks"})
+
+
+OFFLOAD_MODES = [
+    dict(offload="blocks"),
+    dict(offload="blocks", prefetch=0),
+    dict(offload="blocks", gradient_checkpointing="attention"),
+    dict(offload="blocks", offload_activations=True),
+    dict(gradient_checkpointing="attention"),
+    dict(gradient_checkpointing="attention", attention_blocks=2),
+    dict(gradient_checkpointing="interval", checkpoint_interval=2),
+    dict(gradient_checkpointing="none"),
+    dict(offload_activations=True),
+    dict(enable_chunked_feed_forward=True, feed_forward_chunk_size=7),
+]
+
+
+@pytest.mark.parametrize("precision", ["no_change", "int8-quanto", "fp8"])
+@pytest.mark.parametrize("mode", OFFLOAD_MODES, ids=lambda m: ",".join(f"{k}={v}" for k, v in m.items()))
+def test_modes_give_same_loss_and_grads(base_model, precision, mode):
+    ref_model, ref_params, _ = build(base_model, base_model_precision=precision, gradient_checkpointing="full")
+    ref_loss, ref_grads = loss_and_grads(ref_model, ref_params)
+    memory = {"gradient_checkpointing": "full", **mode}
+    model, params, setup = build(base_model, base_model_precision=precision, **memory)
+    for _ in range(2):  # twice: the swap state after a step is right for the next one
+        loss, grads = loss_and_grads(model, params)
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        for name, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    if setup.offloader is not None:
+        assert_swapped_out(setup.offloader)
+
+
+def assert_swapped_out(offloader: BlockOffloader):
+    """Between steps every frozen block weight is a meta placeholder; LoRA stays real."""
+    assert not offloader.active
+    model = offloader.model
+    for name, p in model.blocks.named_parameters():
+        if p.requires_grad:
+            assert p.device.type == "cpu", name
+        else:
+            assert p.device.type == "meta", name
+    for name, p in model.named_parameters():
+        if not name.startswith(("blocks.", "audio_injector.")):
+            assert p.device.type == "cpu", name
+
+
+def test_offload_order_forward_and_backward(base_model):
+    model, params, setup = build(base_model, offload="blocks")
+    off = setup.offloader
+    off.record = True
+    loss_and_grads(model, params)
+    runs = [(kind, r) for kind, r in off.log if kind.startswith("run")]
+    assert runs == [("run", i) for i in range(4)] + [("run-backward", i) for i in (3, 2, 1, 0)]
+    # every region was prefetched on the side (no synchronous load) except the first one
+    loads = [r for kind, r in off.log if kind == "load"]
+    assert loads == [0]
+    with torch.no_grad():  # inference (sampling) with offload works too
+        model.eval()
+        model(**inputs(seed=2))
+    assert not off.active
+
+
+def test_offload_to_disk(base_model, tmp_path, reference):
+    model, params, setup = build(base_model, offload="blocks", offload_blocks_to_disk=str(tmp_path / "spill"))
+    assert (tmp_path / "spill" / "block_offload.safetensors").stat().st_size > 0
+    assert setup.offloader.host_bytes == 0
+    loss, grads = loss_and_grads(model, params)
+    assert loss == pytest.approx(reference[0], rel=1e-5)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, reference[1][name], rtol=1e-4, atol=1e-6)
+
+
+def test_feed_forward_chunk_from_env(monkeypatch, base_model):
+    monkeypatch.setenv("WAN_FEED_FORWARD_CHUNK_SIZE", "5")
+    cfg = MemoryConfig(enable_chunked_feed_forward=True)
+    assert cfg.resolved_feed_forward_chunk_size() == 5
+    model = copy.deepcopy(base_model)
+    apply_memory_config(model, cfg, "cpu")
+    assert all(b.ffn_chunk_size == 5 for b in model.blocks)
+    assert MemoryConfig().resolved_feed_forward_chunk_size() is None
+
+
+def test_checkpoint_labels(base_model):
+    model = copy.deepcopy(base_model)
+    setup = apply_memory_config(model, MemoryConfig(gradient_checkpointing="interval", checkpoint_interval=2,
+                                                    offload_activations=True), "cpu")
+    assert setup.checkpoint_labels == ["full+host", "none", "full+host", "none"]
+    setup = apply_memory_config(model, MemoryConfig(gradient_checkpointing="attention", attention_blocks=1), "cpu")
+    assert setup.checkpoint_labels == ["attention", "full", "full", "full"]

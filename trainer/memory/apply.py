@@ -1,0 +1,158 @@
+"""Apply a `MemoryConfig` to a `WanS2VTransformer3DModel`.
+
+Order of use in a training run::
+
+    setup = apply_memory_config(model, memory_config, device)   # before the LoRA
+    params = add_lora(model, train_config)                       # peft wraps the (quantized) Linears
+    setup.after_lora()                                           # installs block offload, if any
+
+`apply_memory_config` converts the base weights (int8/fp8), sets the checkpoint policy
+(full / every N blocks / keep attention outputs, with optional host offload of the
+checkpointed block inputs), the chunked feed-forward, and places the model (everything on
+the device; or with block offload only what is not swapped).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import EXCLUSIVE_OFFLOAD_MESSAGE, MemoryConfig, MemoryConfigError
+from .offload import BlockOffloader, enable_block_offload
+from .quantize import apply_precision
+
+
+def _no_checkpoint(fn, *args, **kwargs):
+    return fn(*args, **kwargs)
+
+
+def _with_activation_offload(run, pin: bool):
+    """Checkpoint call whose saved block inputs go to host memory (the non-reentrant checkpoint
+    saves its inputs through the saved-tensor hooks active outside it; everything inside the
+    region uses the checkpoint's own hooks)."""
+
+    @functools.wraps(run)
+    def wrapped(fn, *args, **kwargs):
+        with torch.autograd.graph.save_on_cpu(pin_memory=pin):
+            return run(fn, *args, **kwargs)
+
+    return wrapped
+
+
+def configure_checkpointing(model: nn.Module, config: MemoryConfig, device: torch.device | str = "cpu") -> list[str]:
+    """Set the model's per-block checkpoint functions for `config`; returns a per-block label
+    ("none", "full", "attention", each with "+host" when inputs are offloaded)."""
+    policy = config.gradient_checkpointing
+    if policy == "none":
+        model.configure_gradient_checkpointing("none")
+        return ["none"] * len(model.blocks)
+    if policy == "attention":
+        model.configure_gradient_checkpointing("attention", attention_blocks=config.attention_blocks)
+        keep = len(model.blocks) if config.attention_blocks is None else config.attention_blocks
+        labels = ["attention" if i < keep else "full" for i in range(len(model.blocks))]
+    else:
+        model.configure_gradient_checkpointing("full")
+        labels = ["full"] * len(model.blocks)
+        if policy == "interval":
+            for i in range(len(model.blocks)):
+                if i % config.checkpoint_interval:
+                    model._block_checkpoint[i] = _no_checkpoint
+                    labels[i] = "none"
+    if config.offload_activations:
+        pin = torch.device(device).type == "cuda"
+        for i, label in enumerate(labels):
+            if label != "none":
+                model._block_checkpoint[i] = _with_activation_offload(model._block_checkpoint[i], pin)
+                labels[i] = label + "+host"
+    return labels
+
+
+@dataclass
+class MemorySetup:
+    """What `apply_memory_config` did, and the step that must follow the LoRA."""
+
+    model: nn.Module
+    config: MemoryConfig
+    device: torch.device
+    converted_linears: int = 0
+    checkpoint_labels: list[str] = field(default_factory=list)
+    plan_sentence: str | None = None
+    offloader: BlockOffloader | None = None
+
+    def after_lora(self) -> MemorySetup:
+        """Install block offload (needs the LoRA in place so it stays on the device)."""
+        if self.config.offload == "blocks" and self.offloader is None:
+            self.offloader = enable_block_offload(
+                self.model, self.device, prefetch=self.config.prefetch, disk_dir=self.config.offload_blocks_to_disk
+            )
+        elif self.config.offload == "model":
+            pass  # the caller moves the model with to_device()/to_host() around its use
+        return self
+
+    def to_device(self) -> None:
+        """offload="model": move the whole model to the compute device."""
+        if self.offloader is None:
+            self.model.to(self.device)
+
+    def to_host(self) -> None:
+        """offload="model": move the whole model back to host memory."""
+        if self.offloader is not None:
+            raise MemoryConfigError(EXCLUSIVE_OFFLOAD_MESSAGE)
+        self.model.to("cpu")
+
+    def describe(self) -> str:
+        text = self.config.describe()
+        if self.plan_sentence:
+            text = self.plan_sentence + " (" + text + ")"
+        return text
+
+
+def apply_memory_config(
+    model: nn.Module,
+    config: MemoryConfig | dict[str, Any] | None,
+    device: torch.device | str,
+    *,
+    height: int = 480,
+    width: int = 832,
+    frames: int = 81,
+    lora_rank: int = 16,
+) -> MemorySetup:
+    """Convert, checkpoint and place `model` for training with `config` (see module doc).
+
+    With `config.auto`, the settings come from `plan_memory(config.vram_budget_gib, ...)` for
+    the given video size; the chosen plan's sentence is in the result's `plan_sentence`.
+    """
+    if config is None:
+        config = MemoryConfig()
+    elif isinstance(config, dict):
+        config = MemoryConfig.from_dict(config)
+    config.validate()
+    device = torch.device(device)
+    sentence = None
+    if config.auto:
+        from .plan import plan_memory
+
+        planned = plan_memory(
+            config.vram_budget_gib, height=height, width=width, frames=frames, lora_rank=lora_rank,
+            model_config=dict(getattr(model, "config", {}) or {}),
+            precision=config.base_model_precision if config.auto_keep_precision else None,
+        )
+        config, sentence = planned.config, planned.sentence
+    if config.offload == "blocks" and getattr(model, "_hf_hook", None) is not None:
+        raise MemoryConfigError(EXCLUSIVE_OFFLOAD_MESSAGE)
+    converted = apply_precision(model, config.base_model_precision)
+    labels = configure_checkpointing(model, config, device)
+    model.set_feed_forward_chunk_size(config.resolved_feed_forward_chunk_size())
+    if config.offload == "none":
+        model.to(device)
+    elif config.offload == "model":
+        model.to("cpu")
+    # offload == "blocks": placement happens in after_lora() (the LoRA must exist first).
+    return MemorySetup(model, config, device, converted, labels, sentence)
+
+
+__all__ = ["MemorySetup", "apply_memory_config", "configure_checkpointing"]

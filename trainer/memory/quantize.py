@@ -1,0 +1,181 @@
+"""Base-weight precision for LoRA training: int8 (optimum-quanto) and fp8 (e4m3 + scale).
+
+Only the Linear layers of the transformer blocks and of the audio injectors' attention are
+converted (they hold ~94% of the 14B weights). Norms, embeddings, the modulation tables, the
+audio injectors' AdaIN projections, the condition embedders and the output head stay in
+their dtype (bf16). Both converted layer types are `torch.nn.Linear` subclasses, so peft
+wraps them with its ordinary `lora.Linear` and the LoRA trains on top in full precision.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import normalize_precision
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+
+#: Module names whose Linear layers are converted.
+QUANTIZED_MODULES = re.compile(r"^(blocks\.\d+\.|audio_injector\.injector\.\d+\.)")
+
+
+def quantizable_linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
+    """(name, module) of every Linear that a precision mode converts."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and QUANTIZED_MODULES.match(name) and "lora_" not in name:
+            yield name, module
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _refuse_adapters(model: nn.Module) -> None:
+    if getattr(model, "peft_config", None):
+        raise RuntimeError("convert the base weights before adding a LoRA adapter")
+
+
+class Fp8Linear(nn.Linear):
+    """Linear layer with float8_e4m3fn weights and a per-tensor float32 scale.
+
+    The forward dequantizes the weight to the compute dtype (the autocast dtype, else the
+    input's) right before the matmul, one layer at a time, so only one layer's bf16 weight
+    exists at once. `compute_dtype` also tells peft which dtype to give a LoRA on top.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 compute_dtype: torch.dtype = torch.bfloat16):
+        nn.Module.__init__(self)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.compute_dtype = compute_dtype
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device),
+                                   requires_grad=False)
+        self.register_buffer("weight_scale", torch.ones((), dtype=torch.float32, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_fp8(cls, weight: torch.Tensor, scale: torch.Tensor | float, bias: torch.Tensor | None,
+                 compute_dtype: torch.dtype = torch.bfloat16) -> Fp8Linear:
+        """From ComfyUI's scaled-fp8 tensors (weight e4m3, `scale_weight`) kept as they are."""
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, bias is not None, device=weight.device, compute_dtype=compute_dtype)
+        layer.weight.data = weight.to(FP8_DTYPE)
+        layer.weight_scale.copy_(torch.as_tensor(scale, dtype=torch.float32).reshape(()))
+        if bias is not None:
+            layer.bias.data = bias.to(compute_dtype)
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype | None = None) -> Fp8Linear:
+        """Quantize a floating Linear with a per-tensor scale amax / 448 (ComfyUI's scheme)."""
+        compute_dtype = compute_dtype or (linear.weight.dtype if linear.weight.dtype.is_floating_point else torch.bfloat16)
+        w = linear.weight.detach().float()
+        scale = (w.abs().amax() / FP8_MAX).clamp(min=1e-12)
+        q = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls.from_fp8(q, scale, bias, compute_dtype)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight.to(dtype) * self.weight_scale.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+        else:
+            dtype = x.dtype if x.dtype.is_floating_point else self.compute_dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(x.to(dtype), self.dequantized_weight(dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8_e4m3fn, scale"
+
+
+def quantize_fp8(model: nn.Module, compute_dtype: torch.dtype | None = None) -> int:
+    """Replace the blocks' and audio injectors' Linears with `Fp8Linear`. Returns the count."""
+    _refuse_adapters(model)
+    targets = list(quantizable_linears(model))
+    for name, linear in targets:
+        if isinstance(linear, Fp8Linear):
+            continue
+        _replace(model, name, Fp8Linear.from_linear(linear, compute_dtype))
+    return len(targets)
+
+
+def quantize_int8_quanto(model: nn.Module) -> int:
+    """optimum-quanto qint8 weights (per output channel scales) on the same Linears, frozen
+    (the float weights are dropped). Returns the count."""
+    _refuse_adapters(model)
+    try:
+        from optimum.quanto import QLinear, qint8
+    except ImportError as exc:  # pragma: no cover - environment dependent
+        raise ImportError('base_model_precision "int8-quanto" needs optimum-quanto: pip install "optimum-quanto>=0.2.7"') from exc
+    targets = list(quantizable_linears(model))
+    for name, linear in targets:
+        if isinstance(linear, QLinear):
+            continue
+        qlinear = QLinear.from_module(linear, weights=qint8)
+        qlinear.freeze()
+        qlinear.requires_grad_(False)
+        _replace(model, name, qlinear)
+    return len(targets)
+
+
+def apply_precision(model: nn.Module, precision: str) -> int:
+    """Convert the base weights for `precision` ("no_change", "int8-quanto", "fp8"; NF4/int4 are
+    refused). Returns how many Linear layers were converted."""
+    precision = normalize_precision(precision)
+    if precision == "no_change":
+        return 0
+    if precision == "fp8":
+        return quantize_fp8(model)
+    return quantize_int8_quanto(model)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers (quantized tensors by their storage)."""
+    total = 0
+    seen: set[tuple[int, int]] = set()
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        for leaf in _leaves(tensor):
+            key = (leaf.untyped_storage().data_ptr(), leaf.storage_offset()) if leaf.device.type != "meta" else (id(leaf), 0)
+            if key in seen and leaf.device.type != "meta":
+                continue
+            seen.add(key)
+            total += leaf.numel() * leaf.element_size()
+    return total
+
+
+def _leaves(t: torch.Tensor) -> list[torch.Tensor]:
+    data = t.data if isinstance(t, nn.Parameter) else t
+    flatten = getattr(type(data), "__tensor_flatten__", None)
+    if flatten is None or type(data) is torch.Tensor:
+        return [data]
+    names, _ = data.__tensor_flatten__()
+    out = []
+    for name in names:
+        out.extend(_leaves(getattr(data, name)))
+    return out
+
+
+__all__ = [
+    "FP8_DTYPE",
+    "Fp8Linear",
+    "apply_precision",
+    "quantizable_linears",
+    "quantize_fp8",
+    "quantize_int8_quanto",
+    "weight_bytes",
+]
