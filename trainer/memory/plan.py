@@ -1,4 +1,217 @@
-"""placeholder"""
-class MemoryPlan: pass
-def estimate_memory(*a, **k): pass
-def plan_memory(*a, **k): pass
+"""Automatic memory plan: given a VRAM budget, pick the cheapest settings that fit.
+
+A small calibrated model of peak memory and step time for LoRA training of the S2V
+transformer. Calibration (H100, torch 2.11, 14B, 832x480x81 = 34,320 tokens, LoRA r16,
+docs/benchmarks.md): bf16 weights 30.4 GiB; full per-block checkpointing 12.95 s / 55.5 GiB;
+keeping every block's attention output 11.29 s / 68.5 GiB (+0.327 GiB = one [S, 5120] bf16
+tensor per block). Everything that depends on the video size scales with the token count.
+Figures marked "estimate" are to be replaced by `bench/bench_memory.py` measurements.
+
+    peak = resident weights + LoRA (+grads, AdamW states) + checkpointed block inputs
+           + kept attention outputs + transient of one block's recompute/backward + margin
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .config import MemoryConfig, normalize_precision
+
+GIB = 2**30
+REFERENCE_TOKENS = 34_320  # 832x480, 81 frames, + reference frame
+#: Step seconds at REFERENCE_TOKENS (H100): full checkpointing / every attention output kept.
+STEP_FULL_S = 12.95
+STEP_ATTENTION_S = 11.29
+#: Transient of one block's recompute + backward at REFERENCE_TOKENS: 55.5 - 30.4 (weights)
+#: - 13.1 (40 block inputs) - 0.9 (LoRA + AdamW) GiB.
+TRANSIENT_GIB = 11.1
+#: Saved by the chunked feed-forward at REFERENCE_TOKENS (estimate: the [S, 13824] hidden
+#: states of fc1/GELU/fc2 and their gradients).
+FFN_CHUNK_SAVING_GIB = 3.0
+#: Relative step-time factors (estimates until measured).
+PRECISION_TIME = {"no_change": 1.0, "fp8": 1.03, "int8-quanto": 1.08}
+PRECISION_QUALITY_RANK = {"no_change": 0, "int8-quanto": 1, "fp8": 2}
+BLOCK_OFFLOAD_TIME = 1.03  # 3 passes of weights at 37 GB/s, overlapped with compute
+ACTIVATION_OFFLOAD_TIME = 1.06  # ~0.7 s of block inputs out and back
+FFN_CHUNK_TIME = 1.04  # the feed-forward runs once more in the backward pass
+#: Allocator slack: a fixed part plus a fraction of the budget.
+MARGIN_GIB = 1.0
+MARGIN_FRACTION = 0.05
+
+DEFAULT_14B = {"num_attention_heads": 40, "attention_head_dim": 128, "ffn_dim": 13824, "num_layers": 40,
+               "audio_inject_layers": list(range(12)), "text_dim": 4096, "audio_dim": 1024}
+
+
+@dataclass
+class MemoryEstimate:
+    peak_gib: float
+    time_factor: float  # relative to bf16 with full checkpointing, no offload
+    parts: dict[str, float]
+
+
+@dataclass
+class MemoryPlan:
+    config: MemoryConfig
+    estimate: MemoryEstimate
+    sentence: str
+    fits: bool
+
+
+def tokens_for(height: int, width: int, frames: int, reference: bool = True) -> int:
+    latent_frames = (frames - 1) // 4 + 1
+    per_frame = (height // 16) * (width // 16)
+    return per_frame * (latent_frames + int(reference))
+
+
+def _weights(cfg: dict[str, Any]) -> dict[str, float]:
+    """Parameter counts: swappable linears of a block, of an injector, AdaIN, the rest."""
+    dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    ffn = cfg["ffn_dim"]
+    block_linear = 8 * (dim * dim + dim) + 2 * dim * ffn + ffn + dim
+    block_other = 6 * dim + 2 * dim + 4 * dim  # modulation table, cross-attn norm, q/k norms
+    injector_linear = 4 * (dim * dim + dim)
+    adain = dim * 2 * dim + 2 * dim
+    rest = (6 * dim * dim + dim * 256 + cfg.get("text_dim", 4096) * dim + dim * dim + 16 * 4 * dim + 64 * dim
+            + cfg.get("audio_dim", 1024) * dim + 3 * dim * 4 + 16 * 4 * dim)
+    return {"layers": cfg["num_layers"], "injectors": len(cfg.get("audio_inject_layers", [])),
+            "block_linear": block_linear, "block_other": block_other, "injector_linear": injector_linear,
+            "adain": adain, "rest": rest, "dim": dim}
+
+
+def estimate_memory(config: MemoryConfig, *, height: int = 480, width: int = 832, frames: int = 81,
+                    lora_rank: int = 16, model_config: dict[str, Any] | None = None,
+                    lora_params: int | None = None) -> MemoryEstimate:
+    """Peak GiB and relative step time of LoRA training with `config`."""
+    cfg = {**DEFAULT_14B, **(model_config or {})}
+    w = _weights(cfg)
+    layers, injectors, dim = w["layers"], w["injectors"], w["dim"]
+    precision = normalize_precision(config.base_model_precision)
+    qbytes = 2 if precision == "no_change" else 1
+    block_bytes = w["block_linear"] * qbytes + w["block_other"] * 2
+    injector_bytes = w["injector_linear"] * qbytes + w["adain"] * 2
+    swappable = layers * block_bytes + injectors * injector_bytes
+    rest = w["rest"] * 2
+    if config.offload == "blocks":
+        region = block_bytes + injector_bytes
+        weights = rest + (2 + config.prefetch) * region
+    elif config.offload == "model":
+        weights = rest + swappable  # during the step the whole model is on the device
+    else:
+        weights = rest + swappable
+    if lora_params is None:  # q/k/v/o of attn1, attn2 and the injectors: 2 * r * dim each
+        lora_params = (layers * 8 + injectors * 4) * 2 * lora_rank * dim
+    lora = lora_params * 16  # fp32 weight + grad + two AdamW states
+
+    scale = tokens_for(height, width, frames) / REFERENCE_TOKENS
+    width_scale = dim / 5120
+    per_block = REFERENCE_TOKENS * 5120 * 2 * scale * width_scale  # one [S, dim] bf16 tensor
+    policy = config.gradient_checkpointing
+    kept_attention = 0
+    if policy == "none":
+        checkpointed, uncheckpointed = 0, layers
+    elif policy == "interval":
+        checkpointed = len(range(0, layers, config.checkpoint_interval))
+        uncheckpointed = layers - checkpointed
+    else:
+        checkpointed, uncheckpointed = layers, 0
+        if policy == "attention":
+            kept_attention = layers if config.attention_blocks is None else min(layers, config.attention_blocks)
+    inputs = checkpointed * per_block
+    if config.offload_activations:
+        inputs = min(inputs, 2 * per_block)
+    transient = TRANSIENT_GIB * GIB * scale * width_scale
+    chunk = config.resolved_feed_forward_chunk_size()
+    if chunk:
+        transient -= FFN_CHUNK_SAVING_GIB * GIB * scale * width_scale
+    # a block that is not checkpointed keeps all its activations (~ the transient, roughly)
+    full_activations = uncheckpointed * (transient * 0.8 + per_block)
+    parts = {
+        "weights": weights / GIB, "lora_and_optimizer": lora / GIB, "block_inputs": inputs / GIB,
+        "attention_outputs": kept_attention * per_block / GIB, "unckeckpointed_blocks": full_activations / GIB,
+        "transient": transient / GIB,
+    }
+    peak = sum(parts.values())
+
+    if policy == "none":
+        time = STEP_ATTENTION_S / STEP_FULL_S * 0.93
+    elif policy == "interval":
+        time = (checkpointed + uncheckpointed * 0.8) / layers
+    else:
+        time = 1.0 - (1.0 - STEP_ATTENTION_S / STEP_FULL_S) * kept_attention / max(layers, 1)
+    time *= PRECISION_TIME[precision]
+    if config.offload == "blocks":
+        time *= BLOCK_OFFLOAD_TIME * (1.5 if config.offload_blocks_to_disk else 1.0)
+    if config.offload_activations:
+        time *= ACTIVATION_OFFLOAD_TIME
+    if chunk:
+        time *= FFN_CHUNK_TIME
+    return MemoryEstimate(peak, time, parts)
+
+
+def _candidates(precisions: list[str], layers: int):
+    dials = sorted({layers, 3 * layers // 4, layers // 2, 2 * layers // 5, layers // 4, layers // 8, 0}, reverse=True)
+    for precision in precisions:
+        for offload in ("none", "blocks"):
+            for kept in dials:
+                for activations in (False, True):
+                    for chunk in (False, True):
+                        policy = "attention" if kept else "full"
+                        yield MemoryConfig(
+                            base_model_precision=precision, offload=offload,
+                            gradient_checkpointing=policy, attention_blocks=None if kept == layers else (kept or None),
+                            offload_activations=activations, enable_chunked_feed_forward=chunk,
+                        )
+
+
+def plan_memory(vram_budget_gib: float, *, height: int = 480, width: int = 832, frames: int = 81,
+                lora_rank: int = 16, model_config: dict[str, Any] | None = None,
+                precision: str | None = None) -> MemoryPlan:
+    """The cheapest (estimated step time, then base precision closest to bf16, then memory)
+    settings whose estimated peak fits `vram_budget_gib` minus a margin. With `precision`,
+    only that base precision is considered. If nothing fits, the smallest setting is
+    returned with `fits=False` and a sentence that says so."""
+    if vram_budget_gib is None or vram_budget_gib <= 0:
+        raise ValueError("vram_budget_gib must be positive")
+    cfg = {**DEFAULT_14B, **(model_config or {})}
+    precisions = [normalize_precision(precision)] if precision else ["no_change", "int8-quanto", "fp8"]
+    usable = vram_budget_gib - MARGIN_GIB - MARGIN_FRACTION * vram_budget_gib
+    shape = dict(height=height, width=width, frames=frames, lora_rank=lora_rank, model_config=cfg)
+    scored = []
+    for candidate in _candidates(precisions, cfg["num_layers"]):
+        est = estimate_memory(candidate, **shape)
+        key = (round(est.time_factor, 4), PRECISION_QUALITY_RANK[candidate.base_model_precision], est.peak_gib)
+        scored.append((key, candidate, est))
+    fitting = [item for item in scored if item[2].peak_gib <= usable]
+    best_unconstrained = min(scored, key=lambda item: item[0])
+    fits = bool(fitting)
+    if fits:
+        _, chosen, est = min(fitting, key=lambda item: item[0])
+    else:
+        _, chosen, est = min(scored, key=lambda item: item[2].peak_gib)
+    chosen.auto, chosen.vram_budget_gib = False, vram_budget_gib
+    chosen.validate()
+    ratio = est.time_factor / best_unconstrained[2].time_factor
+    verdict = "fits" if fits else "does NOT fit (smallest setting shown)"
+    sentence = (
+        f"VRAM budget {vram_budget_gib:g} GiB at {width}x{height}, {frames} frames: picked {chosen.describe()} - "
+        f"estimated peak {est.peak_gib:.1f} GiB ({verdict}; {usable:.1f} GiB usable after the margin), "
+        f"step time ~{ratio:.2f}x the fastest setting without a budget"
+    )
+    return MemoryPlan(chosen, est, sentence, fits)
+
+
+def plan_table(budgets=(80, 48, 40, 32, 24, 16, 12), **shape) -> list[str]:
+    return [plan_memory(b, **shape).sentence for b in budgets]
+
+
+__all__ = ["MemoryEstimate", "MemoryPlan", "estimate_memory", "plan_memory", "plan_table", "tokens_for"]
+
+if __name__ == "__main__":  # pragma: no cover
+    print("\n".join(plan_table()))
+    for mode in (MemoryConfig(), MemoryConfig(base_model_precision="int8-quanto"),
+                 MemoryConfig(gradient_checkpointing="attention")):
+        e = estimate_memory(mode)
+        print(mode.describe(), f"{e.peak_gib:.1f} GiB", {k: round(v, 2) for k, v in e.parts.items()})
+    _ = dataclasses

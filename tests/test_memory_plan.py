@@ -1,0 +1,62 @@
+"""Automatic memory plan (issue 6): sensible picks for 80/48/24/16 GiB at 832x480x81 (14B)."""
+
+import pytest
+
+from trainer.memory import MemoryConfig, apply_memory_config, estimate_memory, plan_memory
+from trainer.memory.plan import tokens_for
+
+
+def test_token_count_matches_performance_spec():
+    assert tokens_for(480, 832, 81) == 34_320
+
+
+def test_estimates_match_the_calibration_points():
+    assert estimate_memory(MemoryConfig()).peak_gib == pytest.approx(55.5, abs=1.0)
+    assert estimate_memory(MemoryConfig(gradient_checkpointing="attention")).peak_gib == pytest.approx(68.5, abs=1.0)
+    int8 = estimate_memory(MemoryConfig(base_model_precision="int8-quanto", enable_chunked_feed_forward=True))
+    assert int8.peak_gib < 40
+
+
+def test_plan_80_keeps_bf16_on_device_and_attention_outputs():
+    plan = plan_memory(80)
+    assert plan.fits
+    c = plan.config
+    assert (c.base_model_precision, c.offload, c.gradient_checkpointing, c.attention_blocks) == (
+        "no_change", "none", "attention", None)
+    assert "80 GiB" in plan.sentence and "picked" in plan.sentence
+
+
+def test_plan_48_offloads_blocks():
+    plan = plan_memory(48)
+    assert plan.fits and plan.config.offload == "blocks"
+    assert plan.estimate.peak_gib <= 48 * 0.95 - 1
+
+
+@pytest.mark.parametrize("budget", [24, 16])
+def test_small_budgets_fit_with_offload(budget):
+    plan = plan_memory(budget)
+    assert plan.fits, plan.sentence
+    assert plan.config.offload == "blocks"
+    assert plan.config.offload_activations
+    assert plan.estimate.peak_gib <= budget * 0.95 - 1
+    assert plan.estimate.time_factor <= plan_memory(1000).estimate.time_factor * 1.35
+
+
+def test_plan_respects_a_fixed_precision_and_reports_no_fit():
+    plan = plan_memory(24, precision="int8")
+    assert plan.config.base_model_precision == "int8-quanto"
+    tiny = plan_memory(4)
+    assert not tiny.fits and "NOT fit" in tiny.sentence
+
+
+def test_auto_config_applies_the_plan():
+    import torch
+
+    from trainer.model import TINY_TRANSFORMER_CONFIG, WanS2VTransformer3DModel
+
+    model = WanS2VTransformer3DModel(**TINY_TRANSFORMER_CONFIG)
+    setup = apply_memory_config(model, {"auto": True, "vram_budget_gib": 24}, "cpu", height=64, width=64, frames=9)
+    assert setup.plan_sentence and "picked" in setup.plan_sentence
+    assert setup.config.auto is False
+    assert isinstance(setup.describe(), str)
+    _ = torch
