@@ -15,10 +15,21 @@ def test_demo_command(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "velocity prediction                1x16x4x8x16" in result.stdout
-    assert "decoded video [B, 3, F, H, W]      1x3x13x64x128" in result.stdout
+    out = tmp_path / "demo"
     assert "identical predictions" in result.stdout
-    assert (tmp_path / "demo" / "models" / "comfyui" / "models" / "diffusion_models").is_dir()
+    assert "0 skipped" in result.stdout
+    curve = [float(v) for v in result.stdout.split("loss (mean per")[1].split(":", 1)[1].splitlines()[0].split("->")]
+    assert curve[-1] < curve[0], curve  # training lowers the loss
+    from safetensors import safe_open
+
+    with safe_open(str(out / "lora" / "demo_s2v_lora.safetensors"), framework="pt") as lora:
+        keys = list(lora.keys())
+    assert keys and all(k.startswith("diffusion_model.") for k in keys)  # ComfyUI's key format
+    from trainer.sample.media import probe_mp4
+
+    info = probe_mp4(out / "validation.mp4")
+    assert info["has_audio"] and info["video_frames"] == 13
+    assert abs(info["audio_seconds"] - 13 / 16) < 0.05
 
 
 def test_inspect_command_on_tiny_files(tmp_path):
