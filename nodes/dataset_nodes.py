@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import comfy_adapter
+from . import socket_types as types
 
 CATEGORY = "Wan S2V Trainer/data"
 TINY = "(tiny random test model)"
@@ -28,7 +29,7 @@ class WanS2VDataset:
                 "audio_encoder": (_choices("audio_encoders"), {"tooltip": "wav2vec2-large english (wav2vec2_large_english_fp16)."}),
                 "caption_strategy": (list(CAPTION_STRATEGIES), {"default": "textfile",
                                      "tooltip": "textfile: same-stem .txt; filename: the file name; instance_prompt: one fixed prompt."}),
-                "instance_prompt": ("STRING", {"default": "", "multiline": True}),
+                "instance_prompt": ("STRING", {"default": "", "multiline": True, "tooltip": "The caption of every clip when caption_strategy is instance_prompt."}),
                 "num_frames": ("INT", {"default": 81, "min": 1, "max": 1001, "step": 4, "tooltip": "4k+1 frames at 16 fps per window."}),
                 "window_stride": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip": "16 fps frames between windows; 0 = num_frames."}),
                 "max_windows_per_video": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip": "0 = all."}),
@@ -50,7 +51,7 @@ class WanS2VDataset:
             },
         }
 
-    RETURN_TYPES = ("S2V_DATASET", "STRING", "IMAGE")
+    RETURN_TYPES = (types.DATASET, "STRING", "IMAGE")
     RETURN_NAMES = ("dataset", "report", "preview")
     FUNCTION = "build"
     CATEGORY = CATEGORY

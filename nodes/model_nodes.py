@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import comfy_adapter
+from . import socket_types as types
 
 CATEGORY = "Wan S2V Trainer/model"
 
@@ -33,7 +34,7 @@ class WanS2VLoadTransformer:
             }
         }
 
-    RETURN_TYPES = ("WANS2V_TRANSFORMER",)
+    RETURN_TYPES = (types.TRANSFORMER,)
     RETURN_NAMES = ("transformer",)
     FUNCTION = "load"
     CATEGORY = CATEGORY

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import comfy_adapter
+from . import socket_types as types
 
 CATEGORY = "Wan S2V Trainer/sampling"
 TINY = "(tiny random test model)"
@@ -42,12 +43,12 @@ class WanS2VLoadModelBundle:
                            "(auto: the GPU if there is one)."}),
             },
             "optional": {
-                "transformer_model": ("WANS2V_TRANSFORMER", {"tooltip": "An already loaded transformer (e.g. the "
+                "transformer_model": (types.TRANSFORMER, {"tooltip": "An already loaded transformer (e.g. the "
                                       "one a training node uses); replaces the transformer file."}),
             },
         }
 
-    RETURN_TYPES = ("WANS2V_MODEL",)
+    RETURN_TYPES = (types.MODEL,)
     RETURN_NAMES = ("model",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
@@ -102,11 +103,11 @@ class WanS2VLoadLoRA:
                              "tooltip": "Multiplies the LoRA's weight delta; 0 = off (bit-exact with no LoRA)."}),
             },
             "optional": {
-                "loras": ("S2V_LORA", {"tooltip": "LoRAs to keep in the list (chain several Load LoRA nodes)."}),
+                "loras": (types.LORA_STACK, {"tooltip": "LoRAs to keep in the list (chain several Load LoRA nodes)."}),
             },
         }
 
-    RETURN_TYPES = ("S2V_LORA",)
+    RETURN_TYPES = (types.LORA_STACK,)
     RETURN_NAMES = ("loras",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
@@ -128,16 +129,16 @@ class WanS2VApplyLoRA:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "lora": ("WANS2V_LORA", {"tooltip": "The trained LoRA output of the Wan S2V training node."}),
+                "lora": (types.TRAINED_LORA, {"tooltip": "The trained LoRA output of the Wan S2V training node."}),
                 "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
                              "tooltip": "Multiplies the LoRA's weight delta; 0 = off."}),
             },
             "optional": {
-                "loras": ("S2V_LORA", {"tooltip": "LoRAs to keep in the list."}),
+                "loras": (types.LORA_STACK, {"tooltip": "LoRAs to keep in the list."}),
             },
         }
 
-    RETURN_TYPES = ("S2V_LORA",)
+    RETURN_TYPES = (types.LORA_STACK,)
     RETURN_NAMES = ("loras",)
     FUNCTION = "apply"
     CATEGORY = CATEGORY
@@ -156,7 +157,7 @@ class WanS2VSampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("WANS2V_MODEL", {"tooltip": "From Load Wan S2V Model Bundle."}),
+                "model": (types.MODEL, {"tooltip": "From Load Wan S2V Model Bundle."}),
                 "image": ("IMAGE", {"tooltip": "Reference image (first of the batch); resized to cover and "
                           "centre-cropped to width x height."}),
                 "audio": ("AUDIO", {"tooltip": "Speech, any length, rate, mono or stereo. It sets the number of "
@@ -185,7 +186,7 @@ class WanS2VSampler:
                              "batch (faster) or one after the other (less memory)."}),
             },
             "optional": {
-                "loras": ("S2V_LORA", {"tooltip": "LoRAs with strengths (Load LoRA / Apply LoRA), applied for "
+                "loras": (types.LORA_STACK, {"tooltip": "LoRAs with strengths (Load LoRA / Apply LoRA), applied for "
                           "this run only."}),
                 "pose_video": ("IMAGE", {"tooltip": "Optional pose frames driving the motion (16 fps)."}),
                 "offload": ("BOOLEAN", {"default": False, "tooltip": "Keep models on the CPU and move each to the "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import comfy_adapter
+from . import socket_types as types
 
 CATEGORY = "Wan S2V Trainer/train"
 
@@ -75,7 +76,7 @@ class WanS2VLoraSettings:
             }
         })
 
-    RETURN_TYPES = ("WANS2V_LORA_SETTINGS",)
+    RETURN_TYPES = (types.LORA_SETTINGS,)
     RETURN_NAMES = ("lora_settings",)
     FUNCTION = "build"
     CATEGORY = CATEGORY
@@ -105,7 +106,7 @@ class WanS2VOptimizerSettings:
             }
         })
 
-    RETURN_TYPES = ("WANS2V_OPTIMIZER_SETTINGS",)
+    RETURN_TYPES = (types.OPTIMIZER_SETTINGS,)
     RETURN_NAMES = ("optimizer_settings",)
     FUNCTION = "build"
     CATEGORY = CATEGORY
@@ -132,7 +133,7 @@ class WanS2VScheduleSettings:
             }
         })
 
-    RETURN_TYPES = ("WANS2V_SCHEDULE_SETTINGS",)
+    RETURN_TYPES = (types.SCHEDULE_SETTINGS,)
     RETURN_NAMES = ("schedule_settings",)
     FUNCTION = "build"
     CATEGORY = CATEGORY
@@ -174,8 +175,8 @@ class WanS2VTrainLora:
     def INPUT_TYPES(cls):
         return _tips({
             "required": {
-                "transformer": ("WANS2V_TRANSFORMER",),
-                "dataset": ("WANS2V_DATASET",),
+                "transformer": (types.TRANSFORMER,),
+                "dataset": (types.DATASET,),
                 "output_name": ("STRING", {"default": "wan_s2v_lora"}),
                 "max_train_steps": ("INT", {"default": 1000, "min": 1, "max": 1000000}),
                 "train_batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
@@ -203,15 +204,15 @@ class WanS2VTrainLora:
                 "save_diffusers_lora": ("BOOLEAN", {"default": False}),
             },
             "optional": {
-                "lora_settings": ("WANS2V_LORA_SETTINGS",),
-                "optimizer_settings": ("WANS2V_OPTIMIZER_SETTINGS",),
-                "schedule_settings": ("WANS2V_SCHEDULE_SETTINGS",),
-                "eval_dataset": ("WANS2V_DATASET",),
+                "lora_settings": (types.LORA_SETTINGS,),
+                "optimizer_settings": (types.OPTIMIZER_SETTINGS,),
+                "schedule_settings": (types.SCHEDULE_SETTINGS,),
+                "eval_dataset": (types.DATASET,),
                 "eval_step_interval": ("INT", {"default": 100, "min": 0, "max": 1000000}),
             },
         })
 
-    RETURN_TYPES = ("WANS2V_LORA", "STRING", "LOSS_MAP")
+    RETURN_TYPES = (types.TRAINED_LORA, "STRING", "LOSS_MAP")
     RETURN_NAMES = ("lora", "lora_path", "loss")
     FUNCTION = "train"
     CATEGORY = CATEGORY

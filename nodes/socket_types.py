@@ -1,0 +1,10 @@
+"""Custom ComfyUI socket types of the pack, in one place so that every node agrees."""
+
+TRANSFORMER = "WANS2V_TRANSFORMER"  # the S2V transformer alone (trainable)
+MODEL = "WANS2V_MODEL"  # transformer + VAE + text encoder + audio encoder (sampling)
+DATASET = "WANS2V_DATASET"  # cached, audio-aligned training windows
+TRAINED_LORA = "WANS2V_LORA"  # the LoRA a training node just produced (in memory)
+LORA_STACK = "WANS2V_LORA_STACK"  # LoRAs with strengths to apply while sampling
+LORA_SETTINGS = "WANS2V_LORA_SETTINGS"
+OPTIMIZER_SETTINGS = "WANS2V_OPTIMIZER_SETTINGS"
+SCHEDULE_SETTINGS = "WANS2V_SCHEDULE_SETTINGS"
