@@ -32,41 +32,41 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import REPO, environment, print_table, save_json  # noqa: E402
+from common import REPO, environment, print_table, save_json
 
 MODES: dict[str, dict] = {
-    "bf16-full": dict(gradient_checkpointing="full"),
-    "bf16-attention": dict(gradient_checkpointing="attention"),
-    "bf16-full-ffnchunk": dict(gradient_checkpointing="full", enable_chunked_feed_forward=True,
-                               feed_forward_chunk_size=4096),
-    "fp8-full": dict(base_model_precision="fp8", gradient_checkpointing="full"),
-    "int8-full": dict(base_model_precision="int8-quanto", gradient_checkpointing="full"),
-    "int8-full-ffnchunk": dict(base_model_precision="int8-quanto", gradient_checkpointing="full",
-                               enable_chunked_feed_forward=True, feed_forward_chunk_size=4096),
-    "int8-attention": dict(base_model_precision="int8-quanto", gradient_checkpointing="attention"),
-    "bf16-blocks-full": dict(offload="blocks", gradient_checkpointing="full"),
-    "bf16-blocks-attention": dict(offload="blocks", gradient_checkpointing="attention"),
-    "bf16-blocks-full-act": dict(offload="blocks", gradient_checkpointing="full", offload_activations=True),
-    "bf16-blocks-attention16-act": dict(offload="blocks", gradient_checkpointing="attention", attention_blocks=16,
-                                        offload_activations=True),
-    "fp8-blocks-attention16-act": dict(base_model_precision="fp8", offload="blocks",
-                                       gradient_checkpointing="attention", attention_blocks=16,
-                                       offload_activations=True),
-    "int8-blocks-full-act": dict(base_model_precision="int8-quanto", offload="blocks", gradient_checkpointing="full",
-                                 offload_activations=True),
-    "bf16-blocks-disk": dict(offload="blocks", gradient_checkpointing="full", offload_activations=True,
-                             offload_blocks_to_disk="/tmp/wan_block_offload"),
-    "auto": dict(auto=True),  # plan_memory(--budget-gib or 80)
+    "bf16-full": {"gradient_checkpointing": "full"},
+    "bf16-attention": {"gradient_checkpointing": "attention"},
+    "bf16-full-ffnchunk": {"gradient_checkpointing": "full", "enable_chunked_feed_forward": True,
+                               "feed_forward_chunk_size": 4096},
+    "fp8-full": {"base_model_precision": "fp8", "gradient_checkpointing": "full"},
+    "int8-full": {"base_model_precision": "int8-quanto", "gradient_checkpointing": "full"},
+    "int8-full-ffnchunk": {"base_model_precision": "int8-quanto", "gradient_checkpointing": "full",
+                               "enable_chunked_feed_forward": True, "feed_forward_chunk_size": 4096},
+    "int8-attention": {"base_model_precision": "int8-quanto", "gradient_checkpointing": "attention"},
+    "bf16-blocks-full": {"offload": "blocks", "gradient_checkpointing": "full"},
+    "bf16-blocks-attention": {"offload": "blocks", "gradient_checkpointing": "attention"},
+    "bf16-blocks-full-act": {"offload": "blocks", "gradient_checkpointing": "full", "offload_activations": True},
+    "bf16-blocks-attention16-act": {"offload": "blocks", "gradient_checkpointing": "attention", "attention_blocks": 16,
+                                        "offload_activations": True},
+    "fp8-blocks-attention16-act": {"base_model_precision": "fp8", "offload": "blocks",
+                                       "gradient_checkpointing": "attention", "attention_blocks": 16,
+                                       "offload_activations": True},
+    "int8-blocks-full-act": {"base_model_precision": "int8-quanto", "offload": "blocks", "gradient_checkpointing": "full",
+                                 "offload_activations": True},
+    "bf16-blocks-disk": {"offload": "blocks", "gradient_checkpointing": "full", "offload_activations": True,
+                             "offload_blocks_to_disk": "/tmp/wan_block_offload"},
+    "auto": {"auto": True},  # plan_memory(--budget-gib or 80)
 }
 DEFAULT_MODES = [m for m in MODES if m not in ("bf16-blocks-disk", "int8-attention", "bf16-blocks-attention")]
 
 
 def run_mode(args) -> dict:
     """Child process: build, apply the mode, time the steps."""
-    from peft import LoraConfig
-
     from bench_forward import s2v_inputs
     from common import build_on_device, time_cuda
+    from peft import LoraConfig
+
     from trainer.memory import MemoryConfig, apply_memory_config
     from trainer.memory.quantize import weight_bytes
     from trainer.model.transformer_s2v import WanS2VTransformer3DModel
@@ -168,7 +168,7 @@ def main() -> None:
             cmd.append("--no-compile")
         print(f"== {name}", flush=True)
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=REPO, env=child_env)
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=args.timeout, cwd=REPO, env=child_env)
             found = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
             row = json.loads(found[-1]) if found else {"mode": name, "error": f"exit {proc.returncode}: "
                                                        + (proc.stderr.strip().splitlines() or [""])[-1][:200]}

@@ -17,8 +17,8 @@ import copy
 
 import pytest
 import torch
-
 from test_transformer_s2v import inputs
+
 from trainer.memory import MemoryConfig, MemoryConfigError, apply_memory_config
 from trainer.memory.offload import BlockOffloader
 from trainer.memory.quantize import Fp8Linear
@@ -143,16 +143,16 @@ def test_block_offload_and_model_offload_are_exclusive():
 
 
 OFFLOAD_MODES = [
-    dict(offload="blocks"),
-    dict(offload="blocks", prefetch=0),
-    dict(offload="blocks", gradient_checkpointing="attention"),
-    dict(offload="blocks", offload_activations=True),
-    dict(gradient_checkpointing="attention"),
-    dict(gradient_checkpointing="attention", attention_blocks=2),
-    dict(gradient_checkpointing="interval", checkpoint_interval=2),
-    dict(gradient_checkpointing="none"),
-    dict(offload_activations=True),
-    dict(enable_chunked_feed_forward=True, feed_forward_chunk_size=7),
+    {"offload": "blocks"},
+    {"offload": "blocks", "prefetch": 0},
+    {"offload": "blocks", "gradient_checkpointing": "attention"},
+    {"offload": "blocks", "offload_activations": True},
+    {"gradient_checkpointing": "attention"},
+    {"gradient_checkpointing": "attention", "attention_blocks": 2},
+    {"gradient_checkpointing": "interval", "checkpoint_interval": 2},
+    {"gradient_checkpointing": "none"},
+    {"offload_activations": True},
+    {"enable_chunked_feed_forward": True, "feed_forward_chunk_size": 7},
 ]
 
 

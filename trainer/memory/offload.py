@@ -127,7 +127,7 @@ class BlockOffloader:
                         if buf is not None and not trainable_module:
                             self._add(r, module, name, buf, False, disk_tensors)
         if self.disk_dir is not None:
-            from safetensors.torch import save_file, safe_open
+            from safetensors.torch import safe_open, save_file
 
             self.disk_dir.mkdir(parents=True, exist_ok=True)
             path = self.disk_dir / "block_offload.safetensors"

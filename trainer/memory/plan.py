@@ -177,7 +177,7 @@ def plan_memory(vram_budget_gib: float, *, height: int = 480, width: int = 832, 
     cfg = {**DEFAULT_14B, **(model_config or {})}
     precisions = [normalize_precision(precision)] if precision else ["no_change", "int8-quanto", "fp8"]
     usable = vram_budget_gib - MARGIN_GIB - MARGIN_FRACTION * vram_budget_gib
-    shape = dict(height=height, width=width, frames=frames, lora_rank=lora_rank, model_config=cfg)
+    shape = {"height": height, "width": width, "frames": frames, "lora_rank": lora_rank, "model_config": cfg}
     scored = []
     for candidate in _candidates(precisions, cfg["num_layers"]):
         est = estimate_memory(candidate, **shape)
