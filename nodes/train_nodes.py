@@ -175,8 +175,8 @@ class WanS2VTrainLora:
     def INPUT_TYPES(cls):
         return _tips({
             "required": {
-                "transformer": (types.TRANSFORMER,),
-                "dataset": (types.DATASET,),
+                "transformer": (types.TRANSFORMER, {"tooltip": 'The Wan S2V transformer to train a LoRA on (Load Wan S2V Transformer).'}),
+                "dataset": (types.DATASET, {"tooltip": 'Training windows from the Wan S2V Dataset node.'}),
                 "output_name": ("STRING", {"default": "wan_s2v_lora"}),
                 "max_train_steps": ("INT", {"default": 1000, "min": 1, "max": 1000000}),
                 "train_batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
@@ -204,10 +204,10 @@ class WanS2VTrainLora:
                 "save_diffusers_lora": ("BOOLEAN", {"default": False}),
             },
             "optional": {
-                "lora_settings": (types.LORA_SETTINGS,),
-                "optimizer_settings": (types.OPTIMIZER_SETTINGS,),
-                "schedule_settings": (types.SCHEDULE_SETTINGS,),
-                "eval_dataset": (types.DATASET,),
+                "lora_settings": (types.LORA_SETTINGS, {"tooltip": 'Optional: rank, alpha, dropout, target modules (Wan S2V LoRA Settings).'}),
+                "optimizer_settings": (types.OPTIMIZER_SETTINGS, {"tooltip": 'Optional: optimizer, learning rate, clipping (Wan S2V Optimizer Settings).'}),
+                "schedule_settings": (types.SCHEDULE_SETTINGS, {"tooltip": 'Optional: learning-rate schedule (Wan S2V LR Schedule Settings).'}),
+                "eval_dataset": (types.DATASET, {"tooltip": 'Optional held-out windows: MSE at fixed timesteps and noise every eval_step_interval steps.'}),
                 "eval_step_interval": ("INT", {"default": 100, "min": 0, "max": 1000000}),
             },
         })

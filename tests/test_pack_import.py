@@ -58,8 +58,7 @@ def test_node_classes_follow_the_classic_api():
                 assert isinstance(spec_tuple, tuple) and spec_tuple, (name, input_name)
                 type_or_choices = spec_tuple[0]
                 assert isinstance(type_or_choices, (str, list)), (name, input_name)
-                if len(spec_tuple) > 1:
-                    assert "tooltip" in spec_tuple[1], f"{name}.{input_name} has no tooltip"
+                assert len(spec_tuple) > 1 and "tooltip" in spec_tuple[1], f"{name}.{input_name} has no tooltip"
         assert isinstance(cls.RETURN_TYPES, tuple)
         assert hasattr(cls, cls.FUNCTION), f"{name}.{cls.FUNCTION} missing"
         assert cls.CATEGORY.startswith("Wan S2V Trainer"), name
