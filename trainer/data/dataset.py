@@ -96,6 +96,10 @@ class S2VDataset(torch.utils.data.Dataset):
             "bucket": entry.clip.bucket,
         }
 
+    def bucket_of(self, index: int) -> tuple[int, int]:
+        """Bucket (h_px, w_px) of item `index`, without reading its cache files."""
+        return self.entries[index].clip.bucket
+
     def buckets(self) -> dict[tuple[int, int], list[int]]:
         groups: dict[tuple[int, int], list[int]] = {}
         for i, entry in enumerate(self.entries):
