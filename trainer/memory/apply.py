@@ -26,10 +26,6 @@ from .offload import BlockOffloader, enable_block_offload
 from .quantize import apply_precision
 
 
-def _no_checkpoint(fn, *args, **kwargs):
-    return fn(*args, **kwargs)
-
-
 def _with_activation_offload(run, pin: bool):
     """Checkpoint call whose saved block inputs go to host memory (the non-reentrant checkpoint
     saves its inputs through the saved-tensor hooks active outside it; everything inside the
@@ -47,27 +43,22 @@ def configure_checkpointing(model: nn.Module, config: MemoryConfig, device: torc
     """Set the model's per-block checkpoint functions for `config`; returns a per-block label
     ("none", "full", "attention", each with "+host" when inputs are offloaded)."""
     policy = config.gradient_checkpointing
-    if policy == "none":
-        model.configure_gradient_checkpointing("none")
-        return ["none"] * len(model.blocks)
-    if policy == "attention":
-        model.configure_gradient_checkpointing("attention", attention_blocks=config.attention_blocks)
-        keep = len(model.blocks) if config.attention_blocks is None else config.attention_blocks
-        labels = ["attention" if i < keep else "full" for i in range(len(model.blocks))]
+    blocks = len(model.blocks)
+    if policy == "interval":
+        model.configure_gradient_checkpointing("full", interval=config.checkpoint_interval)
     else:
-        model.configure_gradient_checkpointing("full")
-        labels = ["full"] * len(model.blocks)
-        if policy == "interval":
-            for i in range(len(model.blocks)):
-                if i % config.checkpoint_interval:
-                    model._block_checkpoint[i] = _no_checkpoint
-                    labels[i] = "none"
+        model.configure_gradient_checkpointing(policy, attention_blocks=config.attention_blocks)
+    keep = blocks if config.attention_blocks is None else config.attention_blocks
+    labels = [
+        "none" if run is None else ("attention" if policy == "attention" and i < keep else "full")
+        for i, run in enumerate(model.block_checkpointing)
+    ]
     if config.offload_activations:
         pin = torch.device(device).type == "cuda"
-        for i, label in enumerate(labels):
-            if label != "none":
-                model._block_checkpoint[i] = _with_activation_offload(model._block_checkpoint[i], pin)
-                labels[i] = label + "+host"
+        model.set_block_checkpointing(
+            [None if run is None else _with_activation_offload(run, pin) for run in model.block_checkpointing]
+        )
+        labels = [label if label == "none" else label + "+host" for label in labels]
     return labels
 
 

@@ -17,6 +17,7 @@ Two numerics are available behind `numerics` (config default, overridable per ca
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -266,7 +267,9 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         "end_layer_idx"}]}` or a list); see `trainer.model.routing`. None or [] turns it off."""
         self.token_routes = parse_routes(routes, len(self.blocks))
 
-    def configure_gradient_checkpointing(self, policy: str = "full", attention_blocks: int | None = None) -> None:
+    def configure_gradient_checkpointing(
+        self, policy: str = "full", attention_blocks: int | None = None, interval: int = 1
+    ) -> None:
         """Choose how blocks are checkpointed in training.
 
         Args:
@@ -275,15 +278,33 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             attention_blocks: with "attention", only the first this many blocks keep their
                 attention outputs and the rest are fully recomputed (a memory/speed dial);
                 None means all blocks.
+            interval: checkpoint every `interval`-th block only (the others keep all their
+                activations).
         """
         if policy not in CHECKPOINT_POLICIES:
             raise ValueError(f"policy must be one of {CHECKPOINT_POLICIES}, got '{policy}'")
-        self.gradient_checkpointing = policy != "none"
+        if interval < 1:
+            raise ValueError(f"interval must be >= 1, got {interval}")
         keep = len(self.blocks) if attention_blocks is None else attention_blocks
-        self._block_checkpoint = [
-            checkpoint_function("attention" if policy == "attention" and index < keep else "full")
+        functions = [
+            None if policy == "none" or index % interval
+            else checkpoint_function("attention" if policy == "attention" and index < keep else "full")
             for index in range(len(self.blocks))
         ]
+        self.set_block_checkpointing(functions)
+
+    @property
+    def block_checkpointing(self) -> list[Callable | None]:
+        """The checkpoint function of every block (None: not checkpointed)."""
+        return list(getattr(self, "_block_checkpoint", None) or [None] * len(self.blocks))
+
+    def set_block_checkpointing(self, functions: Sequence[Callable | None]) -> None:
+        """Set one `checkpoint(fn, *args)`-style function per block (None: no checkpointing);
+        the memory modes wrap these (e.g. to move the saved inputs to host memory)."""
+        if len(functions) != len(self.blocks):
+            raise ValueError(f"expected {len(self.blocks)} checkpoint functions, got {len(functions)}")
+        self._block_checkpoint = list(functions)
+        self.gradient_checkpointing = any(f is not None for f in functions)
 
     def compile_blocks(self, **compile_kwargs: Any) -> None:
         """torch.compile every block in place: fuses the norm, modulation, gating and RoPE
@@ -429,12 +450,8 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             if index in routes:
                 x, state, outside = self._enter_route(x, routes[index], grid, num_video, rotary)
             args = (index, x, temb_blocks, state[1], state[2], context, state[0], audio)
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                checkpointed = getattr(self, "_block_checkpoint", None)
-                run = checkpointed[index] if checkpointed else self._gradient_checkpointing_func
-                x = run(self._block_and_audio, *args)
-            else:
-                x = self._block_and_audio(*args)
+            run = self._checkpoint_function(index)
+            x = self._block_and_audio(*args) if run is None else run(self._block_and_audio, *args)
             if index == capture_block:
                 captured, captured_mask = self._capture_video(x, state[0], outside, num_video)
             if outside is not None and index == outside[2]:
@@ -462,6 +479,13 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         mask = torch.zeros(num_video, dtype=torch.bool, device=x.device)
         mask[keep] = True
         return video.index_copy(1, keep, x[:, :video_count]), mask
+
+    def _checkpoint_function(self, index: int) -> Callable | None:
+        """How block `index` is checkpointed now (None: run it plainly)."""
+        if not (torch.is_grad_enabled() and self.gradient_checkpointing):
+            return None
+        configured = getattr(self, "_block_checkpoint", None)
+        return configured[index] if configured else self._gradient_checkpointing_func
 
     def _enter_route(
         self,
