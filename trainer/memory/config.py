@@ -59,6 +59,8 @@ class MemoryConfig:
     #: every Linear of the blocks and audio injectors) or "fp8" (float8_e4m3fn weights with a
     #: per-tensor scale, dequantized layer by layer in the forward).
     base_model_precision: str = "no_change"
+    #: Where training runs: "auto" (CUDA when available, else CPU), "cuda", "cuda:N" or "cpu".
+    device: str = "auto"
     #: "none": everything on the compute device; "model": the whole model lives in host memory
     #: and is moved in and out as a unit (for sampling/encoders between steps; not for a
     #: training step); "blocks": block swap - each block's frozen weights live in pinned host
@@ -110,8 +112,18 @@ class MemoryConfig:
             return value
         return 4096
 
+    def resolved_device(self) -> "torch.device":
+        """The compute device `device` names."""
+        import torch
+
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
     def validate(self) -> MemoryConfig:
         self.base_model_precision = normalize_precision(self.base_model_precision)
+        if isinstance(self.gradient_checkpointing, bool):  # the seed's boolean spelling
+            self.gradient_checkpointing = "full" if self.gradient_checkpointing else "none"
         if self.offload not in OFFLOAD_MODES:
             raise MemoryConfigError(f"offload must be one of {OFFLOAD_MODES}, got {self.offload!r}")
         if self.gradient_checkpointing not in CHECKPOINT_POLICIES:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..memory.config import MemoryConfig
+
 #: q/k/v/o of self-attention (attn1), cross-attention (attn2) and the audio injectors.
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -149,6 +151,9 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     crepa: CrepaConfig = field(default_factory=CrepaConfig)
+    #: Device, base precision, offload, checkpointing policy, chunked feed-forward, auto plan
+    #: (`trainer.memory.MemoryConfig`; flat keys such as `gradient_checkpointing` land there).
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     # --- where
     output_dir: str = "output/wan_s2v_lora"
@@ -166,7 +171,6 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     seed: int = 42
     mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
     numerics: str = "official"
 
     # --- objective (flow matching as Wan trains)
@@ -217,6 +221,7 @@ class TrainConfig:
         self.optimizer.validate()
         self.schedule.validate()
         self.crepa.validate()
+        self.memory.validate()
         checks = [
             (self.max_train_steps >= 1, "max_train_steps must be >= 1"),
             (self.train_batch_size >= 1, "train_batch_size must be >= 1"),
@@ -285,6 +290,7 @@ class TrainConfig:
 
 _SECTIONS: dict[str, type] = {
     "lora": LoraConfig, "optimizer": OptimizerConfig, "schedule": ScheduleConfig, "crepa": CrepaConfig,
+    "memory": MemoryConfig,
 }
 
 

@@ -26,6 +26,7 @@ import torch
 from ..lora.io import save_lora
 from .batching import BatchOrder, collate
 from .checkpoint import checkpoint_root, load_checkpoint, remove_partial, resolve_resume, save_checkpoint
+from ..memory import apply_memory_config
 from .config import TrainConfig
 from .crepa import CrepaRegularizer
 from .flow import add_noise, auto_shift, flow_loss, sample_sigmas, timesteps_from_sigmas, velocity_target
@@ -391,12 +392,17 @@ def train(
     output_dir.mkdir(parents=True, exist_ok=True)
     ckpt_root = checkpoint_root(output_dir)
     remove_partial(ckpt_root)
-    device = next(model.parameters()).device
+    device = config.memory.resolved_device()
+    video_shape = {}
+    if config.memory.auto:  # the plan depends on the clip size
+        _, frames, lat_h, lat_w = dataset[0]["latents"].shape
+        video_shape = dict(height=8 * lat_h, width=8 * lat_w, frames=4 * (frames - 1) + 1)
+    memory = apply_memory_config(model, config.memory, device, lora_rank=config.lora.lora_rank, **video_shape)
+    logger.info("memory: %s", memory.describe())
 
     params = add_lora(model, config)
+    memory.after_lora()
     model.train()
-    if config.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
     model.set_token_routes(config.tread_config)
     crepa = None
     if config.crepa.crepa_enabled:
