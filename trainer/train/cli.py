@@ -15,8 +15,9 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
         help="train a LoRA from a JSON/TOML config",
         description="Train a Wan 2.2 S2V LoRA. CONFIG is a JSON or TOML file of training settings "
         "(flat seed names such as learning_rate, lora_rank, max_train_steps, or [lora]/[optimizer]/"
-        "[schedule] sections). model_path unset or 'tiny' trains the built-in tiny model; dataset "
-        "'synthetic' uses the built-in synthetic talking dataset.",
+        "[schedule] sections). model_path unset or 'tiny' trains the built-in tiny model; dataset is "
+        "'synthetic' (built-in) or a folder of talking videos, cached with vae_path, text_encoder_path "
+        "and audio_encoder_path (or 'tiny'), with DatasetConfig settings in dataset_options.",
     )
     parser.add_argument("config", help="training config (.json or .toml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -53,7 +54,8 @@ def build_model(config: TrainConfig):
     return load_transformer(config.model_path, numerics=config.numerics)
 
 
-def build_dataset(name: str | None, model, seed: int):
+def build_dataset(name: str | None, model, config: TrainConfig):
+    """The dataset `name` names: "synthetic[:seed]" or a folder of talking videos."""
     if name is None:
         return None
     if name.startswith("synthetic"):
@@ -63,10 +65,31 @@ def build_dataset(name: str | None, model, seed: int):
         # "synthetic" or "synthetic:<seed>" (a held-out set is another seed)
         data_seed = int(name.split(":", 1)[1]) if ":" in name else 0
         return SyntheticTalkingDataset(audio_dim=cfg.audio_dim, text_dim=cfg.text_dim, text_len=64, seed=data_seed)
-    raise SystemExit(
-        f"dataset {name!r}: only the built-in 'synthetic' dataset is wired into the CLI yet; "
-        "folder datasets come with trainer.data"
-    )
+    return _folder_dataset(name, config)
+
+
+def _folder_dataset(folder: str, config: TrainConfig):
+    from pathlib import Path
+
+    from ..data import DatasetConfig
+    from ..data.dataset import build_dataset as build_folder_dataset
+    from ..data.discovery import scan_folder
+    from ..data.encoders import Encoders
+
+    options = dict(config.dataset_options or {})
+    options.setdefault("cache_dir", str(Path(config.output_dir) / "cache"))
+    data_config = DatasetConfig.from_dict({**options, "folder": folder}).validate()
+    paths = (config.vae_path, config.text_encoder_path, config.audio_encoder_path)
+    if "tiny" in paths:
+        encoders = Encoders.tiny(Path(data_config.cache_dir) / "_tiny_models")
+    elif all(paths):
+        encoders = Encoders(*paths)
+    else:
+        raise SystemExit("a folder dataset needs vae_path, text_encoder_path and audio_encoder_path "
+                         "(ComfyUI files or Diffusers folders; 'tiny' for the built-in tiny models)")
+    scan = scan_folder(data_config)
+    print(scan.report(), flush=True)
+    return build_folder_dataset(data_config, encoders, scan)
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -75,8 +98,8 @@ def _run_train(args: argparse.Namespace) -> int:
     set_threads_from_env()
     config = _overrides(load_config(args.config), args.set)
     model = build_model(config)
-    dataset = build_dataset(config.dataset, model, config.seed)
-    eval_dataset = build_dataset(config.eval_dataset, model, config.seed)
+    dataset = build_dataset(config.dataset, model, config)
+    eval_dataset = build_dataset(config.eval_dataset, model, config)
     bar = None
     if not args.no_progress and sys.stderr.isatty():
         from tqdm import tqdm

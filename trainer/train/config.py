@@ -161,9 +161,18 @@ class TrainConfig:
     #: Transformer to train: a ComfyUI file or Diffusers folder; None/"tiny" = the built-in
     #: tiny model (CLI only; the node passes a loaded model).
     model_path: str | None = None
-    #: Dataset for the CLI: "synthetic" (built-in) or a dataset folder read by `trainer.data`.
+    #: Dataset for the CLI: "synthetic[:seed]" (built-in) or a folder of talking videos read
+    #: by `trainer.data` (cached with the encoders below).
     dataset: str = "synthetic"
     eval_dataset: str | None = None
+    #: Further `trainer.data.DatasetConfig` settings for folder datasets (num_frames,
+    #: resolution, caption_strategy, cache_dir, ...).
+    dataset_options: dict | None = None
+    #: Encoders that cache a folder dataset: ComfyUI files or Diffusers folders, or "tiny"
+    #: (all three) for the built-in tiny models.
+    vae_path: str | None = None
+    text_encoder_path: str | None = None
+    audio_encoder_path: str | None = None
 
     # --- length and batching
     max_train_steps: int = 1000
