@@ -10,13 +10,13 @@ Prints one JSON line: clips/s and windows/s for decode alone and for decode + fe
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
@@ -123,7 +123,21 @@ def main() -> int:
         "decode_features_windows_per_s": round(windows / total_s, 3),
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if args.device.startswith("cuda") else None,
     }
-    print(json.dumps(result))
+    from common import environment, print_table, save_json
+
+    env = environment()
+    rows = [
+        {"stage": "PyAV decode (16 fps, resize/crop, 16 kHz audio)", "clips/s": result["decode_clips_per_s"],
+         "windows/s": result["decode_windows_per_s"], "peak GPU GiB": ""},
+        {"stage": "decode + VAE latents + wav2vec2 features + reference", "clips/s":
+         result["decode_features_clips_per_s"], "windows/s": result["decode_features_windows_per_s"],
+         "peak GPU GiB": result["peak_gpu_gib"] or ""},
+    ]
+    size = "full-size" if full else "tiny"
+    title = (f"Dataset throughput, {size} encoders, {bucket[1]}x{bucket[0]}x{num_frames}, {clips} clips - "
+             f"{result['device']}, torch {env['torch']}, {env['date']}, commit {env['commit']}")
+    print_table(title, rows, ["stage", "clips/s", "windows/s", "peak GPU GiB"])
+    save_json("bench_dataset.json", {"env": env, "result": result})
     return 0
 
 
