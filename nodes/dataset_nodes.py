@@ -7,6 +7,23 @@ from . import socket_types as types
 
 CATEGORY = "Wan S2V Trainer/data"
 TINY = "(tiny random test model)"
+DEMO_MEDIA = "(demo media)"
+DEMO_MEDIA_FOLDER = "wan_s2v_demo_media"
+
+
+def _demo_media(root) -> str:
+    """Write two short synthetic talking videos (pattern + chirp, with captions) into
+    `<input>/wan_s2v_demo_media` once; returns that folder."""
+    from ..trainer.data.synthetic import write_video
+
+    folder = root / DEMO_MEDIA_FOLDER
+    for index, (duration, caption) in enumerate([(1.5, "a person talks calmly"), (2.0, "a person speaks fast")]):
+        video = folder / f"demo_talk_{index}.mp4"
+        if not video.is_file():
+            tmp = write_video(folder / f".demo_talk_{index}.tmp.mp4", fps=25, duration=duration, size=(96, 64))
+            tmp.replace(video)
+        video.with_suffix(".txt").write_text(caption)
+    return str(folder)
 
 
 def _choices(kind: str) -> list[str]:
@@ -23,7 +40,9 @@ class WanS2VDataset:
         return {
             "required": {
                 "folder": ("STRING", {"default": "s2v_dataset", "tooltip": "Folder of videos, relative to ComfyUI's "
-                                      "input folder (or inside a root listed in WAN_S2V_TRAINER_ROOTS)."}),
+                                      "input folder (or inside a root listed in WAN_S2V_TRAINER_ROOTS). "
+                                      f"'{DEMO_MEDIA}' writes two synthetic talking clips to input/{DEMO_MEDIA_FOLDER} "
+                                      "and uses them (demo workflow)."}),
                 "vae": (_choices("vae"), {"tooltip": "Wan 2.1 VAE (wan_2.1_vae.safetensors)."}),
                 "text_encoder": (_choices("text_encoders"), {"tooltip": "UMT5-XXL (umt5_xxl_fp8_e4m3fn_scaled / fp16)."}),
                 "audio_encoder": (_choices("audio_encoders"), {"tooltip": "wav2vec2-large english (wav2vec2_large_english_fp16)."}),
@@ -72,7 +91,7 @@ class WanS2VDataset:
         def confine(path: str) -> str:
             return str(comfy_adapter.confine_path(path, roots)) if path else ""
 
-        source = confine(folder)
+        source = _demo_media(roots[0]) if folder.strip() == DEMO_MEDIA else confine(folder)
         cache_dir = comfy_adapter.output_directory() / "wan_s2v_cache" / (
             f"{source.rstrip('/').split('/')[-1]}-{hashlib.sha256(source.encode()).hexdigest()[:8]}")
         config = DatasetConfig(

@@ -6,6 +6,7 @@ from . import comfy_adapter
 from . import socket_types as types
 
 CATEGORY = "Wan S2V Trainer/model"
+TINY = "(tiny random test model)"
 
 
 class WanS2VLoadTransformer:
@@ -16,8 +17,10 @@ class WanS2VLoadTransformer:
         return {
             "required": {
                 "transformer": (
-                    comfy_adapter.list_model_files("diffusion_models"),
-                    {"tooltip": "wan2.2_s2v_14B_bf16.safetensors (or fp8_scaled) from models/diffusion_models."},
+                    comfy_adapter.list_model_files("diffusion_models") + [TINY],
+                    {"tooltip": "wan2.2_s2v_14B_bf16.safetensors (or fp8_scaled) from models/diffusion_models. "
+                     "The tiny entry builds the built-in tiny random transformer (demo, tests; float32, the "
+                     "same weights as the tiny entry of Load Wan S2V Model Bundle)."},
                 ),
                 "dtype": (
                     ["bfloat16", "float16", "float32"],
@@ -45,6 +48,12 @@ class WanS2VLoadTransformer:
 
         from ..trainer.model.transformer_io import load_transformer
 
+        if transformer == TINY:
+            from ..trainer.model.tiny import build_tiny_transformer
+
+            model = build_tiny_transformer(0)
+            model.numerics = numerics
+            return (model,)
         comfy_adapter.free_comfyui_models()
         path = comfy_adapter.model_file_path("diffusion_models", transformer)
         model = load_transformer(path, dtype=getattr(torch, dtype), device="cpu", numerics=numerics)

@@ -8,6 +8,7 @@ from . import comfy_adapter
 from . import socket_types as types
 
 CATEGORY = "Wan S2V Trainer/train"
+TRAIN_EVENT = "wan_s2v.train"  # custom websocket event per training step (web/js/loss_chart.js)
 
 TOOLTIPS = {
     "lora_rank": "LoRA rank r (the adapter's inner width).",
@@ -173,7 +174,7 @@ class WanS2VTrainLora:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return _tips({
+        inputs = _tips({
             "required": {
                 "transformer": (types.TRANSFORMER, {"tooltip": 'The Wan S2V transformer to train a LoRA on (Load Wan S2V Transformer).'}),
                 "dataset": (types.DATASET, {"tooltip": 'Training windows from the Wan S2V Dataset node.'}),
@@ -211,6 +212,9 @@ class WanS2VTrainLora:
                 "eval_step_interval": ("INT", {"default": 100, "min": 0, "max": 1000000}),
             },
         })
+        # The node id tags the per-step loss events, so that web/js/loss_chart.js draws them on this node.
+        inputs["hidden"] = {"unique_id": "UNIQUE_ID"}
+        return inputs
 
     RETURN_TYPES = (types.TRAINED_LORA, "STRING", "LOSS_MAP")
     RETURN_NAMES = ("lora", "lora_path", "loss")
@@ -224,10 +228,11 @@ class WanS2VTrainLora:
 
     def train(self, transformer, dataset, output_name, lora_settings=None, optimizer_settings=None,
               schedule_settings=None, eval_dataset=None, eval_step_interval=100, save_to="loras",
-              resume_from_checkpoint="latest", **settings):
+              resume_from_checkpoint="latest", unique_id=None, **settings):
         result, path = run_training_node(
             transformer, dataset, output_name, settings, lora_settings, optimizer_settings, schedule_settings,
             eval_dataset, eval_step_interval, save_to, resume_from_checkpoint,
+            node_id=None if unique_id is None else str(unique_id),
         )
         losses = {"loss": [loss for _, loss in result.loss_history]}
         return (result.lora, str(path), losses)
@@ -289,21 +294,30 @@ def run_training_node(transformer, dataset, output_name, settings, lora_settings
     config.validate()
 
     bar = comfy_adapter.Progress(config.max_train_steps, node_id=node_id)
+    last_record: dict[str, Any] = {}
+
+    def on_log(record):
+        last_record.clear()
+        last_record.update(record)
 
     def progress(step, loss, lr, eta):
         # A bar update raises ComfyUI's interrupt exception on Cancel; leave the stop to
         # `should_stop` so that the checkpoint is written first.
         if not comfy_adapter.interrupt_requested():
             bar.update(step)
-        comfy_adapter.send_event("wan_s2v.train_progress", {"node": node_id, "step": step, "loss": loss,
-                                                             "lr": lr, "eta": eta, "total": config.max_train_steps})
+        event = {"node": node_id, "step": step, "loss": float(loss), "lr": float(lr), "eta": float(eta),
+                 "total": config.max_train_steps, "output_name": output_name}
+        if last_record.get("step") == step and last_record.get("eval_loss") is not None:
+            event["eval_loss"] = float(last_record["eval_loss"])
+        # One event per optimizer step: web/js/loss_chart.js draws it on the node `node`.
+        comfy_adapter.send_event(TRAIN_EVENT, event)
 
     with torch.inference_mode(False), torch.enable_grad():
         detach_inference_tensors(transformer)
         result = train(
             transformer, _ClonedItems(dataset), config,
             eval_dataset=None if eval_dataset is None else _ClonedItems(eval_dataset),
-            progress=progress, should_stop=comfy_adapter.interrupt_requested, keep_adapter=False,
+            progress=progress, should_stop=comfy_adapter.interrupt_requested, keep_adapter=False, on_log=on_log,
         )
     path = result.lora_path or result.diffusers_lora_path
     if save_to == "loras" and path is not None:
