@@ -64,8 +64,7 @@ DEFAULT_MODES = [m for m in MODES if m not in ("bf16-blocks-disk", "int8-attenti
 def run_mode(args) -> dict:
     """Child process: build, apply the mode, time the steps."""
     from bench_forward import s2v_inputs
-    from common import build_on_device, time_cuda
-    from peft import LoraConfig
+    from common import add_bench_lora, build_on_device, lora_train_step, time_cuda
 
     from trainer.memory import MemoryConfig, apply_memory_config
     from trainer.memory.quantize import weight_bytes
@@ -81,14 +80,7 @@ def run_mode(args) -> dict:
     setup = apply_memory_config(model, MemoryConfig(**spec), "cuda", height=args.height, width=args.width,
                                 frames=args.frames, lora_rank=args.rank)
     row["settings"] = setup.describe()
-    model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    for module in model.modules():
-        if hasattr(module, "cast_input_dtype_enabled"):
-            module.cast_input_dtype_enabled = False
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
+    params = add_bench_lora(model, rank=args.rank)
     row["weights_gib"] = f"{weight_bytes(model) / 2**30:.1f}"
     setup.after_lora()
     gc.collect()
@@ -97,23 +89,13 @@ def run_mode(args) -> dict:
     model.train()
     if args.compile:
         model.compile_blocks()
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
     inputs = s2v_inputs(args.frames, args.height, args.width, False, "cuda")
-    target = torch.randn_like(inputs["hidden_states"], dtype=torch.float32)
+    step = lora_train_step(model, params, inputs)
     row["resident_gib"] = f"{torch.cuda.memory_allocated() / 2**30:.1f}"
     if args.budget_gib:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.budget_gib * 2**30 / total))
     torch.cuda.reset_peak_memory_stats()
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            pred = model(**inputs).sample
-        loss = torch.nn.functional.mse_loss(pred.float(), target)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
 
     median, samples = time_cuda(step, args.warmup, args.repeats)
     row.update(median_s=f"{median:.2f}", min_s=f"{min(samples):.2f}",

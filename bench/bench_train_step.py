@@ -15,7 +15,16 @@ import gc
 import torch
 
 from bench_forward import s2v_inputs
-from common import build_on_device, environment, peak_gib, print_table, save_json, time_cuda
+from common import (
+    add_bench_lora,
+    build_on_device,
+    environment,
+    lora_train_step,
+    peak_gib,
+    print_table,
+    save_json,
+    time_cuda,
+)
 
 FLOOR_S = 9.9  # performance.md: selective checkpointing that keeps attention outputs
 SIMPLETUNER = {"time_s": 15.34, "peak_gib": 69.4}
@@ -23,40 +32,18 @@ SIMPLETUNER = {"time_s": 15.34, "peak_gib": 69.4}
 
 def bench(args, compile_blocks: bool, policy: str = "full") -> dict:
     """One variant; `policy` is "full", "attention" or "attention:N" (first N blocks keep it)."""
-    from peft import LoraConfig
-
     from trainer.model.transformer_s2v import WanS2VTransformer3DModel
 
     model = build_on_device(lambda: WanS2VTransformer3DModel(), "cuda", torch.bfloat16)
-    model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    params = add_bench_lora(model, peft_cast=args.peft_cast)
     name, _, blocks = policy.partition(":")
     model.configure_gradient_checkpointing(name, int(blocks) if blocks else None)
     model.train()
-    if not args.peft_cast:
-        # autocast already runs the LoRA matmuls in bf16; peft's own cast of every input to
-        # the fp32 LoRA dtype would add two full copies of each activation.
-        for module in model.modules():
-            if hasattr(module, "cast_input_dtype_enabled"):
-                module.cast_input_dtype_enabled = False
     if compile_blocks:
         model.compile_blocks()
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()  # LoRA weights in fp32, base in bf16 (mixed precision)
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
     inputs = s2v_inputs(args.frames, args.height, args.width, False, "cuda")
-    target = torch.randn_like(inputs["hidden_states"], dtype=torch.float32)
+    step = lora_train_step(model, params, inputs)
     torch.cuda.reset_peak_memory_stats()
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            pred = model(**inputs).sample
-        loss = torch.nn.functional.mse_loss(pred.float(), target)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
 
     median, samples = time_cuda(step, args.warmup, args.repeats)
     row = {
@@ -67,7 +54,7 @@ def bench(args, compile_blocks: bool, policy: str = "full") -> dict:
         "peak_gib": f"{peak_gib():.1f}",
         "lora_params": sum(p.numel() for p in params),
     }
-    del model, optimizer, inputs, params
+    del model, step, inputs, params
     gc.collect()
     torch.cuda.empty_cache()
     return row

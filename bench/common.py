@@ -93,3 +93,40 @@ def save_json(name: str, payload: dict) -> None:
     out = os.environ.get("OUT")
     if out:
         Path(out, name).write_text(json.dumps(payload, indent=2))
+
+
+def add_bench_lora(model: torch.nn.Module, rank: int = 16, peft_cast: bool = False) -> list[torch.nn.Parameter]:
+    """LoRA r=`rank` on q/k/v/o of every attention, frozen base, fp32 LoRA weights.
+
+    With `peft_cast` off, peft does not cast each LoRA input to the fp32 LoRA dtype: autocast
+    already runs those matmuls in bf16, and the cast would add two copies of each activation.
+    """
+    from peft import LoraConfig
+
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    if not peft_cast:
+        for module in model.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = False
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+def lora_train_step(model: torch.nn.Module, params: list[torch.nn.Parameter], inputs: dict) -> Callable[[], object]:
+    """A training step of the benchmark: bf16 autocast forward, fp32 MSE, backward, AdamW."""
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    target = torch.randn_like(inputs["hidden_states"], dtype=torch.float32)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            pred = model(**inputs).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step

@@ -13,7 +13,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench_forward import s2v_inputs
-from common import build_on_device
+from common import add_bench_lora, build_on_device, lora_train_step
 
 
 def classify(name: str) -> str:
@@ -28,29 +28,10 @@ def classify(name: str) -> str:
 
 
 def _train_step(model, inputs, policy: str):
-    from peft import LoraConfig
-
-    model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    params = add_bench_lora(model)
     model.configure_gradient_checkpointing(policy)
     model.train()
-    for module in model.modules():
-        if hasattr(module, "cast_input_dtype_enabled"):
-            module.cast_input_dtype_enabled = False
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    target = torch.randn_like(inputs["hidden_states"], dtype=torch.float32)
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            pred = model(**inputs).sample
-        torch.nn.functional.mse_loss(pred.float(), target).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    return lora_train_step(model, params, inputs)
 
 
 def main() -> None:
