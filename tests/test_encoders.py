@@ -285,6 +285,25 @@ def test_audio_encoder_comfyui_names_round_trip(audio_files):
     assert all(torch.equal(resaved[k], original[k]) for k in original)
 
 
+def test_scaled_fp8_scales_weights_not_biases(audio_files, tmp_path):
+    """`<layer>.scale_weight` multiplies `<layer>.weight` only; the layer's bias is stored
+    unscaled (ComfyUI's scaled-fp8 layout), so it loads unchanged."""
+    from trainer.model.single_file import quantize_scaled_fp8
+
+    original = load_file(str(audio_files["comfy"]))
+    quantized = quantize_scaled_fp8(original, lambda key, value: key.endswith("attention.q_proj.weight"))
+    path = tmp_path / "wav2vec2_fp8_scaled.safetensors"
+    save_file(quantized, str(path))
+    state = load_audio_encoder(path, dtype=torch.float32).state_dict()
+    weights = [k for k in quantized if k.endswith("q_proj.weight")]
+    assert weights
+    for key in weights:
+        scale = quantized[key.replace(".weight", ".scale_weight")]
+        assert torch.equal(state[key], quantized[key].float() * scale)
+        bias = key.replace(".weight", ".bias")
+        assert torch.equal(state[bias], original[bias])
+
+
 def test_audio_encoder_strict_keys(audio_files, tmp_path):
     missing = rewrite(audio_files["comfy"], tmp_path / "missing.safetensors",
                       lambda t: t.pop("encoder.layers.3.attention.q_proj.bias"))

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from golden import golden_folders, relative_error
 from trainer.model.audio_features import (
     audio_features_for_video,
     audio_window,
@@ -25,31 +26,7 @@ from trainer.model.audio_features import (
 TOLERANCE = 1e-5
 INPUT_KEYS = ("hidden_states", "hidden_states_50hz")
 FULL_KEYS = ("bucket_full", "out")
-
-
-def golden_root() -> Path | None:
-    if os.environ.get("S2V_GOLDEN_DIR"):
-        return Path(os.environ["S2V_GOLDEN_DIR"])
-    for ancestor in Path(__file__).resolve().parents[1:]:
-        candidate = ancestor / "shared" / "golden"
-        if candidate.is_dir():
-            return candidate
-    return None
-
-
-def golden_folders() -> list[Path]:
-    root = golden_root()
-    if root is None or not root.is_dir():
-        return []
-    return sorted(p.parent for p in root.rglob("audio_features.safetensors"))
-
-
-FOLDERS = golden_folders()
-
-
-def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    assert ours.shape == reference.shape, f"shape {tuple(ours.shape)} != {tuple(reference.shape)}"
-    return ((ours.double() - reference.double()).norm() / reference.double().norm()).item()
+FOLDERS = golden_folders("audio_features.safetensors")
 
 
 def load_case(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:

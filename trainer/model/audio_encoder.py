@@ -23,12 +23,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Model
+from transformers.modeling_utils import PreTrainedModel
 
+from ..io_utils import atomic_folder
 from .single_file import (
     CheckpointKeyError,
     PathLike,
     check_loading_info,
-    hide_broken_torch_extensions,
+    is_saved_model_folder,
     is_single_file,
     load_single_file,
     meta_device_init,
@@ -37,11 +40,6 @@ from .single_file import (
     state_dict_for_saving,
     transformers_dtype_kwargs,
 )
-
-hide_broken_torch_extensions()
-
-from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Model
-from transformers.modeling_utils import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -249,16 +247,18 @@ def save_audio_encoder(
     with_head: bool = False,
 ) -> Path:
     """Save as a Diffusers `audio_encoder/` folder (with `preprocessor_config.json`) or a
-    ComfyUI single file (`layout="comfyui"`)."""
+    ComfyUI single file (`layout="comfyui"`). Written atomically (`trainer.io_utils`); an
+    existing folder is replaced only if it holds nothing but a saved model (else FileExistsError)."""
     path = Path(path)
     if layout == "diffusers":
         if not isinstance(model, PreTrainedModel) or not isinstance(model, Wav2Vec2ForCTC):
             raise TypeError("the Diffusers layout holds a Wav2Vec2ForCTC")
-        path.mkdir(parents=True, exist_ok=True)
         state = None if dtype is None else state_dict_for_saving(model, dtype)
-        model.save_pretrained(str(path), state_dict=state, safe_serialization=True)
-        (feature_extractor or getattr(model, "wan_feature_extractor", None)
-         or Wav2Vec2FeatureExtractor(**FEATURE_EXTRACTOR_DEFAULTS)).save_pretrained(str(path))
+        extractor = (feature_extractor or getattr(model, "wan_feature_extractor", None)
+                     or Wav2Vec2FeatureExtractor(**FEATURE_EXTRACTOR_DEFAULTS))
+        with atomic_folder(path, replaceable=is_saved_model_folder) as tmp:
+            model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+            extractor.save_pretrained(str(tmp))
         return path
     if layout == "comfyui":
         return save_single_file(comfyui_audio_encoder_state_dict(model, dtype, with_head), path)

@@ -1,35 +1,30 @@
-"""Single-file safetensors I/O shared by the encoder and VAE loaders.
+"""Single-file safetensors I/O shared by the model loaders (encoders, VAE and transformer).
 
-- Streams tensors one by one with `safe_open` into a model built on the meta device, so
-  loading never holds two copies of a checkpoint in memory.
+- Reads tensors one by one with `SafetensorsFile` (positional reads, no mmap: see
+  `safetensors_reader`) into a model built on the meta device, so loading never holds two
+  copies of a checkpoint in memory.
 - Strict: the renamed file keys must equal the model's keys; anything else raises
   `CheckpointKeyError` naming the keys.
 - Understands ComfyUI's "scaled fp8" files: fp8 weights with a per-tensor float32
   `<module>.scale_weight` (and an optional `<module>.scale_input`) and a `scaled_fp8` marker
-  tensor; they are dequantized on the fly, w = fp8 * scale.
-- Works around a torchvision/torchaudio binary built for another torch: transformers imports
-  them whenever they are installed, and a broken one makes every transformers model fail to
-  import (see `hide_broken_torch_extensions`).
+  tensor; they are dequantized on the fly, w = fp8 * scale (`dequantize`).
+- Writes atomically (`trainer.io_utils.atomic_write`).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import json
-import logging
 import os
-import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-logger = logging.getLogger(__name__)
+from ..io_utils import atomic_write
+from .safetensors_reader import SafetensorsFile
 
 PathLike = str | os.PathLike
 
@@ -43,29 +38,14 @@ FP8_DTYPES = tuple(
 )
 
 
+#: What `save_pretrained` writes besides the weights (transformers and diffusers models).
+SAVED_CONFIG_NAMES = ("config.json", "generation_config.json", "preprocessor_config.json")
+#: Weight files, shards and shard indexes of a saved model.
+SAVED_WEIGHT_PREFIXES = ("model.safetensors", "model-", "diffusion_pytorch_model")
+
+
 class CheckpointKeyError(ValueError):
     """A checkpoint's tensor names do not match the model (strict loading)."""
-
-
-def hide_broken_torch_extensions(names: Iterable[str] = ("torchvision", "torchaudio")) -> None:
-    """Mark installed-but-unimportable torch extensions as absent.
-
-    PyPI's torchvision/torchaudio wheels are built against a CUDA torch; next to a CPU torch
-    they raise RuntimeError/OSError at import. transformers imports torchvision as soon as it
-    is installed (from `modeling_utils`), so every model class would fail to import.
-    A `None` entry in `sys.modules` makes `find_spec` report the package as missing, and
-    transformers then skips it. A working extension (e.g. inside ComfyUI) is left alone.
-    """
-    for name in names:
-        if name in sys.modules or importlib.util.find_spec(name) is None:
-            continue
-        try:
-            importlib.import_module(name)
-        except Exception as error:  # noqa: BLE001 - any failure means "unusable"
-            for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
-                del sys.modules[key]
-            sys.modules[name] = None  # type: ignore[assignment]
-            logger.debug("%s is installed but cannot be imported (%s); treating it as absent", name, error)
 
 
 def is_single_file(path: PathLike) -> bool:
@@ -80,13 +60,21 @@ def is_single_file(path: PathLike) -> bool:
     raise FileNotFoundError(f"{path} does not exist")
 
 
+def is_saved_model_folder(path: Path) -> bool:
+    """True for an empty folder or one holding nothing but a saved model (configs, weights,
+    shards, index): a save may replace it whole, stale shards of an older save included."""
+    return all(
+        entry.is_file() and (entry.name in SAVED_CONFIG_NAMES or entry.name.startswith(SAVED_WEIGHT_PREFIXES))
+        for entry in path.iterdir()
+    )
+
+
 def read_header(path: PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Tensor names of a safetensors file -> (shape, safetensors dtype string), no data read."""
-    with open(path, "rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(size))
-    header.pop("__metadata__", None)
-    return {key: (tuple(info["shape"]), info["dtype"]) for key, info in header.items()}
+    """Tensor names of a safetensors file -> (shape, safetensors dtype string), no data read.
+
+    Raises `SafetensorsError` (a ValueError) for a file that is not valid safetensors.
+    """
+    return SafetensorsFile(path).shapes()
 
 
 def format_key_mismatch(missing: Iterable[str], unexpected: Iterable[str], limit: int = 20) -> str:
@@ -111,8 +99,9 @@ def check_keys(expected: Iterable[str], found: Iterable[str], what: str, hint: s
 
 
 @contextmanager
-def meta_device_init():
-    """Build modules with parameters on the meta device (buffers stay real)."""
+def meta_device_init() -> Iterator[None]:
+    """Build modules with parameters on the meta device (buffers stay real): no memory for
+    weights that the loader replaces anyway."""
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
@@ -172,10 +161,36 @@ def retie(model: torch.nn.Module, aliases: Mapping[str, str]) -> None:
 
 
 def dequantize(tensor: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """fp8 (or any) tensor times its per-tensor scale, computed in float32, returned in `dtype`."""
+    """fp8 (or any) tensor times its per-tensor scale, computed in float32, returned in `dtype`.
+
+    w = fp8.to(float32) * scale_weight, as ComfyUI does; without a scale just the cast.
+    """
     if scale is None:
         return tensor.to(dtype)
     return (tensor.to(torch.float32) * scale.to(torch.float32)).to(dtype)
+
+
+def assign_tensor(
+    model: torch.nn.Module,
+    key: str,
+    tensor: torch.Tensor,
+    dtype: torch.dtype,
+    device: str | torch.device = "cpu",
+    scale: torch.Tensor | None = None,
+) -> None:
+    """Put a tensor read from a file into the (meta-initialised) `model` as `key`.
+
+    A floating tensor is dequantized with its scaled-fp8 `scale` (if any) and cast to
+    `dtype`; integer/bool tensors keep their dtype. Then it is moved to `device`.
+    """
+    if tensor.is_floating_point():
+        tensor = dequantize(tensor, scale, dtype)
+    set_tensor(model, key, tensor.to(device))
+
+
+def unloaded_tensors(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters and buffers still on the meta device (not loaded)."""
+    return [name for name, value in chain(model.named_parameters(), model.named_buffers()) if value.is_meta]
 
 
 def scaled_fp8_keys(keys: Iterable[str]) -> tuple[set[str], set[str]]:
@@ -204,53 +219,75 @@ def load_single_file(
     Keys of the model that alias another tensor (tied weights) need not be in the file and
     are ignored when they are.
     `hint(missing, unexpected)` may add a guess about what the file is to the error message.
+    Names and shapes are all checked from the header before the first tensor is read.
     """
     path = Path(path)
+    label = f"{what} {path.name}"
+    reader = SafetensorsFile(path)
     aliases = tied_aliases(model)
-    expected = set(model.state_dict().keys()) - set(aliases)
-    header = read_header(path)
-    bookkeeping, weight_keys = scaled_fp8_keys(header)
+    mapping = _model_keys(model, reader, rename, aliases, label, hint)
+    _check_shapes(model, reader, mapping, label)
+    fp32_markers = tuple(keep_in_fp32)
+    with reader.open() as handle:
+        for file_key, model_key in mapping.items():
+            keep_fp32 = any(marker in model_key for marker in fp32_markers)
+            scale_key = _scale_key(file_key)
+            scale = reader.get_tensor(scale_key, handle) if scale_key in reader.tensors else None
+            tensor = reader.get_tensor(file_key, handle)
+            assign_tensor(model, model_key, tensor, torch.float32 if keep_fp32 else dtype, device, scale)
+    retie(model, aliases)
+    leftover = unloaded_tensors(model)
+    if leftover:
+        raise CheckpointKeyError(f"{label}: tensors left unloaded: {leftover[:20]}")
+    return model
 
+
+def _model_keys(
+    model: torch.nn.Module,
+    reader: SafetensorsFile,
+    rename: Callable[[str], str | None],
+    aliases: Mapping[str, str],
+    label: str,
+    hint: Callable[[set[str], set[str]], str | None] | None,
+) -> dict[str, str]:
+    """File key -> model key for every weight of the file; raises unless they are exactly the
+    model's keys (tied aliases and scaled-fp8 bookkeeping aside)."""
+    expected = set(model.state_dict().keys()) - set(aliases)
+    _, weight_keys = scaled_fp8_keys(reader.tensors)
     mapping: dict[str, str] = {}
     for file_key in sorted(weight_keys):
         model_key = rename(file_key)
         if model_key is None or model_key in aliases:
             continue
         if model_key in mapping.values():
-            raise CheckpointKeyError(f"{what} {path.name}: two tensors map to {model_key}")
+            raise CheckpointKeyError(f"{label}: two tensors map to {model_key}")
         mapping[file_key] = model_key
-
     found = set(mapping.values())
     missing, unexpected = expected - found, found - expected
     if missing or unexpected:
-        message = f"{what} {path.name}: {format_key_mismatch(missing, unexpected)}"
+        message = f"{label}: {format_key_mismatch(missing, unexpected)}"
         extra = hint(missing, unexpected) if hint else None
         if extra:
             message += f". {extra}"
         raise CheckpointKeyError(message)
+    return mapping
 
-    fp32_markers = tuple(keep_in_fp32)
-    with safe_open(str(path), framework="pt", device="cpu") as handle:
-        for file_key, model_key in mapping.items():
-            tensor = handle.get_tensor(file_key)
-            scale_key = file_key.rsplit(".", 1)[0] + SCALE_WEIGHT_SUFFIX
-            scale = handle.get_tensor(scale_key) if scale_key in bookkeeping else None
-            old = get_tensor(model, model_key)
-            if tuple(tensor.shape) != tuple(old.shape):
-                raise CheckpointKeyError(
-                    f"{what} {path.name}: {file_key} has shape {tuple(tensor.shape)}, the model expects "
-                    f"{tuple(old.shape)} for {model_key}"
-                )
-            if tensor.is_floating_point():
-                target = torch.float32 if fp32_markers and any(m in model_key for m in fp32_markers) else dtype
-                tensor = dequantize(tensor, scale, target)
-            set_tensor(model, model_key, tensor.to(device))
-            del tensor
-    retie(model, aliases)
-    leftover = [k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta]
-    if leftover:
-        raise CheckpointKeyError(f"{what} {path.name}: tensors left unloaded: {leftover[:20]}")
-    return model
+
+def _scale_key(file_key: str) -> str | None:
+    """`<module>.scale_weight` for `<module>.weight`; None for anything else (a bias of a
+    scaled layer is stored unscaled, as ComfyUI reads it)."""
+    if not file_key.endswith(".weight"):
+        return None
+    return file_key.removesuffix(".weight") + SCALE_WEIGHT_SUFFIX
+
+
+def _check_shapes(model: torch.nn.Module, reader: SafetensorsFile, mapping: Mapping[str, str], label: str) -> None:
+    for file_key, model_key in mapping.items():
+        found, expected = reader.tensors[file_key].shape, tuple(get_tensor(model, model_key).shape)
+        if found != expected:
+            raise CheckpointKeyError(
+                f"{label}: {file_key} has shape {found}, the model expects {expected} for {model_key}"
+            )
 
 
 def state_dict_for_saving(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -292,10 +329,11 @@ def quantize_scaled_fp8(
 
 
 def save_single_file(state_dict: Mapping[str, torch.Tensor], path: PathLike, metadata: dict[str, str] | None = None) -> Path:
-    """Write a safetensors file (creating parent folders)."""
+    """Write a safetensors file atomically (creating parent folders; an existing file is
+    replaced only once the new one is complete)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(dict(state_dict), str(path), metadata=metadata)
+    with atomic_write(path) as tmp:
+        save_file(dict(state_dict), str(tmp), metadata=metadata)
     return path
 
 
@@ -324,11 +362,12 @@ def check_loading_info(info: Mapping[str, Any], what: str, ignore: Iterable[str]
 __all__ = [
     "SCALED_FP8_MARKER",
     "CheckpointKeyError",
+    "assign_tensor",
     "check_keys",
     "check_loading_info",
     "dequantize",
     "format_key_mismatch",
-    "hide_broken_torch_extensions",
+    "is_saved_model_folder",
     "is_single_file",
     "load_single_file",
     "meta_device_init",
@@ -337,4 +376,5 @@ __all__ = [
     "save_single_file",
     "state_dict_for_saving",
     "transformers_dtype_kwargs",
+    "unloaded_tensors",
 ]

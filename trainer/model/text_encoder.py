@@ -24,12 +24,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5TokenizerFast, UMT5Config, UMT5EncoderModel
 
+from ..io_utils import atomic_files_into, atomic_folder
+from .safetensors_reader import SafetensorsFile
 from .single_file import (
     CheckpointKeyError,
     PathLike,
     check_loading_info,
-    hide_broken_torch_extensions,
+    is_saved_model_folder,
     is_single_file,
     load_single_file,
     meta_device_init,
@@ -39,10 +42,6 @@ from .single_file import (
     state_dict_for_saving,
     transformers_dtype_kwargs,
 )
-
-hide_broken_torch_extensions()
-
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5TokenizerFast, UMT5Config, UMT5EncoderModel
 
 logger = logging.getLogger(__name__)
 
@@ -186,12 +185,12 @@ def _load_single_file(path: Path, dtype: torch.dtype, device: str | torch.device
 
 
 def _embedded_spiece(path: Path) -> bytes | None:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt", device="cpu") as handle:
-        if SPIECE_KEY not in set(handle.keys()):
-            return None
-        return handle.get_tensor(SPIECE_KEY).numpy().tobytes()
+    """The `spiece_model` tensor's bytes, read on its own (no mapping of the 11 GB file)."""
+    reader = SafetensorsFile(path)
+    if SPIECE_KEY not in reader.tensors:
+        return None
+    with reader.open() as handle:
+        return reader.get_tensor(SPIECE_KEY, handle).numpy().tobytes()
 
 
 def _single_file_tokenizer(path: Path, tokenizer_path: PathLike | None) -> PreTrainedTokenizerBase:
@@ -329,18 +328,22 @@ def save_text_encoder(
 ) -> Path:
     """Save the encoder as a Diffusers folder (`layout="diffusers"`, with `tokenizer` saved to
     `<path>/../tokenizer`) or as a ComfyUI single file (`layout="comfyui"`, `spiece_model`
-    embedded, optionally `scaled_fp8`). Returns the written path."""
+    embedded, optionally `scaled_fp8`). Written atomically (`trainer.io_utils`): an existing
+    encoder folder is replaced only if it holds nothing but a saved model (else
+    FileExistsError); tokenizer files are added to the tokenizer folder, others there stay.
+    Returns the written path."""
     path = Path(path)
     if layout == "diffusers":
         if scaled_fp8:
             raise ValueError("scaled_fp8 is a ComfyUI single-file format")
-        path.mkdir(parents=True, exist_ok=True)
         state = None if dtype is None else state_dict_for_saving(model, dtype)
-        model.save_pretrained(str(path), state_dict=state, safe_serialization=True)
+        with atomic_folder(path, replaceable=is_saved_model_folder) as tmp:
+            model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(path.parent / "tokenizer"))
-            if spiece_model is not None:
-                (path.parent / "tokenizer" / "spiece.model").write_bytes(spiece_bytes(spiece_model))
+            with atomic_files_into(path.parent / "tokenizer") as tmp:
+                tokenizer.save_pretrained(str(tmp))
+                if spiece_model is not None:
+                    (tmp / "spiece.model").write_bytes(spiece_bytes(spiece_model))
         return path
     if layout == "comfyui":
         state = comfyui_text_encoder_state_dict(model, spiece_model, dtype, scaled_fp8)

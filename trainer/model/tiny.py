@@ -28,14 +28,6 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLWan
-
-from .audio_encoder import XLSR53_ENGLISH_CONFIG, attention_heads_for_width, save_audio_encoder
-from .single_file import PathLike, hide_broken_torch_extensions
-from .text_encoder import UMT5_XXL_DEFAULTS, load_tokenizer, save_text_encoder
-from .vae import save_vae
-
-hide_broken_torch_extensions()
-
 from transformers import (
     UMT5Config,
     UMT5EncoderModel,
@@ -43,6 +35,11 @@ from transformers import (
     Wav2Vec2FeatureExtractor,
     Wav2Vec2ForCTC,
 )
+
+from .audio_encoder import XLSR53_ENGLISH_CONFIG, attention_heads_for_width, save_audio_encoder
+from .single_file import PathLike
+from .text_encoder import UMT5_XXL_DEFAULTS, load_tokenizer, save_text_encoder
+from .vae import save_vae
 
 #: Widths of the tiny encoders not fixed by the transformer's config.
 TINY_VAE_CONFIG = {"base_dim": 4, "z_dim": 16}

@@ -26,9 +26,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import struct
-import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -38,6 +35,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from ..io_utils import atomic_folder, atomic_write
 from .convert import (
     SHAPE_DERIVED_FIELDS,
     KeyCollisionError,
@@ -47,6 +45,15 @@ from .convert import (
     diffusers_to_original_key,
     infer_config_from_state_dict,
     strip_prefix,
+)
+from .safetensors_reader import SafetensorsError, SafetensorsFile, TensorInfo
+from .single_file import (
+    SCALE_INPUT_SUFFIX,
+    SCALE_WEIGHT_SUFFIX,
+    SCALED_FP8_MARKER,
+    assign_tensor,
+    meta_device_init,
+    unloaded_tensors,
 )
 
 logger = logging.getLogger(__name__)
@@ -72,11 +79,6 @@ WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 METADATA_CONFIG_KEY = "wan_s2v_config"
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
-
-# ComfyUI "scaled fp8" auxiliary tensors.
-SCALED_FP8_MARKER = "scaled_fp8"
-SCALE_WEIGHT_SUFFIX = ".scale_weight"
-SCALE_INPUT_SUFFIX = ".scale_input"
 
 #: How many key names an error message lists per category.
 MAX_LISTED_KEYS = 20
@@ -158,54 +160,6 @@ class CheckpointReport:
 # ---------------------------------------------------------------------------------------
 
 
-# safetensors dtype names -> torch dtypes.
-_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
-
-
-@dataclasses.dataclass
-class _TensorInfo:
-    shape: tuple[int, ...]
-    dtype: str
-    file: str
-    offsets: tuple[int, int] = (0, 0)
-
-    @classmethod
-    def from_header(cls, file: str, key: str, entry: Any) -> _TensorInfo:
-        """Validate one header entry (dtype known, sizes consistent)."""
-        try:
-            dtype, shape, offsets = (
-                entry["dtype"],
-                tuple(int(d) for d in entry["shape"]),
-                entry["data_offsets"],
-            )
-            begin, end = int(offsets[0]), int(offsets[1])
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise UnreadableCheckpointError(f"{file}: malformed header entry for {key!r}") from exc
-        if dtype not in _DTYPES:
-            raise UnreadableCheckpointError(f"{file}: tensor {key!r} has unsupported dtype {dtype}")
-        if (
-            min(shape, default=0) < 0
-            or end - begin != math.prod(shape) * _DTYPES[dtype].itemsize
-            or begin < 0
-        ):
-            raise UnreadableCheckpointError(f"{file}: tensor {key!r} has inconsistent shape/offsets")
-        return cls(shape, dtype, file, (begin, end))
-
-
 @dataclasses.dataclass
 class _Source:
     """A located checkpoint: its files, tensor headers and any config found with it."""
@@ -213,66 +167,19 @@ class _Source:
     path: str
     format: str
     files: list[str]
-    tensors: dict[str, _TensorInfo]
+    tensors: dict[str, TensorInfo]
     config: dict[str, Any] | None
     config_source: str
     readers: dict[str, SafetensorsFile] = dataclasses.field(default_factory=dict)
 
 
-class SafetensorsFile:
-    """Header of one safetensors file, and positional reads of single tensors.
-
-    Plain reads rather than ``safe_open``: safetensors maps the whole file, and a private
-    mapping larger than RAM + swap (a 32 GB checkpoint on a 24 GB machine) is refused by
-    the kernel's overcommit heuristic, while reading one tensor at a time always works.
-    """
-
-    def __init__(self, file: str | os.PathLike):
-        self.file = str(file)
-        self.tensors, self.metadata, self.data_start = self._parse(self.file)
-
-    @staticmethod
-    def _parse(file: str) -> tuple[dict[str, _TensorInfo], dict[str, str], int]:
-        try:
-            with open(file, "rb") as handle:
-                size = os.fstat(handle.fileno()).st_size
-                (length,) = struct.unpack("<Q", handle.read(8))
-                if not 0 < length <= min(_MAX_HEADER_BYTES, size - 8):
-                    raise ValueError(f"header length {length} does not fit a file of {size} bytes")
-                header = json.loads(handle.read(length).decode("utf-8"))
-        except (OSError, ValueError, struct.error, UnicodeDecodeError) as exc:
-            raise UnreadableCheckpointError(f"{file} is not a readable safetensors file: {exc}") from exc
-        if not isinstance(header, dict):
-            raise UnreadableCheckpointError(
-                f"{file} is not a readable safetensors file: header is not an object"
-            )
-        metadata = header.pop("__metadata__", None) or {}
-        tensors = {key: _TensorInfo.from_header(file, key, entry) for key, entry in header.items()}
-        data_end = 0
-        for info in sorted(tensors.values(), key=lambda i: i.offsets):
-            if info.offsets[0] != data_end:
-                raise UnreadableCheckpointError(f"{file}: tensor data offsets overlap or leave holes")
-            data_end = info.offsets[1]
-        if 8 + length + data_end > size:
-            raise UnreadableCheckpointError(
-                f"{file} is truncated: its header needs {8 + length + data_end} bytes, the file has {size} "
-                "(incomplete download?)"
-            )
-        metadata = metadata if isinstance(metadata, dict) else {}
-        return tensors, {str(k): str(v) for k, v in metadata.items()}, 8 + length
-
-    def get_tensor(self, key: str, handle: Any) -> torch.Tensor:
-        """Read tensor `key` through the open binary `handle` of this file (a fresh CPU tensor)."""
-        info = self.tensors[key]
-        begin, end = info.offsets
-        dtype = _DTYPES[info.dtype]
-        if end == begin:
-            return torch.empty(info.shape, dtype=dtype)
-        buffer = bytearray(end - begin)
-        handle.seek(self.data_start + begin)
-        if handle.readinto(buffer) != len(buffer):
-            raise UnreadableCheckpointError(f"{self.file}: short read for {key}")
-        return torch.frombuffer(buffer, dtype=dtype).reshape(info.shape)
+@contextmanager
+def _unreadable_as_checkpoint_error() -> Iterator[None]:
+    """Report the reader's errors as `UnreadableCheckpointError` (what callers catch)."""
+    try:
+        yield
+    except SafetensorsError as exc:
+        raise UnreadableCheckpointError(str(exc)) from exc
 
 
 def _locate_files(path: Path) -> tuple[str, list[Path], Path | None]:
@@ -334,11 +241,12 @@ def _existing(path: Path) -> Path | None:
 def _open_source(path: str | os.PathLike, config: Mapping[str, Any] | str | os.PathLike | None) -> _Source:
     """Locate the files, read every header and pick the config (argument > config.json > metadata)."""
     fmt, files, config_file = _locate_files(Path(path))
-    tensors: dict[str, _TensorInfo] = {}
+    tensors: dict[str, TensorInfo] = {}
     metadata: dict[str, str] = {}
     readers: dict[str, SafetensorsFile] = {}
     for file in files:
-        header = readers[str(file)] = SafetensorsFile(file)
+        with _unreadable_as_checkpoint_error():
+            header = readers[str(file)] = SafetensorsFile(file)
         file_tensors, file_metadata = header.tensors, header.metadata
         duplicates = tensors.keys() & file_tensors.keys()
         if duplicates:
@@ -562,17 +470,9 @@ def _model_class():
     return WanS2VTransformer3DModel
 
 
-@contextmanager
-def _meta_init() -> Iterator[None]:
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
-        yield
-
-
 def _build_empty_model(cfg: Mapping[str, Any]):
     """Model with parameters on the meta device (buffers real)."""
-    with _meta_init():
+    with meta_device_init():
         return _model_class()(**cfg)
 
 
@@ -787,16 +687,11 @@ def _stream_tensors(
         by_file.setdefault(source.tensors[key].file, []).append(key)
     for file, keys in by_file.items():
         reader = source.readers[file]
-        with open(file, "rb") as handle:
+        with reader.open() as handle, _unreadable_as_checkpoint_error():
             for key in keys:
                 name = analysis.name_map[key]
-                tensor = _dequantize(reader.get_tensor(key, handle), scales.get(key))
                 target = torch.float32 if _keeps_fp32(name, keep_fp32, dtype) else dtype
-                if tensor.is_floating_point():
-                    tensor = tensor.to(device=device, dtype=target)
-                else:
-                    tensor = tensor.to(device=device)
-                _assign_tensor(model, name, tensor)
+                assign_tensor(model, name, reader.get_tensor(key, handle), target, device, scales.get(key))
 
 
 def _read_scales(source: _Source, scales: Mapping[str, str]) -> dict[str, torch.Tensor]:
@@ -806,16 +701,10 @@ def _read_scales(source: _Source, scales: Mapping[str, str]) -> dict[str, torch.
         wanted = {w: s for w, s in scales.items() if source.tensors[s].file == file}
         if not wanted:
             continue
-        with open(file, "rb") as handle:
+        with reader.open() as handle, _unreadable_as_checkpoint_error():
             for weight_key, scale_key in wanted.items():
                 out[weight_key] = reader.get_tensor(scale_key, handle).to(torch.float32)
     return out
-
-
-def _dequantize(tensor: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    if scale is None:
-        return tensor
-    return tensor.to(torch.float32) * scale
 
 
 def _keeps_fp32(name: str, keep_fp32: Sequence[str], dtype: torch.dtype) -> bool:
@@ -825,22 +714,8 @@ def _keeps_fp32(name: str, keep_fp32: Sequence[str], dtype: torch.dtype) -> bool
     return any(module in parts for module in keep_fp32)
 
 
-def _assign_tensor(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name) if module_name else model
-    if attr in module._parameters:
-        old = module._parameters[attr]
-        module._parameters[attr] = torch.nn.Parameter(
-            tensor, requires_grad=old.requires_grad if old is not None else True
-        )
-    elif attr in module._buffers:
-        module._buffers[attr] = tensor
-    else:
-        raise CheckpointError(f"model has no parameter or buffer {name}")
-
-
 def _check_materialized(model: torch.nn.Module) -> None:
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    left = unloaded_tensors(model)
     if left:
         raise CheckpointError(
             f"tensors left uninitialized after loading: {_preview(left)}", missing_keys=left
@@ -859,7 +734,8 @@ def save_transformer(
     dtype: torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
 ) -> Path:
-    """Save the transformer atomically (temporary name in the same directory, then rename).
+    """Save the transformer atomically (`trainer.io_utils`: temporary name in the same directory,
+    fsync, normal file mode, then rename).
 
     - ``layout="diffusers"``: a folder written by the model's ``save_pretrained``
       (``config.json`` + safetensors, sharded at `max_shard_size`), loadable by
@@ -899,25 +775,26 @@ def _cast_state_dict(
 
 
 def _save_diffusers(model, path: Path, dtype: torch.dtype | None, max_shard_size: int | str) -> Path:
-    if path.exists() and not (path.is_dir() and _is_replaceable_folder(path)):
-        raise FileExistsError(f"{path} exists and is not a saved transformer folder; refusing to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    handle = None
-    if dtype is not None:
-
-        def cast_hook(module, state_dict, prefix, local_metadata):
-            state_dict.update(_cast_state_dict(state_dict, dtype))
-
-        handle = model.register_state_dict_post_hook(cast_hook)
-    try:
+    with atomic_folder(path, replaceable=_is_replaceable_folder) as tmp, _cast_while_saving(model, dtype):
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
-        _replace_dir(tmp, path)
-    finally:
-        if handle is not None:
-            handle.remove()
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+@contextmanager
+def _cast_while_saving(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
+    """Inside, `model.state_dict()` returns floating tensors cast to `dtype` (the model keeps its own)."""
+    if dtype is None:
+        yield
+        return
+
+    def cast_hook(module, state_dict, prefix, local_metadata):
+        state_dict.update(_cast_state_dict(state_dict, dtype))
+
+    handle = model.register_state_dict_post_hook(cast_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _is_replaceable_folder(path: Path) -> bool:
@@ -926,23 +803,6 @@ def _is_replaceable_folder(path: Path) -> bool:
         entry.is_file() and (entry.name == CONFIG_NAME or entry.name.startswith("diffusion_pytorch_model"))
         for entry in path.iterdir()
     )
-
-
-def _replace_dir(tmp: Path, path: Path) -> None:
-    """Move `tmp` to `path`; an existing `path` is moved aside first and removed after."""
-    if path.exists() and not (path.is_dir() and _is_replaceable_folder(path)):
-        raise FileExistsError(f"{path} exists and is not a saved transformer folder; refusing to replace it")
-    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}" if path.exists() else None
-    if old is not None:
-        os.replace(path, old)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        if old is not None:
-            os.replace(old, path)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _save_comfyui(model, path: Path, dtype: torch.dtype | None) -> Path:
@@ -955,14 +815,8 @@ def _save_comfyui(model, path: Path, dtype: torch.dtype | None) -> Path:
         k: (list(v) if isinstance(v, tuple) else v) for k, v in model.config.items() if not k.startswith("_")
     }
     metadata = {"format": "pt", METADATA_CONFIG_KEY: json.dumps(config, sort_keys=True)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_write(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -21,10 +21,12 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
+from ..io_utils import atomic_folder
 from .single_file import (
     CheckpointKeyError,
     PathLike,
     check_loading_info,
+    is_saved_model_folder,
     is_single_file,
     load_single_file,
     meta_device_init,
@@ -139,12 +141,14 @@ def comfyui_vae_state_dict(vae: AutoencoderKLWan, dtype: torch.dtype | None = No
 
 
 def save_vae(vae: AutoencoderKLWan, path: PathLike, layout: str = "diffusers", dtype: torch.dtype | None = None) -> Path:
-    """Save as a Diffusers folder (`layout="diffusers"`) or a ComfyUI single file (`"comfyui"`)."""
+    """Save as a Diffusers folder (`layout="diffusers"`) or a ComfyUI single file (`"comfyui"`).
+    Written atomically (`trainer.io_utils`); an existing folder is replaced only if it holds
+    nothing but a saved model (else FileExistsError)."""
     path = Path(path)
     if layout == "diffusers":
-        path.mkdir(parents=True, exist_ok=True)
         state = None if dtype is None else state_dict_for_saving(vae, dtype)
-        vae.save_pretrained(str(path), safe_serialization=True, **({"state_dict": state} if state else {}))
+        with atomic_folder(path, replaceable=is_saved_model_folder) as tmp:
+            vae.save_pretrained(str(tmp), safe_serialization=True, **({"state_dict": state} if state else {}))
         return path
     if layout == "comfyui":
         return save_single_file(comfyui_vae_state_dict(vae, dtype), path)
