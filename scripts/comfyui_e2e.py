@@ -254,12 +254,82 @@ def check_dataset_node_runs(ctx: E2EContext) -> str:
     return f"dataset node ran (2 clips, 4 windows, 1 skip), {len(images)} preview image(s)"
 
 
+TINY_DEMO = EXAMPLE_WORKFLOWS / "wan_s2v_tiny_demo.json"
+TRAIN_EVENT = "wan_s2v.train"
+
+
+def _repo_import(module: str) -> Any:
+    sys.path.insert(0, str(REPO_ROOT))
+    try:
+        return importlib.import_module(module)
+    finally:
+        sys.path.pop(0)
+
+
+def tiny_demo_api(ctx: E2EContext) -> dict[str, Any]:
+    """The tiny demo workflow in API format, converted with the server's /object_info."""
+    from workflow_api import ui_to_api
+
+    return ui_to_api(json.loads(TINY_DEMO.read_text()), ctx.object_info())
+
+
+def check_tiny_demo_workflow(ctx: E2EContext) -> str:
+    """Convert example_workflows/wan_s2v_tiny_demo.json to API format, queue it and follow the
+    websocket: the LoRA file is written and loads, the mp4 has video and an audio stream,
+    and one `wan_s2v.train` loss event per step reached the websocket, tagged with the
+    training node's id (eval losses included)."""
+    import time
+
+    api = tiny_demo_api(ctx)
+    train_id = next(k for k, v in api.items() if v["class_type"] == "WanS2VTrainLora")
+    train_inputs = api[train_id]["inputs"]
+    steps = int(train_inputs["max_train_steps"])
+    lora_file = ctx.server.comfyui / "models" / "loras" / f"{train_inputs['output_name']}.safetensors"
+    if lora_file.exists():
+        lora_file.unlink()  # left by an earlier run: must be written again
+    started = time.monotonic()
+    result = ctx.server.wait_for(ctx.server.queue_prompt(api), timeout=900)
+    elapsed = time.monotonic() - started
+
+    if not lora_file.is_file():
+        raise CheckFailed(f"the trained LoRA {lora_file} was not written")
+    lora = _repo_import("trainer.lora.io").read_lora_file(lora_file)
+    n_tensors = len(getattr(lora, "tensors", None) or getattr(lora, "state", None) or {})
+
+    save_id = next(k for k, v in api.items() if v["class_type"] == "WanS2VSaveVideo")
+    shown = result.outputs.get(save_id, {}).get("images", [])
+    if not shown:
+        raise CheckFailed(f"Save Wan S2V Video showed no file: {result.outputs}")
+    video = ctx.server.output_dir / shown[0].get("subfolder", "") / shown[0]["filename"]
+    info = _repo_import("trainer.sample.media").probe_mp4(video)
+    if not info["video_frames"] or not info["has_audio"] or info["audio_seconds"] <= 0:
+        raise CheckFailed(f"{video}: expected video frames and an audio stream, got {info}")
+
+    events = result.events_of_type(TRAIN_EVENT)
+    mine = [e for e in events if str(e.get("node")) == train_id]
+    if len(mine) != steps or [e["step"] for e in mine] != list(range(1, steps + 1)):
+        raise CheckFailed(f"expected {steps} {TRAIN_EVENT} events for node {train_id}, got "
+                          f"{[(e.get('node'), e.get('step')) for e in events]}")
+    bad = [e for e in mine if not (isinstance(e.get("loss"), float) and isinstance(e.get("lr"), float))]
+    if bad:
+        raise CheckFailed(f"loss events without float loss/lr: {bad[:3]}")
+    evals = [e for e in mine if "eval_loss" in e]
+    interval = int(train_inputs.get("eval_step_interval", 0) or 0)
+    if interval and not evals:
+        raise CheckFailed("eval_step_interval is set but no event carried an eval_loss")
+    return (f"tiny demo ran in {elapsed:.0f} s: LoRA {lora_file.name} ({n_tensors} tensors), "
+            f"{video.name} ({info['video_frames']} frames {info['width']}x{info['height']}, "
+            f"audio {info['audio_seconds']:.2f} s), {len(mine)} loss events "
+            f"(loss {mine[0]['loss']:.3f} -> {mine[-1]['loss']:.3f}), {len(evals)} eval losses")
+
+
 CHECKS: list[tuple[str, Check]] = [
     ("pack imported", check_pack_imported),
     ("nodes registered", check_nodes_registered),
     ("workflow templates", check_workflow_templates),
     ("web extensions", check_web_extensions),
     ("dataset node runs", check_dataset_node_runs),
+    ("tiny demo workflow", check_tiny_demo_workflow),
 ]
 
 
@@ -303,7 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cuda-stub", choices=["auto", "always", "never"], default="auto")
     parser.add_argument("--timeout", type=float, default=180.0, help="start-up deadline, seconds")
     parser.add_argument("--show-log", action="store_true", help="print the server log at the end")
+    parser.add_argument("--only", action="append", default=None,
+                        help="run only the checks whose name contains this (repeatable)")
     args = parser.parse_args(argv)
+    checks = [c for c in CHECKS if not args.only or any(o in c[0] for o in args.only)]
 
     try:
         server = ComfyUIServer(
@@ -317,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         with server:
             stub = " ".join(map(str, server.preload)) or "none"
             print(f"ComfyUI up at {server.base_url}; CUDA stub preloaded: {stub}", flush=True)
-            results = run_checks(make_context(server))
+            results = run_checks(make_context(server), checks)
             log = server.log_text()
     except ComfyUIError as err:
         print(f"FAIL  server: {err}", file=sys.stderr)
