@@ -8,10 +8,13 @@ tensor is loaded), else from the item itself.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 TENSOR_KEYS = ("latents", "reference_latents", "audio_embeds", "text_embeds", "motion_latents", "teacher_frames")
 
@@ -68,12 +71,29 @@ class BatchOrder:
         return collate([self.dataset[i] for i in self.next_indices()])
 
     def state_dict(self) -> dict[str, int]:
+        """The position in (global) batches of `batch_size` items."""
         return {"epoch": self.epoch, "position": self.position}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, int], batch_size: int | None = None) -> None:
+        """Continue where `state` stopped; `batch_size` is the batch size it was saved with
+        (None: this one). With the same (global) batch size, also when it is now split over
+        another number of processes, this is exact; with another one the epoch continues
+        after the same number of items (the grouping of the rest of that epoch differs)."""
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
         self._batches = self._epoch_batches(self.epoch)
+        saved = int(batch_size or self.batch_size)
+        if saved != self.batch_size and self.position > 0:
+            current, self.batch_size = self.batch_size, saved
+            consumed = sum(len(b) for b in self._epoch_batches(self.epoch)[: self.position])
+            self.batch_size = current
+            position, seen = 0, 0
+            while position < len(self._batches) and seen < consumed:
+                seen += len(self._batches[position])
+                position += 1
+            logger.warning("resuming with global batch %d instead of %d: epoch %d continues at batch %d "
+                           "(%d items seen)", current, saved, self.epoch, position, consumed)
+            self.position = position
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -17,12 +17,20 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
         "(flat seed names such as learning_rate, lora_rank, max_train_steps, or [lora]/[optimizer]/"
         "[schedule] sections). model_path unset or 'tiny' trains the built-in tiny model; dataset is "
         "'synthetic' (built-in) or a folder of talking videos, cached with vae_path, text_encoder_path "
-        "and audio_encoder_path (or 'tiny'), with DatasetConfig settings in dataset_options.",
+        "and audio_encoder_path (or 'tiny'), with DatasetConfig settings in dataset_options. "
+        "Data parallel on several GPUs (or CPU processes): torchrun --nproc_per_node N -m trainer train "
+        "CONFIG (or accelerate launch --num_processes N -m trainer train CONFIG); the global batch is "
+        "train_batch_size x N and rank 0 writes every file.",
     )
     parser.add_argument("config", help="training config (.json or .toml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting (JSON value), e.g. --set max_train_steps=10")
     parser.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    parser.add_argument("--json-progress", action="store_true",
+                        help="one JSON object per optimizer step on stdout, prefixed 'WAN_S2V_TRAIN ' "
+                        "(for a parent process such as the ComfyUI node)")
+    parser.add_argument("--stop-file", metavar="PATH",
+                        help="stop (checkpoint + LoRA written) once this file exists; polled every step")
     parser.set_defaults(func=_run_train)
 
 
@@ -92,16 +100,43 @@ def _folder_dataset(folder: str, config: TrainConfig):
     return build_folder_dataset(data_config, encoders, scan)
 
 
+def _build_datasets(model, config: TrainConfig, dist):
+    """Rank 0 builds (and caches) first; the others then read the finished cache."""
+    if dist.enabled and not dist.is_main:
+        dist.barrier()
+    dataset = build_dataset(config.dataset, model, config)
+    eval_dataset = build_dataset(config.eval_dataset, model, config)
+    if dist.enabled and dist.is_main:
+        dist.barrier()
+    return dataset, eval_dataset
+
+
 def _run_train(args: argparse.Namespace) -> int:
+    from ..distributed import init_from_env, shutdown
+
+    config = _overrides(load_config(args.config), args.set)
+    dist = init_from_env(config.memory.device)
+    try:
+        return _train_main(args, config, dist)
+    finally:
+        shutdown()
+
+
+def _train_main(args: argparse.Namespace, config: TrainConfig, dist) -> int:
+    import json
+    import os
+
     from .loop import NonFiniteLossError, set_threads_from_env, train
 
     set_threads_from_env()
-    config = _overrides(load_config(args.config), args.set)
     model = build_model(config)
-    dataset = build_dataset(config.dataset, model, config)
-    eval_dataset = build_dataset(config.eval_dataset, model, config)
+    dataset, eval_dataset = _build_datasets(model, config, dist)
+    if dist.enabled and dist.is_main:
+        print(f"data parallel: {dist.world_size} processes, global batch "
+              f"{config.train_batch_size * dist.world_size} x {config.gradient_accumulation_steps} accumulation",
+              flush=True)
     bar = None
-    if not args.no_progress and sys.stderr.isatty():
+    if not args.no_progress and not args.json_progress and dist.is_main and sys.stderr.isatty():
         from tqdm import tqdm
 
         bar = tqdm(total=config.max_train_steps, unit="step", dynamic_ncols=True)
@@ -111,17 +146,33 @@ def _run_train(args: argparse.Namespace) -> int:
             bar.n = step
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.refresh()
-        else:
+        elif not args.json_progress:
             print(f"step {step}/{config.max_train_steps} loss {loss:.6f} lr {lr:.3e} eta {eta:.1f}s", flush=True)
 
+    def on_log(record: dict[str, Any]) -> None:
+        if args.json_progress:
+            print("WAN_S2V_TRAIN " + json.dumps({"event": "step", "max_steps": config.max_train_steps,
+                                                 "world_size": dist.world_size, **record}), flush=True)
+
+    stop_file = args.stop_file
+    should_stop = (lambda: os.path.exists(stop_file)) if stop_file else None
     try:
-        result = train(model, dataset, config, eval_dataset=eval_dataset, progress=progress)
+        result = train(model, dataset, config, eval_dataset=eval_dataset, progress=progress, on_log=on_log,
+                       should_stop=should_stop)
     except NonFiniteLossError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if dist.is_main:
+            print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
         if bar is not None:
             bar.close()
+    if not dist.is_main:
+        return 0
+    if args.json_progress:
+        print("WAN_S2V_TRAIN " + json.dumps({
+            "event": "done", "step": result.global_step, "stopped": result.stopped,
+            "lora_path": str(result.lora_path or result.diffusers_lora_path or ""),
+            "checkpoint": str(result.checkpoint or ""), "eval_history": result.eval_history}), flush=True)
     print(f"done: {result.global_step} steps; LoRA: {result.lora_path or result.diffusers_lora_path}", flush=True)
     if result.eval_history:
         print("eval loss: " + ", ".join(f"{s}: {v:.5f}" for s, v in result.eval_history), flush=True)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..distributed import SINGLE, Dist, current as current_dist, shard
 from ..lora.io import save_lora
 from .batching import BatchOrder, collate
 from .checkpoint import checkpoint_root, load_checkpoint, remove_partial, resolve_resume, save_checkpoint
@@ -202,7 +203,7 @@ def _memory_mb(device: torch.device) -> float:
         return float("nan")
 
 
-def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+def _rng_state(generator: torch.Generator, dist: Dist = SINGLE) -> dict[str, Any]:
     state = {
         "generator": generator.get_state(),
         "torch": torch.get_rng_state(),
@@ -210,17 +211,26 @@ def _rng_state(generator: torch.Generator) -> dict[str, Any]:
         "numpy": np.random.get_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        if dist.enabled:  # this process's device only (never a context on every GPU)
+            state["cuda_device"] = torch.cuda.get_rng_state()
+        else:
+            state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(generator: torch.Generator, state: dict[str, Any]) -> None:
+def _set_rng_state(generator: torch.Generator, state: dict[str, Any], dist: Dist = SINGLE) -> None:
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
+    if not torch.cuda.is_available():
+        return
+    if "cuda" in state and not dist.enabled and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+    elif "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"])
+    elif "cuda" in state and state["cuda"]:
+        torch.cuda.set_rng_state(state["cuda"][min(torch.cuda.current_device(), len(state["cuda"]) - 1)])
 
 
 def _autocast(config: TrainConfig, device: torch.device):
@@ -230,16 +240,22 @@ def _autocast(config: TrainConfig, device: torch.device):
 
 
 def prepare_inputs(
-    batch: dict[str, Any], config: TrainConfig, generator: torch.Generator, device: torch.device, train: bool = True
+    batch: dict[str, Any], config: TrainConfig, generator: torch.Generator, device: torch.device, train: bool = True,
+    global_size: int | None = None, offset: int = 0, motion_ok: bool = True,
 ) -> dict[str, Any]:
     """Apply reference choice, caption/audio dropout and motion context to a collated batch.
-    Draws from `generator` in a fixed order (even for settings that are off)."""
+    Draws from `generator` in a fixed order (even for settings that are off).
+
+    Data parallel: `batch` is rows ``offset:offset + len`` of a global batch of `global_size`
+    items; the per-item draws are made for the whole global batch and sliced, so every
+    process sees the numbers one process with the whole batch would. `motion_ok` is False
+    when some item of the global batch has no ``motion_latents``."""
     latents = batch["latents"].float()
     bsz, _, frames = latents.shape[:3]
     text = batch["text_embeds"].float().clone()
     audio = batch["audio_embeds"].float().clone()
     ref = batch.get("reference_latents")
-    drops = torch.rand(bsz, 2, generator=generator)
+    drops = torch.rand(global_size or bsz, 2, generator=generator)[offset : offset + bsz]
     pick = torch.randint(0, frames, (1,), generator=generator).item()
     use_motion = torch.rand(1, generator=generator).item() < config.motion_context_probability
     if config.reference_frame == "random" and train or ref is None:
@@ -248,7 +264,7 @@ def prepare_inputs(
     if train:
         text[drops[:, 0] < config.caption_dropout_probability] = 0.0
         audio[drops[:, 1] < config.audio_dropout_probability] = 0.0
-    motion = batch.get("motion_latents") if (train and use_motion) else None
+    motion = batch.get("motion_latents") if (train and use_motion and motion_ok) else None
     return {
         "latents": latents.to(device),
         "encoder_hidden_states": text.to(device),
@@ -315,14 +331,15 @@ def compute_loss(
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset, config: TrainConfig, device: torch.device) -> float:
+def evaluate(model: torch.nn.Module, dataset, config: TrainConfig, device: torch.device, dist: Dist = SINGLE) -> float:
     """Mean MSE over held-out items at the fixed `eval_timesteps` with fixed noise (seeded
-    by `eval_seed` and the item index); no dropout, first-frame reference, no motion."""
+    by `eval_seed` and the item index); no dropout, first-frame reference, no motion.
+    Data parallel: each process takes every `world_size`-th item; the sums are reduced."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
-        for index in range(len(dataset)):
+        for index in range(dist.rank, len(dataset), dist.world_size):
             batch = collate([dataset[index]])
             g = torch.Generator().manual_seed(config.eval_seed * 7919 + index)
             inputs = prepare_inputs(batch, config, g, device, train=False)
@@ -333,7 +350,21 @@ def evaluate(model: torch.nn.Module, dataset, config: TrainConfig, device: torch
                 count += 1
     finally:
         model.train(was_training)
+    if dist.enabled:
+        total, count = dist.all_reduce_floats([total, float(count)])
     return total / max(count, 1)
+
+
+class _NoLogger:
+    """What processes other than rank 0 log to: nothing."""
+
+    path = None
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _Logger:
@@ -377,6 +408,7 @@ def train(
     on_log: Callable[[dict[str, Any]], None] | None = None,
     keep_adapter: bool = True,
     save_files: bool = True,
+    dist: Dist | None = None,
 ) -> TrainResult:
     """Train a LoRA on `model` (a `WanS2VTransformer3DModel`, frozen here) with `dataset`.
 
@@ -386,13 +418,24 @@ def train(
     every optimizer step; `should_stop()` is polled after every optimizer step: when it returns
     True, a checkpoint and the LoRA are written and the result has ``stopped=True``.
     Raises `NonFiniteLossError` (after saving the last good state) on a NaN/inf loss.
+
+    Data parallel (torch.distributed initialised, see `trainer.distributed`; `dist` defaults
+    to the current group): every process runs this with the same arguments; the global batch
+    is ``train_batch_size x world_size`` (x accumulation), each process loads and computes its
+    share, gradients are summed, and only rank 0 writes files or calls `progress`/`on_log`.
+    The result equals one process with the global batch as its `train_batch_size`.
     """
     config.validate()
+    dist = current_dist() if dist is None else dist
+    main = dist.is_main
     output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     ckpt_root = checkpoint_root(output_dir)
-    remove_partial(ckpt_root)
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        remove_partial(ckpt_root)
     device = config.memory.resolved_device()
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
     video_shape = {}
     if config.memory.auto:  # the plan depends on the clip size
         _, frames, lat_h, lat_w = dataset[0]["latents"].shape
@@ -409,18 +452,21 @@ def train(
         dim = model.config.num_attention_heads * model.config.attention_head_dim
         crepa = CrepaRegularizer(config.crepa, dim, device, next(model.parameters()).dtype)
     trainable = list(params.values()) + (crepa.parameters() if crepa is not None else [])
+    dist.broadcast_parameters(trainable)  # identical start on every process
     optimizer = build_optimizer(trainable, config)
     scheduler = build_scheduler(optimizer, config)
     ema = LoraEMA(params, config.ema_decay) if config.use_ema else None
     generator = torch.Generator().manual_seed(config.seed)
-    order = BatchOrder(dataset, config.train_batch_size, config.seed)
+    # the same sequence of global batches on every process; each takes its share
+    order = BatchOrder(dataset, config.train_batch_size * dist.world_size, config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed % 2**32)
 
     global_step = 0
     loss_history: list[tuple[int, float]] = []
     eval_history: list[tuple[int, float]] = []
-    resume_path = resolve_resume(config.resume_from_checkpoint, ckpt_root)
+    resume_path = resolve_resume(config.resume_from_checkpoint, ckpt_root) if main else None
+    resume_path = dist.broadcast_object(resume_path)
     if resume_path is not None:
         state = load_checkpoint(resume_path)
         with torch.no_grad():
@@ -433,28 +479,35 @@ def train(
             if state["ema"] is None:
                 raise ValueError(f"{resume_path} has no EMA weights but use_ema is on")
             ema.load_state_dict(state["ema"])
-        order.load_state_dict(ts["data"])
+        order.load_state_dict(ts["data"], batch_size=ts.get("data_batch_size"))
         if crepa is not None:
             if "crepa_projector" not in ts:
                 raise ValueError(f"{resume_path} has no CREPA projector but CREPA is on")
             crepa.projector.load_state_dict(ts["crepa_projector"])
-        _set_rng_state(generator, ts["rng"])
+        _set_rng_state(generator, ts["rng"], dist)
         global_step = state["step"]
         loss_history = [tuple(x) for x in ts["loss_history"]]
         eval_history = [tuple(x) for x in ts["eval_history"]]
         logger.info("resumed from %s at step %d", resume_path, global_step)
+    if dist.rank > 0:  # LoRA dropout: a stream of its own per process, derived from rank 0's
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) + 1000003 * dist.rank)
 
-    log = _Logger(output_dir, config, global_step)
+    log = _Logger(output_dir, config, global_step) if main else _NoLogger()
     config_dict = config.to_dict()
     last_checkpoint: Path | None = resume_path
 
     def checkpoint() -> Path:
         nonlocal last_checkpoint
+        if not main:  # rank 0 writes; the others wait until the folder is complete
+            dist.barrier()
+            last_checkpoint = ckpt_root / f"checkpoint-{global_step}"
+            return last_checkpoint
         training_state = {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "data": order.state_dict(),
-            "rng": _rng_state(generator),
+            "data_batch_size": order.batch_size,  # global batches: resumable on another process count
+            "rng": _rng_state(generator, dist),
             "loss_history": loss_history,
             "eval_history": eval_history,
         }
@@ -465,6 +518,7 @@ def train(
             ckpt_root, global_step, {n: p.detach() for n, p in params.items()}, training_state, summary,
             ema=None if ema is None else ema.state_dict(), total_limit=config.checkpoints_total_limit,
         )
+        dist.barrier()
         return last_checkpoint
 
     def final_state() -> dict[str, torch.Tensor]:
@@ -474,7 +528,7 @@ def train(
     alphas = {name: config.lora.lora_alpha for name in {_peft_key(n).rsplit(".lora_", 1)[0] for n in params}}
 
     def save_outputs() -> tuple[Path | None, Path | None]:
-        if not save_files:
+        if not save_files or not main:
             return None, None
         state = final_state()
         meta = {"ss_steps": str(global_step), "ss_output_name": config.output_name}
@@ -499,25 +553,45 @@ def train(
             step_loss = 0.0
             step_parts: dict[str, float] = {}
             for _ in range(accum):
-                batch = order.next_batch()
-                inputs = prepare_inputs(batch, config, generator, device)
+                indices = order.next_indices()
+                count = len(indices)  # items of the global batch
+                offset, length = shard(count, dist.rank, dist.world_size) if dist.enabled else (0, count)
+                mine = indices[offset : offset + length]
+                # a process without a share still makes the draws (on the first item's shapes)
+                batch = collate([dataset[i] for i in (mine or indices[:1])])
+                motion_ok = dist.all("motion_latents" in batch or not mine) if dist.enabled else True
+                draw_at = offset if mine else 0
+                inputs = prepare_inputs(batch, config, generator, device, global_size=count, offset=draw_at,
+                                        motion_ok=motion_ok)
                 x0 = inputs["latents"]
+                rows = slice(draw_at, draw_at + x0.shape[0])
                 shift = auto_shift(*x0.shape[-2:]) if config.flow_schedule_auto_shift else config.flow_schedule_shift
                 sigmas = sample_sigmas(
-                    x0.shape[0], generator, config.flow_weighting_scheme, shift, config.flow_logit_mean,
+                    count, generator, config.flow_weighting_scheme, shift, config.flow_logit_mean,
                     config.flow_logit_std, config.flow_beta_alpha, config.flow_beta_beta,
-                )
-                noise = torch.randn(x0.shape, generator=generator)
+                )[rows]
+                noise = torch.randn((count, *x0.shape[1:]), generator=generator)[rows]
+                if not mine:
+                    continue
                 loss, parts = compute_losses(model, inputs, sigmas, noise, config, device, crepa, global_step)
-                if not torch.isfinite(loss):
+                if not dist.enabled and not torch.isfinite(loss):
                     raise NonFiniteLossError(
                         f"the loss is {loss.item()} at step {global_step + 1} (sources {batch.get('source')}, "
                         f"sigmas {sigmas.tolist()})"
                     )
-                (loss / accum).backward()
-                step_loss += loss.item() / accum
+                share = length / count  # 1.0 in one process: the loss is the mean over the global batch
+                (loss * share / accum).backward()
+                step_loss += loss.item() * share / accum
                 for name, value in parts.items():
-                    step_parts[name] = step_parts.get(name, 0.0) + value / accum
+                    step_parts[name] = step_parts.get(name, 0.0) + value * share / accum
+            if dist.enabled:
+                keys = ["flow_loss"] + (["crepa_loss"] if crepa is not None and crepa.config.weight(global_step) > 0
+                                        else [])
+                reduced = dist.all_reduce_floats([step_loss] + [step_parts.get(k, 0.0) for k in keys])
+                step_loss, step_parts = reduced[0], dict(zip(keys, reduced[1:]))
+                if not math.isfinite(step_loss):
+                    raise NonFiniteLossError(f"the loss is {step_loss} at step {global_step + 1}")
+                dist.sum_gradients(trainable)
             grads = [p for p in trainable if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in grads]).item() if grads else 0.0
             if not math.isfinite(grad_norm):
@@ -543,19 +617,19 @@ def train(
             if config.eval_step_interval and eval_dataset is not None and (
                 global_step % config.eval_step_interval == 0 or global_step == config.max_train_steps
             ):
-                eval_loss = evaluate(model, eval_dataset, config, device)
+                eval_loss = evaluate(model, eval_dataset, config, device, dist)
                 eval_history.append((global_step, eval_loss))
                 record["eval_loss"] = eval_loss
             if global_step % config.log_every == 0 or "eval_loss" in record:
                 log.log(record)
-            if on_log is not None:
+            if on_log is not None and main:
                 on_log(record)
-            if progress is not None:
+            if progress is not None and main:
                 progress(global_step, step_loss, lr, eta)
 
             if config.checkpoint_step_interval and global_step % config.checkpoint_step_interval == 0:
                 checkpoint()
-            if should_stop is not None and global_step < config.max_train_steps and should_stop():
+            if should_stop is not None and global_step < config.max_train_steps and dist.any(should_stop()):
                 stopped = True
                 if last_checkpoint is None or not last_checkpoint.name.endswith(f"-{global_step}"):
                     checkpoint()
