@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from workflow_api import (  # noqa: E402 - scripts/ is not a package
+from workflow_api import (
     NOTE_TYPES,
     _combo_options,
     pack_object_info,

@@ -111,7 +111,8 @@ def pack_object_info(pack_root: Path = REPO_ROOT, include_core: bool = True) -> 
     for key, cls in module.NODE_CLASS_MAPPINGS.items():
         inputs = cls.INPUT_TYPES()
         info[key] = {
-            "input": {section: {n: _spec_to_json(s) for n, s in (inputs.get(section) or {}).items()}
+            "input": {section: {n: (s if section == "hidden" else _spec_to_json(s))
+                                for n, s in (inputs.get(section) or {}).items()}
                       for section in ("required", "optional", "hidden") if inputs.get(section)},
             "output": list(cls.RETURN_TYPES),
             "output_name": list(getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES),
