@@ -46,6 +46,10 @@ class CheckFailed(AssertionError):
     """A check found the pack misbehaving in ComfyUI."""
 
 
+class CheckSkipped(Exception):
+    """A check cannot run here (e.g. no Chromium); reported, not a failure."""
+
+
 @dataclass
 class E2EContext:
     """What every check gets: the running server and what the pack itself declares."""
@@ -323,6 +327,136 @@ def check_tiny_demo_workflow(ctx: E2EContext) -> str:
             f"(loss {mine[0]['loss']:.3f} -> {mine[-1]['loss']:.3f}), {len(evals)} eval losses")
 
 
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+SCREENSHOT = REPO_ROOT / "docs" / "screenshot_loss_chart.png"
+OUR_JS = ("comfyui-wan-s2v-trainer", "loss_chart", "wan_s2v")
+
+_WAIT_FOR_APP = "() => !!(window.app && window.app.graph && window.app.canvas && window.LiteGraph)"
+_LOAD_WORKFLOW = """async (wf) => {
+  await window.app.loadGraphData(structuredClone(wf));
+  const nodes = window.app.graph._nodes || window.app.graph.nodes;
+  const unknown = nodes.filter((n) => !window.LiteGraph.registered_node_types[n.type]).map((n) => n.type);
+  return {count: nodes.length, unknown};
+}"""
+_TRAIN_NODE = """() => {
+  const nodes = window.app.graph._nodes || window.app.graph.nodes;
+  const node = nodes.find((n) => n.type === "WanS2VTrainLora");
+  const h = node && node.properties && node.properties.wan_s2v_loss;
+  return node ? {id: node.id, steps: h ? h.step.length : 0, evals: h ? h.eval.length : 0,
+                 draws: node.__wanS2VChartDraws || 0, pos: node.pos, size: node.size} : null;
+}"""
+_QUEUE = """async () => {
+  window.__wanS2VDone = null;
+  window.__wanS2VEvents = 0;
+  const api = window.app.api;
+  api.addEventListener("execution_success", () => { window.__wanS2VDone = "success"; });
+  api.addEventListener("execution_error", (e) => { window.__wanS2VDone = "error: " + JSON.stringify(e.detail); });
+  api.addEventListener("wan_s2v.train", () => { window.__wanS2VEvents += 1; });
+  await window.app.queuePrompt(0, 1);
+}"""
+_FOCUS = """([x, y, w, h]) => {
+  const canvas = window.app.canvas;
+  const el = canvas.canvas;
+  const scale = Math.min(el.width / (w + 900), el.height / (h + 80), 1.2);
+  canvas.ds.scale = scale;
+  canvas.ds.offset = [-(x - 420) , -(y - 30)];
+  canvas.setDirty(true, true);
+  canvas.draw(true, true);
+}"""
+
+
+def _playwright():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as err:
+        raise CheckSkipped(f"playwright is not installed ({err}); pip install playwright") from None
+    if not CHROMIUM.exists():
+        raise CheckSkipped(f"{CHROMIUM} not found; apt-get install -y chromium")
+    return sync_playwright
+
+
+def check_browser_workflows_and_loss_chart(ctx: E2EContext) -> str:
+    """Headless Chromium on the real page: our extension registers, every example workflow
+    loads with all its node types known and no error from our JS; then the tiny demo is queued
+    from the page (the front end's own graph-to-prompt) and the loss chart fills and is drawn on
+    the training node, and survives a serialize/reload of the workflow. Screenshot to docs/."""
+    import time
+
+    sync_playwright = _playwright()
+    errors: list[str] = []
+    details: list[str] = []
+    if ctx.server.run_dir is not None:  # skip the first-run template browser in the isolated user folder
+        settings = ctx.server.run_dir / "user" / "default" / "comfy.settings.json"
+        settings.parent.mkdir(parents=True, exist_ok=True)
+        current = json.loads(settings.read_text()) if settings.is_file() else {}
+        settings.write_text(json.dumps({**current, "Comfy.TutorialCompleted": True}))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.on("pageerror", lambda err: errors.append(f"pageerror: {err}"))
+            page.on("console", lambda msg: errors.append(f"console.{msg.type}: {msg.text}")
+                    if msg.type in ("error", "warning") else None)
+            page.goto(ctx.server.base_url, wait_until="domcontentloaded")
+            page.wait_for_function(_WAIT_FOR_APP, timeout=120_000)
+            page.wait_for_timeout(1500)
+            registered = page.evaluate(
+                "() => (window.app.extensions || []).map((e) => e.name)"
+            )
+            if "wan_s2v_trainer.loss_chart" not in registered:
+                raise CheckFailed(f"loss_chart extension not registered; extensions: {registered}")
+            for path in sorted(EXAMPLE_WORKFLOWS.glob("*.json")):
+                workflow = json.loads(path.read_text())
+                loaded = page.evaluate(_LOAD_WORKFLOW, workflow)
+                page.wait_for_timeout(300)
+                if loaded["unknown"] or loaded["count"] != len(workflow["nodes"]):
+                    raise CheckFailed(f"{path.name}: loaded {loaded} of {len(workflow['nodes'])} nodes")
+                details.append(f"{path.stem}: {loaded['count']} nodes")
+
+            workflow = json.loads(TINY_DEMO.read_text())
+            page.evaluate(_LOAD_WORKFLOW, workflow)
+            page.evaluate(_QUEUE)
+            deadline = time.monotonic() + 900
+            while time.monotonic() < deadline:
+                done = page.evaluate("() => window.__wanS2VDone")
+                if done:
+                    break
+                page.wait_for_timeout(1000)
+            else:
+                raise CheckFailed("the tiny demo queued from the page did not finish in 900 s")
+            if done != "success":
+                raise CheckFailed(f"the tiny demo queued from the page failed: {done}")
+            node = page.evaluate(_TRAIN_NODE)
+            steps = next(v for v in workflow["nodes"] if v["type"] == "WanS2VTrainLora")["widgets_values"][1]
+            if not node or node["steps"] != steps:
+                raise CheckFailed(f"loss history on the node: {node}, expected {steps} steps")
+            before = node["draws"]
+            page.keyboard.press("Escape")
+            page.evaluate(_FOCUS, [*node["pos"], *node["size"]])
+            page.wait_for_timeout(800)
+            node = page.evaluate(_TRAIN_NODE)
+            if node["draws"] <= before:
+                raise CheckFailed(f"the loss chart was not drawn: {node}")
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT))
+            # Save/reload: the history is in the node's properties.
+            saved = page.evaluate("() => window.app.graph.serialize()")
+            page.evaluate(_LOAD_WORKFLOW, workflow)  # a fresh graph without history
+            page.evaluate(_LOAD_WORKFLOW, saved)
+            page.wait_for_timeout(500)
+            reloaded = page.evaluate(_TRAIN_NODE)
+            if reloaded["steps"] != steps or reloaded["evals"] != node["evals"]:
+                raise CheckFailed(f"loss history lost on reload: {reloaded} vs {node}")
+        finally:
+            browser.close()
+    ours = [e for e in errors if any(tag in e for tag in OUR_JS)]
+    if ours:
+        raise CheckFailed("errors from our JS:\n" + "\n".join(ours[:20]))
+    return (f"{'; '.join(details)}; tiny demo from the page: {node['steps']} loss points, "
+            f"{node['evals']} eval points drawn, kept on reload; screenshot {SCREENSHOT.relative_to(REPO_ROOT)}")
+
+
 CHECKS: list[tuple[str, Check]] = [
     ("pack imported", check_pack_imported),
     ("nodes registered", check_nodes_registered),
@@ -330,6 +464,7 @@ CHECKS: list[tuple[str, Check]] = [
     ("web extensions", check_web_extensions),
     ("dataset node runs", check_dataset_node_runs),
     ("tiny demo workflow", check_tiny_demo_workflow),
+    ("browser: workflows and loss chart", check_browser_workflows_and_loss_chart),
 ]
 
 
@@ -345,6 +480,8 @@ def run_checks(ctx: E2EContext, checks: list[tuple[str, Check]] = CHECKS) -> lis
         try:
             detail = check(ctx)
             results.append(CheckResult(name, True, detail))
+        except CheckSkipped as err:
+            results.append(CheckResult(name, True, f"skipped: {err}"))
         except CheckFailed as err:
             results.append(CheckResult(name, False, str(err)))
         except Exception:  # noqa: BLE001 - report any crash of a check as its failure

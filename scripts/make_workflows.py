@@ -245,7 +245,7 @@ def tiny_demo(info) -> Workflow:
         audio_dropout_probability=0.0, checkpoint_step_interval=0, resume_from_checkpoint="none",
         eval_step_interval=5,
     )
-    preview = w.add("PreviewImage", (380, 430), size=(300, 260))
+    preview = w.add("PreviewImage", (380, 470), size=(300, 260))
     apply = w.add("WanS2VApplyLoRA", (1180, 0))
     bundle = w.add("WanS2VLoadModelBundle", (1180, 130), transformer=TINY, vae=TINY, text_encoder=TINY,
                    audio_encoder=TINY, dtype="float32", device="cpu")
@@ -281,8 +281,8 @@ def train_and_validate(info) -> Workflow:
     )
     lora = w.add("WanS2VLoraSettings", (380, 0), lora_rank=16, lora_alpha=16.0)
     optim = w.add("WanS2VOptimizerSettings", (380, 190), optimizer="adamw", learning_rate=1e-4)
-    sched = w.add("WanS2VScheduleSettings", (380, 430), lr_scheduler="constant_with_warmup", lr_warmup_steps=50)
-    preview = w.add("PreviewImage", (380, 620), size=(300, 260))
+    sched = w.add("WanS2VScheduleSettings", (380, 450), lr_scheduler="constant_with_warmup", lr_warmup_steps=50)
+    preview = w.add("PreviewImage", (380, 680), size=(300, 260))
     train = w.add(
         "WanS2VTrainLora", (760, 0), size=(380, 900), output_name="wan_s2v_lora", max_train_steps=1000, seed=42,
         mixed_precision="bf16", gradient_checkpointing=True, flow_weighting_scheme="logit_normal",
