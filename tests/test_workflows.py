@@ -167,3 +167,36 @@ def test_training_node_sends_its_id_with_the_loss_events(info):
     assert info["WanS2VTrainLora"]["input"]["hidden"] == {"unique_id": "UNIQUE_ID"}
     assert "addEventListener" in (REPO / "web" / "js" / "loss_chart.js").read_text()
     assert '"wan_s2v.train"' in (REPO / "web" / "js" / "loss_chart.js").read_text()
+
+
+def test_training_node_emits_one_loss_event_per_step(tmp_path, monkeypatch):
+    """What web/js/loss_chart.js listens to: one `wan_s2v.train` event per step, tagged with the
+    node's unique_id, eval loss on the eval steps (here without ComfyUI: send_event patched)."""
+    import importlib
+
+    import torch
+
+    from trainer.model import TINY_TRANSFORMER_CONFIG, WanS2VTransformer3DModel
+    from trainer.train.synthetic import SyntheticTalkingDataset
+
+    monkeypatch.setenv("WAN_S2V_OUTPUT_DIR", str(tmp_path / "output"))
+    monkeypatch.setenv("WAN_S2V_LORAS_DIR", str(tmp_path / "loras"))
+    workflow_api.pack_object_info()  # imports the pack as ComfyUI does
+    nodes = importlib.import_module("_wan_s2v_pack_for_workflows.nodes.train_nodes")
+    adapter = importlib.import_module("_wan_s2v_pack_for_workflows.nodes.comfy_adapter")
+    sent = []
+    monkeypatch.setattr(adapter, "send_event", lambda event, data: sent.append((event, dict(data))))
+    node = nodes.WanS2VTrainLora()
+    settings = {k: v[1]["default"] for k, v in node.INPUT_TYPES()["required"].items()
+                if k not in ("transformer", "dataset", "output_name", "save_to", "resume_from_checkpoint")}
+    settings.update(max_train_steps=4, checkpoint_step_interval=0, mixed_precision="no", gradient_checkpointing=False)
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        model = WanS2VTransformer3DModel(**TINY_TRANSFORMER_CONFIG)
+        data = SyntheticTalkingDataset(text_len=64)
+        node.train(model, data, "event_lora", eval_dataset=data, eval_step_interval=2, save_to="output",
+                   resume_from_checkpoint="none", unique_id="7", **settings)
+    events = [d for e, d in sent if e == nodes.TRAIN_EVENT]
+    assert [d["step"] for d in events] == [1, 2, 3, 4]
+    assert all(d["node"] == "7" and d["total"] == 4 and isinstance(d["loss"], float) for d in events)
+    assert [d["step"] for d in events if "eval_loss" in d] == [2, 4]
