@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import REPO, environment, print_table, save_json
 
 
@@ -49,6 +48,7 @@ def _worker(args) -> None:
                                            text_len=64)
         else:
             from common import build_on_device
+
             from trainer.model.transformer_s2v import WanS2VTransformer3DModel
 
             model = build_on_device(lambda: WanS2VTransformer3DModel(), f"cuda:{torch.cuda.current_device()}",

@@ -3,8 +3,10 @@
 Nothing here is used (and torch.distributed is never initialised) when ``WORLD_SIZE`` is
 unset or 1: the single-process path stays exactly as it was.
 
-Under a launcher (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT`` in
-the environment) `init_from_env` initialises the default process group (``nccl`` when the run
+Under a launcher that sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
+``MASTER_PORT`` (``torchrun --nproc_per_node N`` or ``accelerate launch --multi_gpu
+--num_processes N``; a plain ``accelerate launch`` without ``--multi_gpu`` starts one process)
+`init_from_env` initialises the default process group (``nccl`` when the run
 trains on CUDA, ``gloo`` otherwise) and pins each process to ``cuda:LOCAL_RANK``. The loop then
 gets a `Dist` from `current()`: every process holds the whole model, the LoRA (and CREPA
 projector) gradients are summed across processes after backward (each process weights its

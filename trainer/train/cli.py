@@ -19,7 +19,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
         "'synthetic' (built-in) or a folder of talking videos, cached with vae_path, text_encoder_path "
         "and audio_encoder_path (or 'tiny'), with DatasetConfig settings in dataset_options. "
         "Data parallel on several GPUs (or CPU processes): torchrun --nproc_per_node N -m trainer train "
-        "CONFIG (or accelerate launch --num_processes N -m trainer train CONFIG); the global batch is "
+        "CONFIG (or accelerate launch --multi_gpu --num_processes N -m trainer train CONFIG); the global batch is "
         "train_batch_size x N and rank 0 writes every file.",
     )
     parser.add_argument("config", help="training config (.json or .toml)")
