@@ -416,6 +416,10 @@ def check_browser_workflows_and_loss_chart(ctx: E2EContext) -> str:
 
             workflow = json.loads(TINY_DEMO.read_text())
             page.evaluate(_LOAD_WORKFLOW, workflow)
+            # An earlier check may have run the same graph: drop ComfyUI's node cache so that
+            # training really runs (and sends its loss events) again.
+            ctx.server.request("POST", "/free", {"free_memory": True})
+            page.wait_for_timeout(1500)
             page.evaluate(_QUEUE)
             deadline = time.monotonic() + 900
             while time.monotonic() < deadline:

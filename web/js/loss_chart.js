@@ -187,13 +187,21 @@ function drawChart(node, ctx) {
   node.__wanS2VChartDraws = (node.__wanS2VChartDraws || 0) + 1;
 }
 
+function nodeIn(graph, id) {
+  return graph?.getNodeById?.(Number(id)) || graph?.getNodeById?.(id) || null;
+}
+
 function findNode(id) {
-  const graph = app.graph;
-  if (!graph || id === undefined || id === null) return null;
-  const text = String(id);
-  // Inside a subgraph the id is a path ("12:5"); its last part is the node in that graph.
-  const tail = text.includes(":") ? text.split(":").pop() : text;
-  return graph.getNodeById(Number(tail)) || graph.getNodeById(tail) || null;
+  if (!app.graph || id === undefined || id === null) return null;
+  // Inside a subgraph the id is a path ("12:5"): the subgraph node 12 of the root graph,
+  // then node 5 of its subgraph.
+  const parts = String(id).split(":");
+  let graph = app.graph;
+  for (const part of parts.slice(0, -1)) {
+    graph = nodeIn(graph, part)?.subgraph;
+    if (!graph) return null;
+  }
+  return nodeIn(graph, parts[parts.length - 1]);
 }
 
 app.registerExtension({
