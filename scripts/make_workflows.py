@@ -194,7 +194,7 @@ class Workflow:
 # The workflows
 # --------------------------------------------------------------------------------------
 
-TINY_NOTE = """## Wan 2.2 S2V LoRA trainer: tiny demo (CPU, ~1 minute)
+TINY_NOTE = """## Wan 2.2 S2V LoRA trainer: tiny demo (CPU, about a minute)
 
 Runs the whole job with the **built-in tiny random model** (no model files needed):
 
