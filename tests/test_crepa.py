@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig
-from transformers import Dinov2Config, Dinov2Model
 
 from test_transformer_s2v import H, T, W, inputs
 from trainer.model import TINY_TRANSFORMER_CONFIG, WanS2VTransformer3DModel
@@ -17,16 +16,6 @@ from trainer.train.crepa import (
     teacher_frame_indices,
     teacher_tokens,
 )
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                          patch_size=14, image_size=56)
-    folder = tmp_path_factory.mktemp("dinov2_tiny")
-    Dinov2Model(config).save_pretrained(folder, safe_serialization=True)
-    return folder
 
 
 def test_loss_is_minus_one_for_identical_features_and_higher_otherwise():
@@ -59,20 +48,20 @@ def test_config_weight_and_clear_error():
         load_teacher("/nonexistent/dinov2")
 
 
-def test_teacher_tokens_land_on_the_transformer_grid(teacher_dir):
-    teacher = load_teacher(teacher_dir)
+def test_teacher_tokens_land_on_the_transformer_grid(tiny_dinov2_dir):
+    teacher = load_teacher(tiny_dinov2_dir)
     frames = torch.rand(1, 3, 2, 64, 128) * 2 - 1
     tokens = teacher_tokens(teacher, frames, grid=(4, 8), short_side=56)
     assert tokens.shape == (1, 2, 32, 32)
     assert teacher_frame_indices(4) == [0, 4, 8, 12]
 
 
-def test_gradient_reaches_projector_and_lora_only(teacher_dir):
+def test_gradient_reaches_projector_and_lora_only(tiny_dinov2_dir):
     torch.manual_seed(0)
     model = WanS2VTransformer3DModel(**TINY_TRANSFORMER_CONFIG)
     model.requires_grad_(False)
     model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    teacher = load_teacher(teacher_dir)
+    teacher = load_teacher(tiny_dinov2_dir)
     projector = CrepaProjector(64, 32)
     out = model(**inputs(), capture_block=1)
     student = projector(out.captured_hidden_states).view(1, T, (H // 2) * (W // 2), -1)

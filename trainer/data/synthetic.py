@@ -96,29 +96,35 @@ def write_video(path: str | Path, fps: float | Fraction = 25, duration: float = 
             container.mux(packet)
         if astream is not None:
             total = int(round((audio_duration if audio_duration is not None else duration) * audio_rate))
-            t = np.arange(total) / audio_rate
-            signal = chirp(t + audio_delay).astype(np.float32)
-            fmt = astream.codec_context.format.name if astream.codec_context.format else "fltp"
-            chunk = astream.codec_context.frame_size or 1024
-            for start in range(0, total, chunk):
-                block = signal[start:start + chunk]
-                stereo = np.stack([block, block])
-                if fmt.startswith("s16"):
-                    data = (stereo * 32767).astype(np.int16)
-                    data = data.T.reshape(1, -1) if not fmt.endswith("p") else data
-                else:
-                    data = stereo if fmt.endswith("p") else stereo.T.reshape(1, -1)
-                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data), format=fmt, layout="stereo")
-                frame.sample_rate = audio_rate
-                frame.pts = start
-                frame.time_base = Fraction(1, audio_rate)
-                for packet in astream.encode(frame):
-                    container.mux(packet)
-            for packet in astream.encode(None):
-                container.mux(packet)
+            signal = chirp(np.arange(total) / audio_rate + audio_delay).astype(np.float32)
+            _mux_audio(container, astream, np.stack([signal, signal]), audio_rate)
     finally:
         container.close()
     return path
+
+
+def _mux_audio(container, stream, channels: np.ndarray, rate: int) -> None:
+    """Encode float audio [C, N] in [-1, 1] into `stream` (any sample format) and mux it."""
+    import av
+
+    fmt = stream.codec_context.format.name if stream.codec_context.format else "fltp"
+    layout = "mono" if channels.shape[0] == 1 else "stereo"
+    chunk = stream.codec_context.frame_size or 1024
+    for start in range(0, channels.shape[1], chunk):
+        block = channels[:, start:start + chunk]
+        if fmt.startswith("s16"):
+            block = (block * 32767).astype(np.int16)
+        elif fmt.startswith("s32"):
+            block = (block * 2147483647).astype(np.int32)
+        data = block if fmt.endswith("p") else block.T.reshape(1, -1)  # planar or interleaved
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data), format=fmt, layout=layout)
+        frame.sample_rate = rate
+        frame.pts = start
+        frame.time_base = Fraction(1, rate)
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode(None):
+        container.mux(packet)
 
 
 def write_audio(path: str | Path, duration: float, rate: int = 44100, codec: str | None = None) -> Path:
@@ -134,22 +140,8 @@ def write_audio(path: str | Path, duration: float, rate: int = 44100, codec: str
         stream = container.add_stream(codec, rate=rate)
         stream.layout = "mono"
         container.start_encoding()
-        fmt = stream.codec_context.format.name
-        total = int(round(duration * rate))
-        signal = chirp(np.arange(total) / rate).astype(np.float32)
-        chunk = stream.codec_context.frame_size or 1024
-        for start in range(0, total, chunk):
-            block = signal[start:start + chunk][None]
-            data = (block * 32767).astype(np.int16) if fmt.startswith("s16") else (
-                (block * 2147483647).astype(np.int32) if fmt.startswith("s32") else block)
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data), format=fmt, layout="mono")
-            frame.sample_rate = rate
-            frame.pts = start
-            frame.time_base = Fraction(1, rate)
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
+        signal = chirp(np.arange(int(round(duration * rate))) / rate).astype(np.float32)
+        _mux_audio(container, stream, signal[None], rate)
     finally:
         container.close()
     return path
