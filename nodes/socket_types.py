@@ -8,3 +8,7 @@ LORA_STACK = "WANS2V_LORA_STACK"  # LoRAs with strengths to apply while sampling
 LORA_SETTINGS = "WANS2V_LORA_SETTINGS"
 OPTIMIZER_SETTINGS = "WANS2V_OPTIMIZER_SETTINGS"
 SCHEDULE_SETTINGS = "WANS2V_SCHEDULE_SETTINGS"
+TREAD_SETTINGS = "WANS2V_TREAD_SETTINGS"  # TREAD token routes (the seed's {"routes": [...]})
+CREPA_SETTINGS = "WANS2V_CREPA_SETTINGS"  # trainer.train.config.CrepaConfig
+MEMORY_SETTINGS = "WANS2V_MEMORY_SETTINGS"  # trainer.memory.MemoryConfig
+VALIDATION_SETTINGS = "WANS2V_VALIDATION_SETTINGS"  # renders during training (nodes.train_runner)

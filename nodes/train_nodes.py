@@ -1,14 +1,24 @@
-"""Training nodes: LoRA / optimizer / schedule settings and the training node itself."""
+"""Training nodes: LoRA / optimizer / schedule / TREAD / CREPA / memory / validation settings
+and the training node itself. The work is in `nodes.train_runner` and `trainer/`."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from . import comfy_adapter
 from . import socket_types as types
+from .train_runner import (  # noqa: F401 - re-exported for tests and other nodes
+    TINY_TEACHER,
+    TRAIN_EVENT,
+    VALIDATION_EVENT,
+    TrainedLora,
+    TrainExtras,
+    ValidationCaseInput,
+    ValidationSettings,
+    crepa_config,
+    memory_config,
+    run_training_node,
+    tread_routes,
+)
 
 CATEGORY = "Wan S2V Trainer/train"
-TRAIN_EVENT = "wan_s2v.train"  # custom websocket event per training step (web/js/loss_chart.js)
 
 TOOLTIPS = {
     "lora_rank": "LoRA rank r (the adapter's inner width).",
@@ -45,6 +55,66 @@ TOOLTIPS = {
     "save_diffusers_lora": "Also write <name>_diffusers.safetensors (Diffusers keys).",
     "eval_dataset": "Held-out clips for the eval loss (fixed timesteps and noise).",
     "eval_step_interval": "Eval loss every N steps (0: never).",
+    # TREAD
+    "selection_ratio": "Fraction of the video tokens DROPPED inside the route (0.5: half of them skip the "
+    "route's blocks, the same number in every latent frame); reference, motion and text tokens always go through.",
+    "start_layer_idx": "First block of the route (negative counts from the last block).",
+    "end_layer_idx": "Last block of the route, inclusive (-2: the second to last block).",
+    "tread_settings": "Optional: earlier routes (chain several TREAD nodes for several non-overlapping routes).",
+    # CREPA
+    "crepa_lambda": "Weight of the CREPA term: loss = flow + lambda * (1 - cosine similarity to the teacher).",
+    "crepa_block_index": "Block whose video tokens are aligned with the teacher (8 of 40 for the 14B model).",
+    "crepa_adjacent_distance": "Also align with the teacher features of frames up to this many latent frames away.",
+    "crepa_adjacent_tau": "Temperature of the neighbour weights exp(-distance / tau).",
+    "crepa_warmup_steps": "Ramp lambda linearly from 0 over this many steps (0: full weight at once).",
+    "crepa_cutoff_step": "Turn CREPA off from this step on (0: never).",
+    "teacher": "DINOv2 teacher: dinov2_vitg14 (518 px, the seed's) or dinov2_vits14 (224 px, light). The tiny "
+    "entry writes a tiny random DINOv2 (demo and tests only).",
+    "teacher_folder": "transformers Dinov2Model folder (config.json + model.safetensors) relative to "
+    "ComfyUI/models/dinov2; empty = the teacher's name (models/dinov2/dinov2_vitg14). Nothing is downloaded.",
+    # memory
+    "base_model_precision": "Base weights: no_change (as loaded, bf16), int8-quanto or fp8 (4-bit is refused: "
+    "lip sync and identity degrade).",
+    "device": "Where training runs: auto = the GPU when there is one.",
+    "offload": "none; blocks = block swap (frozen weights in host RAM, streamed in per block); model = whole "
+    "model in host RAM between uses (not for training steps).",
+    "offload_blocks_to_disk": "With offload blocks: a folder (under ComfyUI's output folder) to spill the "
+    "offloaded weights to instead of host RAM; empty = RAM.",
+    "prefetch": "With offload blocks: blocks copied ahead on a side stream (0: synchronous).",
+    "checkpointing_policy": "Gradient checkpointing: full (every block recomputed), attention (blocks keep their "
+    "attention output: faster, more memory), interval (every N-th block), none. Replaces the training node's "
+    "gradient_checkpointing switch.",
+    "checkpoint_interval": "interval policy: checkpoint every N-th block.",
+    "attention_blocks": "attention policy: only the first N blocks keep their attention output (-1: all).",
+    "offload_activations": "Move the checkpointed block inputs to pinned host RAM until the backward pass.",
+    "enable_chunked_feed_forward": "Feed-forward in token chunks, each checkpointed (less peak memory).",
+    "feed_forward_chunk_size": "Tokens per feed-forward chunk (0: WAN_FEED_FORWARD_CHUNK_SIZE or 4096).",
+    "auto": "Choose offload / checkpointing / chunking automatically for vram_budget_gib.",
+    "vram_budget_gib": "GPU memory budget of the automatic plan, GiB (0: not set).",
+    # validation
+    "image": "Reference image of this validation case (the first of the batch).",
+    "audio": "Speech of this validation case; its length (capped by num_video_frames) sets the clip.",
+    "prompt": "What the validation video shows.",
+    "negative_prompt": "Empty = the official S2V negative prompt.",
+    "validation_step_interval": "Render the validation cases every N optimizer steps (and at the end).",
+    "num_inference_steps": "Denoising steps per validation render.",
+    "guidance": "CFG scale of the validation renders (<= 1: no unconditional pass).",
+    "width": "Validation video width (snapped to a multiple of 16).",
+    "height": "Validation video height (snapped to a multiple of 16).",
+    "num_video_frames": "Frames per validation render (one sampler chunk; rounded up to 4k + 1, 81 as training clips).",
+    "validation_seed": "Noise seed of the validation renders (the same every time, so renders compare).",
+    "validation_settings": "Optional: cases of earlier Validation Settings nodes (chain them for several cases); "
+    "the render settings of this node apply to all.",
+    # training node extras
+    "crepa_settings": "Optional: CREPA regularizer (Wan S2V CREPA Settings). The dataset must carry teacher "
+    "frames (the Dataset node's CREPA option).",
+    "memory_settings": "Optional: base precision, offload, checkpointing policy, chunked feed-forward "
+    "(Wan S2V Memory Settings); replaces gradient_checkpointing above.",
+    "validation_model": "Model bundle for the validation renders (Load Wan S2V Model Bundle with this training "
+    "transformer on its transformer_model input); the LoRA being trained is on while it renders.",
+    "gpus": "1: train in ComfyUI's process. N > 1: data-parallel over N GPUs in launched processes (the "
+    "transformer is loaded again from its file, the dataset from its cache); progress, loss chart, validation "
+    "and Cancel work the same.",
 }
 
 
@@ -148,25 +218,133 @@ class WanS2VScheduleSettings:
         return (config,)
 
 
-class _ClonedItems:
-    """Dataset view whose tensors are cloned outside inference mode (ComfyUI runs nodes
-    under `torch.inference_mode()`; such tensors cannot take part in autograd)."""
+class WanS2VTreadSettings:
+    """TREAD token routing as the seed configures it: a share of the video tokens skips a
+    range of blocks (faster steps, same model at inference)."""
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+    @classmethod
+    def INPUT_TYPES(cls):
+        return _tips({
+            "required": {
+                "selection_ratio": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 0.95, "step": 0.05}),
+                "start_layer_idx": ("INT", {"default": 2, "min": -64, "max": 64}),
+                "end_layer_idx": ("INT", {"default": -2, "min": -64, "max": 64}),
+            },
+            "optional": {"tread_settings": (types.TREAD_SETTINGS, {})},
+        })
 
-    def __len__(self) -> int:
-        return len(self.dataset)
+    RETURN_TYPES = (types.TREAD_SETTINGS,)
+    RETURN_NAMES = ("tread_settings",)
+    FUNCTION = "build"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "A TREAD route for the training node (the seed's routes format)."
 
-    def bucket_of(self, index: int):
-        getter = getattr(self.dataset, "bucket_of", None)
-        return getter(index) if callable(getter) else self.dataset[index].get("bucket", "default")
+    def build(self, selection_ratio, start_layer_idx, end_layer_idx, tread_settings=None):
+        return (tread_routes(selection_ratio, start_layer_idx, end_layer_idx, tread_settings),)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        import torch
 
-        with torch.inference_mode(False):
-            return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in self.dataset[index].items()}
+class WanS2VCrepaSettings:
+    """CREPA: align one block's video tokens with a frozen DINOv2 teacher's frame features."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return _tips({
+            "required": {
+                "crepa_lambda": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 10.0, "step": 0.05}),
+                "crepa_block_index": ("INT", {"default": 8, "min": 0, "max": 63}),
+                "crepa_adjacent_distance": ("INT", {"default": 1, "min": 0, "max": 16}),
+                "crepa_adjacent_tau": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 100.0, "step": 0.05}),
+                "crepa_warmup_steps": ("INT", {"default": 0, "min": 0, "max": 1000000}),
+                "crepa_cutoff_step": ("INT", {"default": 0, "min": 0, "max": 1000000}),
+                "teacher": (["dinov2_vitg14", "dinov2_vits14", TINY_TEACHER], {"default": "dinov2_vitg14"}),
+                "teacher_folder": ("STRING", {"default": ""}),
+            }
+        })
+
+    RETURN_TYPES = (types.CREPA_SETTINGS,)
+    RETURN_NAMES = ("crepa_settings",)
+    FUNCTION = "build"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "CREPA settings (the seed's defaults) with a local DINOv2 teacher from models/dinov2."
+
+    def build(self, crepa_lambda, crepa_block_index, crepa_adjacent_distance, crepa_adjacent_tau,
+              crepa_warmup_steps, crepa_cutoff_step, teacher, teacher_folder):
+        return (crepa_config(crepa_lambda, crepa_block_index, crepa_adjacent_distance, crepa_adjacent_tau,
+                             crepa_warmup_steps, crepa_cutoff_step, teacher, teacher_folder),)
+
+
+class WanS2VMemorySettings:
+    """How the transformer is held while the LoRA trains (trainer.memory.MemoryConfig)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from ..trainer.memory.config import CHECKPOINT_POLICIES, OFFLOAD_MODES, PRECISIONS
+
+        return _tips({
+            "required": {
+                "base_model_precision": (list(PRECISIONS), {"default": "no_change"}),
+                "device": (["auto", "cuda", "cpu"], {"default": "auto"}),
+                "offload": (list(OFFLOAD_MODES), {"default": "none"}),
+                "checkpointing_policy": (list(CHECKPOINT_POLICIES), {"default": "full"}),
+                "checkpoint_interval": ("INT", {"default": 1, "min": 1, "max": 64}),
+                "attention_blocks": ("INT", {"default": -1, "min": -1, "max": 64}),
+                "offload_activations": ("BOOLEAN", {"default": False}),
+                "enable_chunked_feed_forward": ("BOOLEAN", {"default": False}),
+                "feed_forward_chunk_size": ("INT", {"default": 0, "min": 0, "max": 1 << 20}),
+            },
+            "optional": {
+                "prefetch": ("INT", {"default": 1, "min": 0, "max": 8}),
+                "offload_blocks_to_disk": ("STRING", {"default": ""}),
+                "auto": ("BOOLEAN", {"default": False}),
+                "vram_budget_gib": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 1.0}),
+            },
+        })
+
+    RETURN_TYPES = (types.MEMORY_SETTINGS,)
+    RETURN_NAMES = ("memory_settings",)
+    FUNCTION = "build"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Base precision, offload, gradient checkpointing and chunking for the training node."
+
+    def build(self, checkpointing_policy, **fields):
+        return (memory_config(gradient_checkpointing=checkpointing_policy, **fields),)
+
+
+class WanS2VValidationSettings:
+    """Reference image + speech + prompt rendered with the LoRA in training every N steps."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return _tips({
+            "required": {
+                "image": ("IMAGE", {}),
+                "audio": ("AUDIO", {}),
+                "prompt": ("STRING", {"multiline": True, "default": "a person talks to the camera"}),
+                "negative_prompt": ("STRING", {"multiline": True, "default": ""}),
+                "validation_step_interval": ("INT", {"default": 100, "min": 1, "max": 1000000}),
+                "num_inference_steps": ("INT", {"default": 20, "min": 1, "max": 200}),
+                "guidance": ("FLOAT", {"default": 4.5, "min": 0.0, "max": 20.0, "step": 0.1}),
+                "width": ("INT", {"default": 832, "min": 16, "max": 4096, "step": 16}),
+                "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16}),
+                "num_video_frames": ("INT", {"default": 81, "min": 1, "max": 401, "step": 4}),
+                "validation_seed": ("INT", {"default": 42, "min": 0, "max": 2**31 - 1}),
+            },
+            "optional": {"validation_settings": (types.VALIDATION_SETTINGS, {})},
+        })
+
+    RETURN_TYPES = (types.VALIDATION_SETTINGS,)
+    RETURN_NAMES = ("validation_settings",)
+    FUNCTION = "build"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("A validation case for the training node; the image and audio are saved into the run's "
+                   "folder, the videos under output/wan_s2v_training/<name>/validation/ and on the node.")
+
+    def build(self, image, audio, prompt, negative_prompt, validation_step_interval, num_inference_steps, guidance,
+              width, height, num_video_frames, validation_seed, validation_settings=None):
+        cases = list(validation_settings.cases) if validation_settings is not None else []
+        cases.append(ValidationCaseInput(image, audio, prompt, negative_prompt))
+        return (ValidationSettings(cases, validation_step_interval, num_inference_steps, guidance, width, height,
+                                   num_video_frames, validation_seed),)
 
 
 class WanS2VTrainLora:
@@ -210,9 +388,16 @@ class WanS2VTrainLora:
                 "schedule_settings": (types.SCHEDULE_SETTINGS, {"tooltip": 'Optional: learning-rate schedule (Wan S2V LR Schedule Settings).'}),
                 "eval_dataset": (types.DATASET, {"tooltip": 'Optional held-out windows: MSE at fixed timesteps and noise every eval_step_interval steps.'}),
                 "eval_step_interval": ("INT", {"default": 100, "min": 0, "max": 1000000}),
+                "tread_settings": (types.TREAD_SETTINGS, {"tooltip": "Optional: TREAD token routing (Wan S2V TREAD Settings)."}),
+                "crepa_settings": (types.CREPA_SETTINGS, {}),
+                "memory_settings": (types.MEMORY_SETTINGS, {}),
+                "validation_settings": (types.VALIDATION_SETTINGS, {"tooltip": "Optional: validation renders every N "
+                                        "steps (Wan S2V Validation Settings); needs validation_model."}),
+                "validation_model": (types.MODEL, {}),
+                "gpus": ("INT", {"default": 1, "min": 1, "max": 64}),
             },
         })
-        # The node id tags the per-step loss events, so that web/js/loss_chart.js draws them on this node.
+        # The node id tags the per-step loss and validation events, so that web/js draws them on this node.
         inputs["hidden"] = {"unique_id": "UNIQUE_ID"}
         return inputs
 
@@ -222,131 +407,40 @@ class WanS2VTrainLora:
     CATEGORY = CATEGORY
     OUTPUT_NODE = True
     DESCRIPTION = (
-        "Trains a LoRA with flow matching. Cancel stops within one step after writing a checkpoint; "
-        "running again with resume 'latest' continues exactly where it stopped."
+        "Trains a LoRA with flow matching (optionally TREAD, CREPA, validation renders, N GPUs). Cancel stops "
+        "within one step after writing a checkpoint; running again with resume 'latest' continues exactly where "
+        "it stopped."
     )
 
-    def train(self, transformer, dataset, output_name, lora_settings=None, optimizer_settings=None,
-              schedule_settings=None, eval_dataset=None, eval_step_interval=100, save_to="loras",
-              resume_from_checkpoint="latest", unique_id=None, **settings):
-        result, path = run_training_node(
-            transformer, dataset, output_name, settings, lora_settings, optimizer_settings, schedule_settings,
-            eval_dataset, eval_step_interval, save_to, resume_from_checkpoint,
-            node_id=None if unique_id is None else str(unique_id),
-        )
-        losses = {"loss": [loss for _, loss in result.loss_history]}
-        return (result.lora, str(path), losses)
-
-
-class TrainedLora:
-    """The in-memory LoRA a training node outputs (peft keys, alphas, where it was saved)."""
-
-    def __init__(self, state, alphas, path, steps):
-        self.state, self.alphas, self.path, self.steps = state, alphas, path, steps
-
-    def to_lora_file(self):
-        from ..trainer.lora.io import LoraFile
-
-        return LoraFile(dict(self.state), dict(self.alphas), "peft", {})
-
-
-def _loras_root():
-    roots = comfy_adapter.model_folder_roots("loras")
-    if roots:
-        return roots
-    import os
-    from pathlib import Path
-
-    return [Path(os.environ.get("WAN_S2V_LORAS_DIR", "models/loras")).resolve()]
-
-
-def run_training_node(transformer, dataset, output_name, settings, lora_settings=None, optimizer_settings=None,
-                      schedule_settings=None, eval_dataset=None, eval_step_interval=100, save_to="loras",
-                      resume_from_checkpoint="latest", node_id=None):
-    """The node's work, callable without ComfyUI (tests)."""
-    import dataclasses
-    import os
-    import shutil
-    import uuid
-
-    import torch
-
-    from ..trainer.train.config import TrainConfig
-    from ..trainer.train.loop import detach_inference_tensors, train
-
-    if not output_name or any(c in output_name for c in "/\\") or output_name.startswith("."):
-        raise ValueError(f"output_name must be a plain name, got {output_name!r}")
-    out_dir = comfy_adapter.confine_path(f"wan_s2v_training/{output_name}", [comfy_adapter.output_directory()])
-    config = TrainConfig.from_dict({
-        **settings,
-        "output_dir": str(out_dir),
-        "output_name": output_name,
-        "eval_step_interval": eval_step_interval if eval_dataset is not None else 0,
-        "resume_from_checkpoint": None if resume_from_checkpoint == "none" else resume_from_checkpoint,
-        "tensorboard": False,
-    })
-    if lora_settings is not None:
-        config.lora = dataclasses.replace(lora_settings)
-    if optimizer_settings is not None:
-        config.optimizer = dataclasses.replace(optimizer_settings)
-    if schedule_settings is not None:
-        config.schedule = dataclasses.replace(schedule_settings)
-    config.validate()
-
-    bar = comfy_adapter.Progress(config.max_train_steps, node_id=node_id)
-    last_record: dict[str, Any] = {}
-
-    def on_log(record):
-        last_record.clear()
-        last_record.update(record)
-
-    def progress(step, loss, lr, eta):
-        # A bar update raises ComfyUI's interrupt exception on Cancel; leave the stop to
-        # `should_stop` so that the checkpoint is written first.
-        if not comfy_adapter.interrupt_requested():
-            bar.update(step)
-        event = {"node": node_id, "step": step, "loss": float(loss), "lr": float(lr), "eta": float(eta),
-                 "total": config.max_train_steps, "output_name": output_name}
-        if last_record.get("step") == step and last_record.get("eval_loss") is not None:
-            event["eval_loss"] = float(last_record["eval_loss"])
-        # One event per optimizer step: web/js/loss_chart.js draws it on the node `node`.
-        comfy_adapter.send_event(TRAIN_EVENT, event)
-
-    with torch.inference_mode(False), torch.enable_grad():
-        detach_inference_tensors(transformer)
-        result = train(
-            transformer, _ClonedItems(dataset), config,
-            eval_dataset=None if eval_dataset is None else _ClonedItems(eval_dataset),
-            progress=progress, should_stop=comfy_adapter.interrupt_requested, keep_adapter=False, on_log=on_log,
-        )
-    path = result.lora_path or result.diffusers_lora_path
-    if save_to == "loras" and path is not None:
-        root = _loras_root()
-        target = comfy_adapter.confine_path(f"{output_name}.safetensors", root)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        path = target
-    result.lora = TrainedLora(result.lora_state, result.lora_alphas, path, result.global_step)
-    if result.stopped:
-        comfy_adapter.raise_if_interrupted()
-    return result, path
+    def train(self, transformer, dataset, output_name, save_to="loras", resume_from_checkpoint="latest",
+              unique_id=None, lora_settings=None, optimizer_settings=None, schedule_settings=None, eval_dataset=None,
+              eval_step_interval=100, tread_settings=None, crepa_settings=None, memory_settings=None,
+              validation_settings=None, validation_model=None, gpus=1, **settings):
+        extras = TrainExtras(lora_settings, optimizer_settings, schedule_settings, tread_settings, crepa_settings,
+                             memory_settings, validation_settings, validation_model, eval_dataset,
+                             eval_step_interval, gpus)
+        result = run_training_node(transformer, dataset, output_name, settings, extras, save_to,
+                                   resume_from_checkpoint, node_id=None if unique_id is None else str(unique_id))
+        return (result.lora, str(result.path), {"loss": result.losses})
 
 
 NODE_CLASS_MAPPINGS = {
     "WanS2VLoraSettings": WanS2VLoraSettings,
     "WanS2VOptimizerSettings": WanS2VOptimizerSettings,
     "WanS2VScheduleSettings": WanS2VScheduleSettings,
+    "WanS2VTreadSettings": WanS2VTreadSettings,
+    "WanS2VCrepaSettings": WanS2VCrepaSettings,
+    "WanS2VMemorySettings": WanS2VMemorySettings,
+    "WanS2VValidationSettings": WanS2VValidationSettings,
     "WanS2VTrainLora": WanS2VTrainLora,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "WanS2VLoraSettings": "Wan S2V LoRA Settings",
     "WanS2VOptimizerSettings": "Wan S2V Optimizer Settings",
     "WanS2VScheduleSettings": "Wan S2V LR Schedule Settings",
+    "WanS2VTreadSettings": "Wan S2V TREAD Settings",
+    "WanS2VCrepaSettings": "Wan S2V CREPA Settings",
+    "WanS2VMemorySettings": "Wan S2V Memory Settings",
+    "WanS2VValidationSettings": "Wan S2V Validation Settings",
     "WanS2VTrainLora": "Train Wan S2V LoRA",
 }

@@ -1,32 +1,65 @@
 """The training node's work without ComfyUI: runs under inference mode as ComfyUI's executor
-does, confines paths, writes the LoRA into the loras folder, outputs a LOSS_MAP."""
+does, confines paths, writes the LoRA into the loras folder, outputs a LOSS_MAP; TREAD / CREPA /
+memory / validation settings nodes; validation events with /view URLs; N processes."""
 
+import importlib
 import importlib.util
+import shutil
 import sys
+import urllib.parse
 from pathlib import Path
 
+import pytest
 import torch
 
 from trainer.lora.io import load_lora, read_lora_file
 from trainer.model import TINY_TRANSFORMER_CONFIG, WanS2VTransformer3DModel
+from trainer.train.checkpoint import latest_checkpoint, load_checkpoint
 from trainer.train.synthetic import SyntheticTalkingDataset
 
 REPO = Path(__file__).resolve().parents[1]
+PACK = "comfyui_wan_s2v_trainer"
+TINY = "(tiny random test model)"
 
 
-def _pack():
-    name = "comfyui_wan_s2v_trainer"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module(f"{name}.nodes.train_nodes")
+def _pack(module: str = "train_nodes"):
+    if PACK not in sys.modules:
+        spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[PACK] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module(f"{PACK}.nodes.{module}")
 
 
-def test_training_node_under_inference_mode(tmp_path, monkeypatch):
-    monkeypatch.setenv("WAN_S2V_OUTPUT_DIR", str(tmp_path / "output"))
-    monkeypatch.setenv("WAN_S2V_LORAS_DIR", str(tmp_path / "loras"))
+@pytest.fixture
+def comfy_dirs(tmp_path, monkeypatch):
+    """ComfyUI's folders as the adapter sees them without ComfyUI."""
+    dirs = {name: tmp_path / name for name in ("output", "loras", "input", "models")}
+    monkeypatch.setenv("WAN_S2V_OUTPUT_DIR", str(dirs["output"]))
+    monkeypatch.setenv("WAN_S2V_LORAS_DIR", str(dirs["loras"]))
+    monkeypatch.setenv("WAN_S2V_INPUT_DIR", str(dirs["input"]))
+    monkeypatch.setenv("WAN_S2V_MODELS_DIR", str(dirs["models"]))
+    monkeypatch.delenv("WAN_S2V_TRAINER_ROOTS", raising=False)
+    return dirs
+
+
+@pytest.fixture
+def sent(monkeypatch):
+    """Front-end events the nodes send (ComfyUI's PromptServer is absent here)."""
+    adapter = _pack("comfy_adapter")
+    events: list[tuple[str, dict]] = []
+    monkeypatch.setattr(adapter, "send_event", lambda event, data: events.append((event, dict(data))))
+    return events
+
+
+def _defaults(node, **changes):
+    settings = {k: v[1]["default"] for k, v in node.INPUT_TYPES()["required"].items()
+                if k not in ("transformer", "dataset", "output_name", "save_to", "resume_from_checkpoint")}
+    settings.update(changes)
+    return settings
+
+
+def test_training_node_under_inference_mode(comfy_dirs):
     nodes = _pack()
     assert {"WanS2VTrainLora", "WanS2VLoraSettings"} <= set(nodes.NODE_CLASS_MAPPINGS)
     with torch.inference_mode():  # as ComfyUI runs every node
@@ -37,19 +70,125 @@ def test_training_node_under_inference_mode(tmp_path, monkeypatch):
         (opt,) = nodes.WanS2VOptimizerSettings().build("adamw", 1e-3, 0.0, "norm", 1.0, 1.0)
         (sched,) = nodes.WanS2VScheduleSettings().build("cosine", 1, 0.5, 1.0)
         node = nodes.WanS2VTrainLora()
-        settings = {k: v[1]["default"] for k, v in node.INPUT_TYPES()["required"].items()
-                    if k not in ("transformer", "dataset", "output_name", "save_to", "resume_from_checkpoint")}
-        settings.update(max_train_steps=3, checkpoint_step_interval=2, mixed_precision="no",
-                        gradient_checkpointing=True)
+        settings = _defaults(node, max_train_steps=3, checkpoint_step_interval=2, mixed_precision="no",
+                             gradient_checkpointing=True)
         lora, path, losses = node.train(model, data, "node_lora", lora_settings=lora_settings,
                                         optimizer_settings=opt, schedule_settings=sched, eval_dataset=data,
                                         eval_step_interval=3, **settings)
-    assert Path(path) == (tmp_path / "loras" / "node_lora.safetensors").resolve() and Path(path).is_file()
+    tmp = comfy_dirs["output"].parent
+    assert Path(path) == (tmp / "loras" / "node_lora.safetensors").resolve() and Path(path).is_file()
     assert len(losses["loss"]) == 3 and lora.steps == 3
-    assert (tmp_path / "output" / "wan_s2v_training" / "node_lora" / "checkpoints" / "checkpoint-2").is_dir()
+    assert (tmp / "output" / "wan_s2v_training" / "node_lora" / "checkpoints" / "checkpoint-2").is_dir()
     assert "lora_A" not in " ".join(n for n, _ in model.named_parameters())  # adapter removed from the shared model
     file_state = read_lora_file(path).state
     assert set(file_state) == set(lora.state) and all(torch.equal(file_state[k], lora.state[k]) for k in lora.state)
     assert all(".to_q." in k or ".to_v." in k for k in file_state)
     fresh = WanS2VTransformer3DModel(**TINY_TRANSFORMER_CONFIG)
     load_lora(fresh, lora.to_lora_file())
+
+
+def test_tread_crepa_and_memory_settings_train_through_the_node(comfy_dirs, tiny_dinov2_dir, monkeypatch):
+    nodes = _pack()
+    # The teacher as a user puts it: ComfyUI/models/dinov2/<teacher name>/ (config.json + safetensors).
+    shutil.copytree(tiny_dinov2_dir, comfy_dirs["models"] / "dinov2" / "dinov2_vits14")
+    (tread,) = nodes.WanS2VTreadSettings().build(0.5, 2, -2)
+    assert tread == {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}]}
+    (crepa,) = nodes.WanS2VCrepaSettings().build(0.5, 1, 1, 1.0, 0, 0, "dinov2_vits14", "")
+    assert crepa.crepa_enabled and crepa.crepa_cutoff_step is None
+    assert Path(crepa.crepa_teacher_path) == (comfy_dirs["models"] / "dinov2" / "dinov2_vits14").resolve()
+    (memory,) = nodes.WanS2VMemorySettings().build("full", base_model_precision="no_change", device="cpu",
+                                                   offload="none", checkpoint_interval=1, attention_blocks=-1,
+                                                   offload_activations=False, enable_chunked_feed_forward=True,
+                                                   feed_forward_chunk_size=16)
+    assert memory.gradient_checkpointing == "full" and memory.resolved_feed_forward_chunk_size() == 16
+
+    # TREAD really routes: the model sees the node's routes while it trains.
+    seen = []
+    original = WanS2VTransformer3DModel.set_token_routes
+    monkeypatch.setattr(WanS2VTransformer3DModel, "set_token_routes",
+                        lambda self, routes: (seen.append(routes), original(self, routes))[1])
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        model = WanS2VTransformer3DModel(**TINY_TRANSFORMER_CONFIG)
+        data = SyntheticTalkingDataset(text_len=64, teacher_frames=True)
+        node = nodes.WanS2VTrainLora()
+        settings = _defaults(node, max_train_steps=2, checkpoint_step_interval=2, mixed_precision="no",
+                             gradient_checkpointing=False)
+        lora, path, losses = node.train(model, data, "tread_crepa", tread_settings=tread, crepa_settings=crepa,
+                                        memory_settings=memory, save_to="output", resume_from_checkpoint="none",
+                                        **settings)
+    assert seen[0] == tread and model.token_routes == []  # on for training, off afterwards
+    assert len(losses["loss"]) == 2 and all(torch.isfinite(torch.tensor(losses["loss"])))
+    run = comfy_dirs["output"] / "wan_s2v_training" / "tread_crepa"
+    state = load_checkpoint(latest_checkpoint(run / "checkpoints"))
+    assert "crepa_projector" in state["training_state"]  # CREPA trained its projector
+    saved = state["summary"]["config"]  # the run's config, as the checkpoint records it
+    assert saved["memory"]["feed_forward_chunk_size"] == 16 and saved["tread_config"] == tread
+    assert saved["crepa"]["crepa_teacher_path"] == crepa.crepa_teacher_path
+    assert Path(path).parent == run and all(".lora_" in k for k in read_lora_file(path).state)
+
+
+def test_crepa_teacher_folder_is_confined_and_must_exist(comfy_dirs, tmp_path):
+    nodes = _pack()
+    with pytest.raises(PermissionError, match="outside the allowed folders"):
+        nodes.WanS2VCrepaSettings().build(0.5, 8, 1, 1.0, 0, 0, "dinov2_vitg14", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="models/dinov2/dinov2_vitg14"):
+        nodes.WanS2VCrepaSettings().build(0.5, 8, 1, 1.0, 0, 0, "dinov2_vitg14", "")
+    with pytest.raises(ValueError, match="fraction of video tokens dropped"):
+        nodes.WanS2VTreadSettings().build(1.0, 2, -2)
+    (first,) = nodes.WanS2VTreadSettings().build(0.25, 0, 0)
+    (both,) = nodes.WanS2VTreadSettings().build(0.5, 2, -2, tread_settings=first)
+    assert [r["start_layer_idx"] for r in both["routes"]] == [0, 2]  # chained routes keep their order
+
+
+def test_validation_renders_send_events_with_view_urls(comfy_dirs, sent):
+    nodes = _pack()
+    sample_nodes = _pack("sample_nodes")
+    from trainer.sample.media import probe_mp4
+
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        model = _pack("model_nodes").WanS2VLoadTransformer().load(TINY, "float32", "official")[0]
+        # The bundle's own transformer is not used: the renders run the model in training.
+        (bundle,) = sample_nodes.WanS2VLoadModelBundle().load(TINY, TINY, TINY, TINY, "float32", "official", "cpu")
+        image = torch.rand(1, 48, 64, 3)
+        audio = {"waveform": 0.1 * torch.randn(1, 1, 16000), "sample_rate": 16000}
+        (first,) = nodes.WanS2VValidationSettings().build(image, audio, "a person talks", "", 2, 2, 3.0, 64, 48, 5, 7)
+        (validation,) = nodes.WanS2VValidationSettings().build(image.flip(2), audio, "a person speaks fast", "blur",
+                                                               2, 2, 3.0, 64, 48, 5, 7, validation_settings=first)
+        assert len(validation.cases) == 2
+        node = nodes.WanS2VTrainLora()
+        settings = _defaults(node, max_train_steps=3, checkpoint_step_interval=0, mixed_precision="no",
+                             gradient_checkpointing=False)
+        node.train(model, SyntheticTalkingDataset(text_len=64, height=6, width=8), "with_validation",
+                   validation_settings=validation, validation_model=bundle, save_to="output",
+                   resume_from_checkpoint="none", unique_id="12", **settings)
+    run = comfy_dirs["output"] / "wan_s2v_training" / "with_validation"
+    saved_inputs = sorted(p.name for p in (run / "validation_inputs").iterdir())
+    assert saved_inputs == ["case0_reference.png", "case0_speech.wav", "case1_reference.png", "case1_speech.wav"]
+    events = [d for e, d in sent if e == nodes.VALIDATION_EVENT]
+    assert [d["step"] for d in events] == [2, 3]  # every 2 steps and after the last one
+    for event in events:
+        assert event["node"] == "12" and event["output_name"] == "with_validation" and len(event["videos"]) == 2
+        for video in event["videos"]:
+            url = urllib.parse.urlparse(video["url"])
+            query = dict(urllib.parse.parse_qsl(url.query))
+            assert url.path == "/view" and query == {k: video[k] for k in ("filename", "subfolder", "type")}
+            assert query["type"] == "output" and query["subfolder"].startswith("wan_s2v_training/with_validation/")
+            file = comfy_dirs["output"] / query["subfolder"] / query["filename"]
+            info = probe_mp4(file)
+            assert file.suffix == ".mp4" and info["video_frames"] == 5 and info["has_audio"], info
+            assert (info["width"], info["height"]) == (64, 48)
+    # the loss events still come, one per step
+    assert [d["step"] for e, d in sent if e == nodes.TRAIN_EVENT] == [1, 2, 3]
+
+
+def test_validation_settings_need_a_validation_model(comfy_dirs):
+    nodes = _pack()
+    audio = {"waveform": torch.zeros(1, 1, 1600), "sample_rate": 16000}
+    (validation,) = nodes.WanS2VValidationSettings().build(torch.rand(1, 16, 16, 3), audio, "p", "", 1, 1, 1.0,
+                                                           16, 16, 5, 0)
+    node = nodes.WanS2VTrainLora()
+    with pytest.raises(ValueError, match="validation_model"):
+        node.train(None, SyntheticTalkingDataset(text_len=64), "no_model", validation_settings=validation,
+                   **_defaults(node, max_train_steps=1))

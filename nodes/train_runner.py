@@ -1,0 +1,447 @@
+"""The training node's work, callable without ComfyUI (tests): settings -> `TrainConfig`,
+validation inputs written beside the run, events relayed to the front end, and the run
+itself in this process (1 GPU / CPU) or in a launched subprocess (N GPUs).
+
+Front-end events (custom websocket messages, see web/js/):
+    wan_s2v.train       one per optimizer step: {node, step, total, loss, lr, eta, eval_loss?, output_name}
+    wan_s2v.validation  one per validation render: {node, step, output_name, videos: [{filename,
+                        subfolder, type, url}]}, the mp4s under ComfyUI's output folder
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import comfy_adapter
+
+TRAIN_EVENT = "wan_s2v.train"  # web/js/loss_chart.js
+VALIDATION_EVENT = "wan_s2v.validation"  # web/js/validation_preview.js
+RUNS_FOLDER = "wan_s2v_training"  # under ComfyUI's output folder
+TINY_TEACHER = "(tiny random test teacher)"
+
+
+# --------------------------------------------------------------------------- settings objects
+
+
+@dataclass
+class ValidationCaseInput:
+    """One validation render as the Validation Settings node takes it (in memory).
+
+    image: ComfyUI IMAGE [B, H, W, 3] in [0, 1] (the first image is the reference).
+    audio: ComfyUI AUDIO {"waveform": [B, C, N], "sample_rate": int}.
+    """
+
+    image: Any
+    audio: dict
+    prompt: str
+    negative_prompt: str = ""
+
+
+@dataclass
+class ValidationSettings:
+    """What the Validation Settings node outputs: the cases (chained nodes add theirs) and
+    the shared render settings of the last node in the chain."""
+
+    cases: list[ValidationCaseInput]
+    validation_step_interval: int = 100
+    num_inference_steps: int = 20
+    guidance: float = 4.5
+    width: int = 832
+    height: int = 480
+    num_video_frames: int = 81
+    seed: int = 42
+
+
+@dataclass
+class TrainExtras:
+    """The optional inputs of the training node besides the plain settings."""
+
+    lora_settings: Any = None
+    optimizer_settings: Any = None
+    schedule_settings: Any = None
+    tread_settings: dict | None = None
+    crepa_settings: Any = None
+    memory_settings: Any = None
+    validation_settings: ValidationSettings | None = None
+    validation_model: Any = None
+    eval_dataset: Any = None
+    eval_step_interval: int = 100
+    gpus: int = 1
+
+
+class TrainedLora:
+    """The in-memory LoRA a training node outputs (peft keys, alphas, where it was saved)."""
+
+    def __init__(self, state, alphas, path, steps):
+        self.state, self.alphas, self.path, self.steps = state, alphas, path, steps
+
+    def to_lora_file(self):
+        from ..trainer.lora.io import LoraFile
+
+        return LoraFile(dict(self.state), dict(self.alphas), "peft", {})
+
+
+class _ClonedItems:
+    """Dataset view whose tensors are cloned outside inference mode (ComfyUI runs nodes
+    under `torch.inference_mode()`; such tensors cannot take part in autograd)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def bucket_of(self, index: int):
+        getter = getattr(self.dataset, "bucket_of", None)
+        return getter(index) if callable(getter) else self.dataset[index].get("bucket", "default")
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        import torch
+
+        with torch.inference_mode(False):
+            return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in self.dataset[index].items()}
+
+
+# --------------------------------------------------------------------------- TREAD / CREPA
+
+
+def tread_routes(selection_ratio: float, start_layer_idx: int, end_layer_idx: int,
+                 earlier: dict | None = None) -> dict:
+    """The seed's TREAD format {"routes": [...]}, with the routes of `earlier` (chained
+    nodes) first. Block ranges are checked against the model when training starts."""
+    if not 0.0 <= selection_ratio < 1.0:
+        raise ValueError(f"selection_ratio is the fraction of video tokens dropped and must be in [0, 1), "
+                         f"got {selection_ratio}")
+    routes = list((earlier or {}).get("routes", []))
+    routes.append({"selection_ratio": float(selection_ratio), "start_layer_idx": int(start_layer_idx),
+                   "end_layer_idx": int(end_layer_idx)})
+    return {"routes": routes}
+
+
+def dinov2_roots() -> list[Path]:
+    """Folders a CREPA teacher may come from: ComfyUI's `dinov2` model folder kind when a
+    user registered it (extra_model_paths.yaml), else `<ComfyUI>/models/dinov2`; plus the
+    roots of WAN_S2V_TRAINER_ROOTS."""
+    import os
+
+    roots = comfy_adapter.model_folder_roots("dinov2")
+    if not roots:
+        fp = comfy_adapter._folder_paths()  # models_dir has no accessor in the adapter yet
+        models = Path(fp.models_dir) if fp is not None else Path(os.environ.get("WAN_S2V_MODELS_DIR", "models"))
+        roots = [(models / "dinov2").resolve()]
+    return roots + comfy_adapter.extra_model_roots()
+
+
+def tiny_teacher_folder() -> Path:
+    """A tiny random DINOv2 (transformers) written once under the output folder: CREPA's
+    teacher for the tiny demo and tests, never for real training."""
+    from ..trainer.io_utils import atomic_folder
+
+    folder = comfy_adapter.output_directory() / RUNS_FOLDER / "_tiny_dinov2"
+    if not (folder / "config.json").is_file():
+        import torch
+        from transformers import Dinov2Config, Dinov2Model
+
+        with torch.random.fork_rng(), torch.inference_mode(False):
+            torch.manual_seed(0)
+            config = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                  patch_size=14, image_size=28)
+            with atomic_folder(folder, lambda p: not (p / "config.json").is_file()) as tmp:
+                Dinov2Model(config).save_pretrained(tmp, safe_serialization=True)
+    return folder
+
+
+def crepa_config(crepa_lambda: float, crepa_block_index: int, crepa_adjacent_distance: int,
+                 crepa_adjacent_tau: float, crepa_warmup_steps: int, crepa_cutoff_step: int, teacher: str,
+                 teacher_folder: str):
+    """`CrepaConfig` (enabled) with the teacher folder resolved inside the DINOv2 roots.
+
+    teacher: "dinov2_vitg14" / "dinov2_vits14", or TINY_TEACHER (tiny random, 224 px geometry).
+    teacher_folder: relative to models/dinov2 (empty: the teacher's name), or absolute inside it.
+    crepa_cutoff_step: 0 = never cut off.
+    """
+    from ..trainer.train.config import CrepaConfig
+
+    if teacher == TINY_TEACHER:
+        name, path = "dinov2_vits14", tiny_teacher_folder()
+    else:
+        name = teacher
+        path = comfy_adapter.confine_path(teacher_folder.strip() or teacher, dinov2_roots())
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"no DINOv2 teacher at {path}: put a transformers Dinov2Model folder (config.json + "
+                f"model.safetensors) for {teacher} there, e.g. ComfyUI/models/dinov2/{teacher}/ "
+                "(nothing is downloaded at run time)")
+    config = CrepaConfig(crepa_enabled=True, crepa_lambda=crepa_lambda, crepa_block_index=crepa_block_index,
+                         crepa_adjacent_distance=crepa_adjacent_distance, crepa_adjacent_tau=crepa_adjacent_tau,
+                         crepa_warmup_steps=crepa_warmup_steps, crepa_cutoff_step=crepa_cutoff_step or None,
+                         crepa_teacher=name, crepa_teacher_path=str(path))
+    config.validate()
+    return config
+
+
+def memory_config(**fields: Any):
+    """`MemoryConfig` from the Memory Settings node (0 / -1 / "" mean "not set")."""
+    from ..trainer.memory.config import MemoryConfig
+
+    disk = fields.pop("offload_blocks_to_disk", "") or ""
+    if disk.strip():
+        roots = [comfy_adapter.output_directory(), *comfy_adapter.extra_model_roots()]
+        fields["offload_blocks_to_disk"] = str(comfy_adapter.confine_path(disk.strip(), roots))
+    if fields.get("attention_blocks", -1) < 0:
+        fields["attention_blocks"] = None
+    if not fields.get("feed_forward_chunk_size"):
+        fields["feed_forward_chunk_size"] = None
+    if not fields.get("vram_budget_gib"):
+        fields["vram_budget_gib"] = None
+    return MemoryConfig(**fields).validate()
+
+
+# --------------------------------------------------------------------------- validation inputs
+
+
+def _write_png(image, path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from ..trainer.io_utils import atomic_write
+
+    first = image[0] if image.dim() == 4 else image  # [H, W, 3]
+    pixels = (first.detach().float().clamp(0, 1).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+    with atomic_write(path) as tmp:
+        Image.fromarray(pixels[..., :3]).save(tmp, format="PNG")
+
+
+def _write_wav(audio: dict, path: Path) -> None:
+    """16-bit PCM WAV of the first item of a ComfyUI AUDIO (all its channels, its rate)."""
+    import wave
+
+    import numpy as np
+
+    from ..trainer.io_utils import atomic_write
+
+    waveform = audio["waveform"]
+    waveform = waveform[0] if waveform.dim() == 3 else waveform  # [C, N]
+    if waveform.dim() == 1:
+        waveform = waveform[None]
+    pcm = (waveform.detach().float().clamp(-1, 1).cpu().numpy().T * 32767.0).round().astype("<i2")
+    with atomic_write(path) as tmp:
+        with wave.open(str(tmp), "wb") as handle:
+            handle.setnchannels(pcm.shape[1])
+            handle.setsampwidth(2)
+            handle.setframerate(int(audio["sample_rate"]))
+            handle.writeframes(np.ascontiguousarray(pcm).tobytes())
+
+
+def write_validation_inputs(settings: ValidationSettings, out_dir: Path) -> dict[str, Any]:
+    """Save every case's reference image (PNG) and speech (WAV) under
+    `<out_dir>/validation_inputs/` (named by content, so a rerun rewrites nothing) and return
+    the training config's validation keys (the seed's names)."""
+    folder = out_dir / "validation_inputs"
+    cases = []
+    for index, case in enumerate(settings.cases):
+        image_path = folder / f"case{index}_reference.png"
+        audio_path = folder / f"case{index}_speech.wav"
+        _write_png(case.image, image_path)
+        _write_wav(case.audio, audio_path)
+        digest = hashlib.sha256(image_path.read_bytes() + audio_path.read_bytes()).hexdigest()[:8]
+        entry = {"reference_image": str(image_path), "audio": str(audio_path), "prompt": case.prompt,
+                 "name": f"case{index}_{digest}"}
+        if case.negative_prompt:
+            entry["negative_prompt"] = case.negative_prompt
+        cases.append(entry)
+    return {
+        "validation_step_interval": settings.validation_step_interval,
+        "validation_num_inference_steps": settings.num_inference_steps,
+        "validation_guidance": settings.guidance,
+        "validation_resolution": f"{settings.width}x{settings.height}",
+        "validation_num_video_frames": settings.num_video_frames,
+        "validation_seed": settings.seed,
+        "validation_cases": cases,
+    }
+
+
+def view_entry(path: str | Path) -> dict[str, str]:
+    """How the front end fetches a file of ComfyUI's output folder: filename, subfolder,
+    type and the `/view` URL (relative to the server's API root)."""
+    root = comfy_adapter.output_directory()
+    resolved = Path(path).resolve()
+    subfolder = resolved.parent.relative_to(root).as_posix()  # ValueError when outside output/
+    entry = {"filename": resolved.name, "subfolder": "" if subfolder == "." else subfolder, "type": "output"}
+    return {**entry, "url": "/view?" + urllib.parse.urlencode(entry)}
+
+
+# --------------------------------------------------------------------------- event relay
+
+
+@dataclass
+class EventRelay:
+    """The callbacks a training run gets, turned into ComfyUI's progress bar and our two
+    front-end events; the same for a run in this process and one in a subprocess."""
+
+    node_id: str | None
+    total: int
+    output_name: str
+    bar: Any = None
+    last_record: dict[str, Any] = field(default_factory=dict)
+    validations: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.bar = comfy_adapter.Progress(self.total, node_id=self.node_id)
+
+    def on_log(self, record: dict[str, Any]) -> None:
+        self.last_record.clear()
+        self.last_record.update(record)
+
+    def progress(self, step: int, loss: float, lr: float, eta: float) -> None:
+        # A bar update raises ComfyUI's interrupt exception on Cancel; leave the stop to
+        # `should_stop` so that the checkpoint is written first.
+        if not comfy_adapter.interrupt_requested():
+            self.bar.update(step)
+        event = {"node": self.node_id, "step": step, "loss": float(loss), "lr": float(lr), "eta": float(eta),
+                 "total": self.total, "output_name": self.output_name}
+        if self.last_record.get("step") == step and self.last_record.get("eval_loss") is not None:
+            event["eval_loss"] = float(self.last_record["eval_loss"])
+        comfy_adapter.send_event(TRAIN_EVENT, event)
+
+    def on_validation(self, step: int, paths: list[Path]) -> None:
+        event = {"node": self.node_id, "step": int(step), "output_name": self.output_name,
+                 "videos": [view_entry(p) for p in paths]}
+        self.validations.append(event)
+        comfy_adapter.send_event(VALIDATION_EVENT, event)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _loras_root() -> list[Path]:
+    roots = comfy_adapter.model_folder_roots("loras")
+    if roots:
+        return roots
+    import os
+
+    return [Path(os.environ.get("WAN_S2V_LORAS_DIR", "models/loras")).resolve()]
+
+
+def build_train_config(output_name: str, settings: dict[str, Any], extras: TrainExtras, resume: str):
+    """The run's `TrainConfig` (output folder under output/wan_s2v_training/<output_name>),
+    validation inputs written into it."""
+    from ..trainer.train.config import TrainConfig
+
+    if not output_name or any(c in output_name for c in "/\\") or output_name.startswith("."):
+        raise ValueError(f"output_name must be a plain name, got {output_name!r}")
+    out_dir = comfy_adapter.confine_path(f"{RUNS_FOLDER}/{output_name}", [comfy_adapter.output_directory()])
+    values = {
+        **settings,
+        "output_dir": str(out_dir),
+        "output_name": output_name,
+        "eval_step_interval": extras.eval_step_interval if extras.eval_dataset is not None else 0,
+        "resume_from_checkpoint": None if resume == "none" else resume,
+        "tensorboard": False,
+    }
+    if extras.tread_settings:
+        values["tread_config"] = extras.tread_settings
+    if extras.validation_settings is not None:
+        if extras.validation_model is None:
+            raise ValueError("validation settings need a validation_model (Load Wan S2V Model Bundle with the "
+                             "training transformer connected to its transformer_model input)")
+        values.update(write_validation_inputs(extras.validation_settings, out_dir))
+    config = TrainConfig.from_dict(values)
+    for name, section in (("lora", extras.lora_settings), ("optimizer", extras.optimizer_settings),
+                          ("schedule", extras.schedule_settings), ("crepa", extras.crepa_settings),
+                          ("memory", extras.memory_settings)):
+        if section is not None:
+            setattr(config, name, dataclasses.replace(section))
+    config.validate()
+    return config
+
+
+def check_gpu_count(gpus: int) -> None:
+    """N > 1 processes need N visible GPUs; without CUDA they run on the CPU (gloo)."""
+    import torch
+
+    if gpus < 1:
+        raise ValueError(f"gpus must be >= 1, got {gpus}")
+    if torch.cuda.is_available() and gpus > torch.cuda.device_count():
+        raise ValueError(f"gpus={gpus} but only {torch.cuda.device_count()} GPU(s) are visible "
+                         "(CUDA_VISIBLE_DEVICES / the machine)")
+
+
+def _train_here(transformer, dataset, config, extras: TrainExtras, relay: EventRelay):
+    import torch
+
+    from ..trainer.train.loop import detach_inference_tensors, train
+
+    kwargs: dict[str, Any] = {}
+    if extras.validation_settings is not None:
+        kwargs.update(validation_bundle=extras.validation_model, on_validation=relay.on_validation)
+    with torch.inference_mode(False), torch.enable_grad():
+        detach_inference_tensors(transformer)
+        result = train(
+            transformer, _ClonedItems(dataset), config,
+            eval_dataset=None if extras.eval_dataset is None else _ClonedItems(extras.eval_dataset),
+            progress=relay.progress, should_stop=comfy_adapter.interrupt_requested, keep_adapter=False,
+            on_log=relay.on_log, **kwargs,
+        )
+    return result.lora_path or result.diffusers_lora_path, result
+
+
+def _train_in_subprocesses(transformer, dataset, config, extras: TrainExtras, relay: EventRelay):
+    """`extras.gpus` data-parallel processes through `trainer.train.launcher`: they load the
+    transformer again from its file and read the dataset's cache (no encoder is loaded)."""
+    from ..trainer.train.launcher import model_source_of, train_in_subprocess
+
+    check_gpu_count(extras.gpus)
+    launch = train_in_subprocess(
+        config, num_processes=extras.gpus, model_source=model_source_of(transformer, required=True),
+        dataset=dataset, eval_dataset=extras.eval_dataset, progress=relay.progress,
+        should_stop=comfy_adapter.interrupt_requested, on_log=relay.on_log,
+        on_validation=relay.on_validation if extras.validation_settings is not None else None,
+    )
+    return launch.lora_path or launch.diffusers_lora_path, launch
+
+
+@dataclass
+class NodeResult:
+    """What the node outputs: the LoRA (in memory), where it is, the loss history."""
+
+    lora: TrainedLora
+    path: Path | None
+    losses: list[float]
+    validations: list[dict[str, Any]]
+    stopped: bool
+
+
+def run_training_node(transformer, dataset, output_name: str, settings: dict[str, Any],
+                      extras: TrainExtras | None = None, save_to: str = "loras", resume_from_checkpoint: str = "latest",
+                      node_id: str | None = None) -> NodeResult:
+    """Train as the node does: in this process for gpus == 1, else in `gpus` launched processes."""
+    import shutil
+
+    from ..trainer.io_utils import atomic_write
+
+    extras = extras or TrainExtras()
+    config = build_train_config(output_name, settings, extras, resume_from_checkpoint)
+    relay = EventRelay(node_id, config.max_train_steps, output_name)
+    if extras.gpus == 1:
+        path, result = _train_here(transformer, dataset, config, extras, relay)
+        state, alphas, steps, stopped = result.lora_state, result.lora_alphas, result.global_step, result.stopped
+        losses = [loss for _, loss in result.loss_history]
+    else:
+        path, launch = _train_in_subprocesses(transformer, dataset, config, extras, relay)
+        lora = launch.lora_file()  # the LoRA output comes from the file the processes wrote
+        state, alphas, steps, stopped = lora.state, lora.alphas, launch.global_step, launch.stopped
+        losses = [loss for _, loss in launch.loss_history]
+    if save_to == "loras" and path is not None:
+        target = comfy_adapter.confine_path(f"{output_name}.safetensors", _loras_root())
+        with atomic_write(target) as tmp:
+            shutil.copyfile(path, tmp)
+        path = target
+    if stopped:
+        comfy_adapter.raise_if_interrupted()
+    return NodeResult(TrainedLora(state, alphas, path, steps), path, losses, relay.validations, stopped)
