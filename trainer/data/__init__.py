@@ -16,7 +16,18 @@ dicts of CPU tensors:
   end of the audio (and everywhere for `allow_zero_audio` clips);
 - `text_embeds` [512, text_dim]: UMT5 embedding of the caption, padding zeroed;
 - `caption` (str), `source` (str path of the video), `window_index` (int), `bucket`
-  ((h_px, w_px)).
+  ((h_px, w_px));
+- with `teacher_frames=True`: `teacher_frames` [3, T, H_t, W_t] float32 in [-1, 1], the pixel
+  frame lined up with each latent frame (frame 4k of the window for latent k, see
+  teacher.py) at the bucket's aspect with short side `teacher_short_side` (CREPA's teacher);
+- with `motion_context=True`, for windows starting at 16 fps frame >= 73:
+  `motion_latents` [16, 19, h, w] float32, the VAE latents (normalized, like `latents`) of the
+  73 frames before the window, as the official pipeline conditions a continuation chunk on
+  the last 73 generated frames; earlier windows have no such key.
+
+Encoders are optional once everything is cached: `open_cached_dataset(config)` (or an
+`Encoders` with a path left None) never builds the VAE / UMT5 / wav2vec2 and raises
+`CacheMissingError` naming how many windows lack what when something is not cached.
 
 Batches must come from one bucket: `dataset.bucket_batches(batch_size, seed)` (lists of
 indices) or `DataLoader(dataset, batch_sampler=dataset.sampler(batch_size, seed),
@@ -29,13 +40,23 @@ shards + manifest, atomic), `Encoders` (lazy VAE / UMT5 / wav2vec2, released aft
 
 from .cache import CacheStore
 from .config import DatasetConfig, DatasetConfigError
-from .dataset import BucketBatchSampler, S2VDataset, build_dataset, collate, load_window, window_audio_features
+from .dataset import (
+    BucketBatchSampler,
+    CacheMissingError,
+    S2VDataset,
+    build_dataset,
+    collate,
+    load_window,
+    open_cached_dataset,
+    window_audio_features,
+)
 from .discovery import Clip, ScanResult, Skip, scan_folder
 from .encoders import Encoders
 from .media import MediaError
 
 __all__ = [
     "BucketBatchSampler",
+    "CacheMissingError",
     "CacheStore",
     "Clip",
     "DatasetConfig",
@@ -48,6 +69,7 @@ __all__ = [
     "build_dataset",
     "collate",
     "load_window",
+    "open_cached_dataset",
     "scan_folder",
     "window_audio_features",
 ]

@@ -3,20 +3,24 @@
 Each cached item (one window's latents, reference latents or audio features; one caption's
 text embedding) is one safetensors file `<cache>/<kind>/<key>.safetensors`, where `key` hashes
 the source files' content hashes, the window and every setting and encoder the item depends
-on, so that a changed setting re-encodes only the items it affects. A shard is written to a
-temporary file, flushed, fsynced and moved into place with `os.replace`; only then is it
-recorded in `manifest.json` (itself written the same way) with its size. On open, temporary
-files of an interrupted run are deleted, and manifest entries whose file is missing, has
-another size or an unreadable header are dropped (re-encoded); files the manifest does not
-list are never trusted.
+on, so that a changed setting re-encodes only the items it affects (a new kind of item, e.g.
+CREPA teacher frames, only adds shards). A shard is written with `trainer.io_utils.atomic_write`
+(temporary file beside it, fsynced, renamed into place); only then is it recorded in
+`manifest.json` (itself written the same way) with its size. On open, temporary files of an
+interrupted run are deleted, and manifest entries whose file is missing, has another size or
+an unreadable header are dropped (re-encoded); files the manifest does not list are never
+trusted.
+
+An entry may also record `match` (the hash of its spec without the encoder identity) and
+`encoder` (a short hash of that identity), so that the shards of a known window can be found
+without the encoder's weights (`find`): a dataset whose every item is cached can then be
+opened without the VAE or the text or audio encoder.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -25,8 +29,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
+from ..io_utils import atomic_write
+
 MANIFEST = "manifest.json"
 VERSION = 1
+#: Leftovers of interrupted writes: `atomic_write`'s temporary names (".<name>.tmp-<8 hex>")
+#: and those of caches written before it was used ("<name>.<n>.tmp").
+TEMP_PATTERNS = (".*.tmp-*", "*.tmp")
 
 
 def stable_hash(data: Any) -> str:
@@ -34,18 +43,8 @@ def stable_hash(data: Any) -> str:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(data)
 
 
 class CacheStore:
@@ -56,13 +55,16 @@ class CacheStore:
         self.entries: dict[str, dict[str, Any]] = {}
         self.hashes: dict[str, list] = {}
         self.written: Counter = Counter()  # shards written by this process, by kind
+        self._by_match: dict[tuple[str, str | None], str] | None = None  # (match, encoder) -> key, built on use
         self._load()
 
     # ------------------------------------------------------------------ manifest
     def _load(self) -> None:
-        for tmp in self.root.rglob("*.tmp"):
-            tmp.unlink(missing_ok=True)
-            self.repaired.append(f"removed partial file {tmp.name}")
+        for pattern in TEMP_PATTERNS:
+            for tmp in self.root.rglob(pattern):
+                if tmp.is_file():
+                    tmp.unlink(missing_ok=True)
+                    self.repaired.append(f"removed partial file {tmp.name}")
         path = self.root / MANIFEST
         if path.is_file():
             try:
@@ -124,10 +126,32 @@ class CacheStore:
         _atomic_write(self.root / relative, data)
         self.written[kind] += 1
         self.entries[key] = {"file": relative, "bytes": len(data), "tensors": sorted(tensors), **(info or {})}
+        self._by_match = None
         self._save_manifest()
 
     def get(self, key: str) -> dict[str, torch.Tensor]:
         return load_file(str(self.path(key)))
+
+    # ------------------------------------------------------------------ lookup without encoders
+    def label(self, key: str, match: str, encoder: str | None) -> bool:
+        """Record `match` / `encoder` on an existing entry (caches written before they were
+        recorded); True when the entry changed (the caller flushes)."""
+        entry = self.entries[key]
+        if entry.get("match") == match and entry.get("encoder") == encoder:
+            return False
+        entry["match"], entry["encoder"] = match, encoder
+        self._by_match = None
+        return True
+
+    def encoders_for(self, matches: set[str]) -> Counter:
+        """How many of the entries with a `match` in `matches` each encoder hash made."""
+        return Counter(e.get("encoder") for e in self.entries.values() if e.get("match") in matches)
+
+    def find(self, match: str, encoder: str | None) -> str | None:
+        """The key of the entry with this `match` made by `encoder`, if any."""
+        if self._by_match is None:
+            self._by_match = {(e.get("match"), e.get("encoder")): k for k, e in self.entries.items() if "match" in e}
+        return self._by_match.get((match, encoder))
 
     def flush(self) -> None:
         self._save_manifest()

@@ -19,6 +19,12 @@ REFERENCE_MODES = ("first_frame", "random_frame", "image")
 TARGET_FPS = 16
 #: Audio sample rate of wav2vec2; 16000 / 16 = 1000 samples per video frame.
 SAMPLE_RATE = 16000
+#: Pixel frames the official pipeline carries from one chunk to the next (FramePack context):
+#: the VAE encoding of the last 73 frames, 1 + 72 / 4 = 19 latent frames.
+MOTION_FRAMES = 73
+MOTION_LATENT_FRAMES = (MOTION_FRAMES - 1) // 4 + 1
+#: Default stored short side of CREPA teacher frames: dinov2_vitg14's input (dinov2_vits14: 224).
+TEACHER_SHORT_SIDE = 518
 
 
 class DatasetConfigError(ValueError):
@@ -56,6 +62,13 @@ class DatasetConfig:
     allow_zero_audio: bool = False
     cache_dir: str = ""
     offload_during_startup: bool = True
+    # CREPA: cache one pixel frame per latent frame (uint8, bucket aspect, short side
+    # teacher_short_side or the source's if smaller) and give items `teacher_frames`.
+    teacher_frames: bool = False
+    teacher_short_side: int = TEACHER_SHORT_SIDE
+    # Continuation: cache the VAE latents of the 73 frames before each window (windows that
+    # start at frame >= 73) and give those items `motion_latents` [16, 19, h, w].
+    motion_context: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ validation
@@ -85,6 +98,8 @@ class DatasetConfig:
             fail(f"resolution must be > 0, got {self.resolution}")
         if self.maximum_image_size and self.maximum_image_size < self.minimum_image_size:
             fail("maximum_image_size is smaller than minimum_image_size")
+        if self.teacher_short_side < 14:
+            fail(f"teacher_short_side must be >= 14 (one DINOv2 patch), got {self.teacher_short_side}")
         return self
 
     # ------------------------------------------------------------------ derived
@@ -119,6 +134,12 @@ class DatasetConfig:
 
     def audio_key(self) -> dict[str, Any]:
         return {"num_frames": self.num_frames, "audio_source": self.audio_source}
+
+    def teacher_key(self) -> dict[str, Any]:
+        return {**self.video_key(), "teacher_short_side": self.teacher_short_side}
+
+    def motion_key(self) -> dict[str, Any]:
+        return {**self.video_key(), "motion_frames": MOTION_FRAMES}
 
     def reference_key(self) -> dict[str, Any]:
         return {**self.video_key(), "reference_mode": self.reference_mode,

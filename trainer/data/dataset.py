@@ -3,27 +3,42 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
-from .cache import CacheStore
-from .config import SAMPLE_RATE, DatasetConfig
+from .cache import CacheStore, stable_hash
+from .config import MOTION_FRAMES, SAMPLE_RATE, DatasetConfig
 from .discovery import Clip, ScanResult, Skip, scan_folder
 from .encoders import Encoders
 from .media import (
+    FrameRequest,
     MediaError,
     audio_segment,
     decode_audio,
     frames_to_tensor,
+    iter_frame_requests,
     iter_windows,
     load_image,
     video_start_time,
 )
+from .teacher import frames_to_uint8, load_teacher_frames, stored_teacher_size, teacher_frame_indices, teacher_size
 
 ProgressFn = Callable[[int, int, str], None]
+
+#: Cache kinds -> the encoder they need (None: decoding only) and the spec field naming it.
+ENCODER_OF = {"latents": "vae", "reference": "vae", "motion": "vae", "audio": "audio", "text": "text",
+              "teacher": None}
+ENCODER_FIELD = {"latents": "vae", "reference": "vae", "motion": "vae", "audio": "encoder", "text": "encoder"}
+ENCODER_NAMES = {"vae": "VAE", "text": "text encoder (UMT5)", "audio": "audio encoder (wav2vec2)"}
+
+
+class CacheMissingError(ValueError):
+    """Items are not cached and the encoder that would make them was not given."""
 
 
 @dataclass
@@ -31,7 +46,9 @@ class WindowEntry:
     clip: Clip
     window_index: int
     start: int
-    keys: dict[str, str]  # kind -> cache key
+    keys: dict[str, str | None]  # kind -> cache key (None: not cached and no encoder to make it)
+    #: kind -> (match, encoder hash) recorded with the shard (see `CacheStore.find`)
+    labels: dict[str, tuple[str, str | None]] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- audio
@@ -85,7 +102,7 @@ class S2VDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         entry = self.entries[index]
         load = self.store.get
-        return {
+        item = {
             "latents": load(entry.keys["latents"])["latents"],
             "reference_latents": load(entry.keys["reference"])["reference_latents"],
             "audio_embeds": load(entry.keys["audio"])["audio_embeds"],
@@ -95,6 +112,12 @@ class S2VDataset(torch.utils.data.Dataset):
             "window_index": entry.window_index,
             "bucket": entry.clip.bucket,
         }
+        if "teacher" in entry.keys:
+            size = teacher_size(entry.clip.bucket, self.config.teacher_short_side)
+            item["teacher_frames"] = load_teacher_frames(load(entry.keys["teacher"])["teacher_frames"], size)
+        if "motion" in entry.keys:
+            item["motion_latents"] = load(entry.keys["motion"])["motion_latents"]
+        return item
 
     def bucket_of(self, index: int) -> tuple[int, int]:
         """Bucket (h_px, w_px) of item `index`, without reading its cache files."""
@@ -140,9 +163,12 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack same-bucket items into a batch (strings and ints stay lists)."""
+    """Stack same-bucket items into a batch (strings and ints stay lists). `motion_latents`
+    is kept only when every item has it (early windows have no previous frames)."""
     out = {}
     for key in items[0]:
+        if key == "motion_latents" and not all(key in item for item in items):
+            continue
         values = [item[key] for item in items]
         out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
     return out
@@ -151,7 +177,12 @@ def collate(items: list[dict]) -> dict:
 # ----------------------------------------------------------------------------- building
 
 
-def _keys(store: CacheStore, config: DatasetConfig, clip: Clip, start: int, ids: Callable[[str], str]) -> dict[str, str]:
+def _teacher_stored(config: DatasetConfig, clip: Clip) -> tuple[int, int]:
+    return stored_teacher_size(clip.bucket, (clip.info.width, clip.info.height), config.teacher_short_side)
+
+
+def _specs(store: CacheStore, config: DatasetConfig, clip: Clip, start: int) -> dict[str, dict[str, Any]]:
+    """What each cached item of a window depends on, except the encoder's identity."""
     video_hash = store.file_hash(clip.video)
     if clip.zero_audio:
         audio_source = "zero"
@@ -162,12 +193,82 @@ def _keys(store: CacheStore, config: DatasetConfig, clip: Clip, start: int, ids:
     reference = {"reference_hash": store.file_hash(clip.reference)} if clip.reference is not None else {
         "frame": reference_frame_index(config, video_hash, start)}
     window = {"video": video_hash, "start": start, "bucket": clip.bucket}
-    return {
-        "latents": store.key("latents", {**window, **config.video_key(), "vae": ids("vae")}),
-        "reference": store.key("reference", {**window, **config.reference_key(), **reference, "vae": ids("vae")}),
-        "audio": store.key("audio", {"audio": audio_source, "start": start, **config.audio_key(), "encoder": ids("audio")}),
-        "text": store.key("text", {"caption": clip.caption, "encoder": ids("text")}),
+    specs = {
+        "latents": {**window, **config.video_key()},
+        "reference": {**window, **config.reference_key(), **reference},
+        "audio": {"audio": audio_source, "start": start, **config.audio_key()},
+        "text": {"caption": clip.caption},
     }
+    if config.teacher_frames:
+        specs["teacher"] = {**window, **config.teacher_key(), "frames": "4k", "size": _teacher_stored(config, clip)}
+    if config.motion_context and start >= MOTION_FRAMES:
+        specs["motion"] = {**window, **config.motion_key()}
+    return specs
+
+
+def _resolve_keys(store: CacheStore, encoders: Encoders, windows: list[tuple[Clip, int, int, dict]]) -> list[WindowEntry]:
+    """Cache keys of every window's items.
+
+    With an encoder's weights given, a key hashes the spec and the weights' identity (what
+    earlier versions did, so existing caches stay valid) and older entries get their lookup
+    labels. Without them ("cached only"), the keys are looked up by spec among the entries made
+    by the encoder that made most of them; items it never made get key None.
+    """
+    chosen: dict[str, tuple[str | None, str | None]] = {}  # encoder -> (identity, hash)
+    for name in ("vae", "audio", "text"):
+        if encoders.available(name):
+            identity = encoders.identity(name)
+            chosen[name] = (identity, stable_hash(identity)[:16])
+        else:
+            matches = {store.key(kind, spec) for *_, specs in windows for kind, spec in specs.items()
+                       if ENCODER_OF[kind] == name}
+            counts = store.encoders_for(matches)
+            best = max(counts.items(), key=lambda item: (item[1], str(item[0])))[0] if counts else None
+            chosen[name] = (None, best)
+    entries, relabelled = [], False
+    for clip, index, start, specs in windows:
+        keys, labels = {}, {}
+        for kind, spec in specs.items():
+            match = store.key(kind, spec)
+            name = ENCODER_OF[kind]
+            if name is None:
+                keys[kind], labels[kind] = match, (match, None)
+                continue
+            identity, encoder = chosen[name]
+            if identity is None:
+                keys[kind] = store.find(match, encoder)
+            else:
+                keys[kind] = store.key(kind, {**spec, ENCODER_FIELD[kind]: identity})
+                if store.has(keys[kind]):
+                    relabelled |= store.label(keys[kind], match, encoder)
+            labels[kind] = (match, encoder)
+        entries.append(WindowEntry(clip, index, start, keys, labels))
+    if relabelled:
+        store.flush()
+    return entries
+
+
+def _check_encodable(entries: list[WindowEntry], store: CacheStore, encoders: Encoders) -> None:
+    """Raise CacheMissingError when an item is missing whose encoder was not given."""
+    missing: Counter = Counter()
+    windows = 0
+    for e in entries:
+        kinds = [k for k, key in e.keys.items() if (key is None or not store.has(key))
+                 and ENCODER_OF[k] is not None and not encoders.available(ENCODER_OF[k])]
+        missing.update(kinds)
+        windows += bool(kinds)
+    if not windows:
+        return
+    names = sorted({ENCODER_OF[k] for k in missing})
+    needed = " and ".join(ENCODER_NAMES[n] for n in names)
+    raise CacheMissingError(
+        f"{windows} of {len(entries)} window(s) are not fully cached (missing: "
+        + ", ".join(f"{k} {n}" for k, n in sorted(missing.items()))
+        + f") and no {needed} was given to encode them. Give the {needed} (the dataset node's inputs, "
+        "--vae / --text-encoder / --audio-encoder of `python -m trainer dataset cache`, or vae_path / "
+        "text_encoder_path / audio_encoder_path of a training config), or cache the dataset with the same "
+        "settings first."
+    )
 
 
 def build_dataset(config: DatasetConfig, encoders: Encoders, scan: ScanResult | None = None,
@@ -175,24 +276,19 @@ def build_dataset(config: DatasetConfig, encoders: Encoders, scan: ScanResult | 
     """Scan (unless given), encode whatever the cache lacks, and return the dataset.
 
     Only new or changed windows are encoded; encoders are loaded only if something is missing,
-    and released afterwards when `config.offload_during_startup`.
+    and released afterwards when `config.offload_during_startup`. An encoder without a path is
+    "cached only" (see `Encoders`): when one of its items is missing, `CacheMissingError` says
+    how many windows lack what, before anything is encoded.
     """
     scan = scan or scan_folder(config)
     if not config.cache_dir:
         raise ValueError("cache_dir is not set")
     store = CacheStore(config.cache_dir)
-    ids_memo: dict[str, str] = {}
-
-    def ids(name: str) -> str:
-        if name not in ids_memo:
-            ids_memo[name] = encoders.identity(name)
-        return ids_memo[name]
-
-    entries: list[WindowEntry] = []
-    for clip in scan.clips:
-        for index, start in enumerate(clip.starts):
-            entries.append(WindowEntry(clip, index, start, _keys(store, config, clip, start, ids)))
+    windows = [(clip, index, start, _specs(store, config, clip, start))
+               for clip in scan.clips for index, start in enumerate(clip.starts)]
     store.flush()  # memoised content hashes
+    entries = _resolve_keys(store, encoders, windows)
+    _check_encodable(entries, store, encoders)
 
     todo = [e for e in entries if not all(store.has(k) for k in e.keys.values())]
     stats = {"windows": len(entries), "encoded_windows": len(todo), "encoded_texts": 0}
@@ -208,12 +304,13 @@ def build_dataset(config: DatasetConfig, encoders: Encoders, scan: ScanResult | 
         done += len(clip_entries)
         if progress:
             progress(done, len(todo), str(clip))
-    for caption, key in dict.fromkeys((e.clip.caption, e.keys["text"]) for e in entries):
-        if not store.has(key):
+    for e in dict((e.keys["text"], e) for e in entries).values():
+        if not store.has(e.keys["text"]):
             from ..model.text_encoder import encode_prompt
 
             model, tokenizer = encoders.text
-            store.put(key, {"text_embeds": encode_prompt(model, tokenizer, caption)[0]}, {"caption": caption[:200]})
+            embeds = encode_prompt(model, tokenizer, e.clip.caption)[0]
+            _put(store, e, "text", {"text_embeds": embeds}, {"caption": e.clip.caption[:200]})
             stats["encoded_texts"] += 1
     if config.offload_during_startup:
         encoders.release()
@@ -223,47 +320,85 @@ def build_dataset(config: DatasetConfig, encoders: Encoders, scan: ScanResult | 
     return dataset
 
 
+def open_cached_dataset(config: DatasetConfig, scan: ScanResult | None = None) -> S2VDataset:
+    """The dataset from its cache alone: no VAE, text or audio encoder is ever built (nor needed
+    on disk). Raises `CacheMissingError` (how many windows lack which items) when anything the
+    settings ask for is not cached; CREPA teacher frames, which need no encoder, are still
+    cached here if missing."""
+    return build_dataset(config, Encoders(), scan)
+
+
+def _put(store: CacheStore, entry: WindowEntry, kind: str, tensors: dict[str, torch.Tensor],
+         info: dict[str, Any] | None = None) -> None:
+    match, encoder = entry.labels[kind]
+    store.put(entry.keys[kind], tensors, {**(info or {}), "match": match, "encoder": encoder})
+
+
 def _encode_clip(store: CacheStore, config: DatasetConfig, encoders: Encoders, entries: list[WindowEntry],
                  check_interrupt: Callable[[], None] | None) -> None:
+    """Encode the missing items of some windows of one clip: audio features first, then every
+    frame-based item (latents, reference, teacher frames, motion latents) in one decoding pass."""
     from ..model.vae import encode_video
 
     clip = entries[0].clip
-    need_audio = [e for e in entries if not store.has(e.keys["audio"])]
+
+    def missing(e: WindowEntry, kind: str) -> bool:
+        return kind in e.keys and not store.has(e.keys[kind])
+
+    def info(e: WindowEntry) -> dict[str, Any]:
+        return {"source": str(clip.video), "start": e.start}
+
+    need_audio = [e for e in entries if missing(e, "audio")]
     if need_audio:
         audio = clip_audio(clip)
         shape = encoders.audio_shape()
         for e in need_audio:
             segment = None if audio is None else audio_segment(audio, e.start, config.audio_frames)
             features = window_audio_features(encoders.audio, segment, config.audio_frames, shape)
-            store.put(e.keys["audio"], {"audio_embeds": features}, {"source": str(clip.video), "start": e.start})
-    need_video = {e.start: e for e in entries if not (store.has(e.keys["latents"]) and store.has(e.keys["reference"]))}
-    if not need_video:
-        return
+            _put(store, e, "audio", {"audio_embeds": features}, info(e))
     h, w = clip.bucket
     reference_image = None
-    if clip.reference is not None:
+    if clip.reference is not None and any(missing(e, "reference") for e in entries):
         reference_image = frames_to_tensor(load_image(clip.reference, (w, h), config.crop)[None])
+    requests: list[FrameRequest] = []
+    for e in entries:
+        if missing(e, "reference") and reference_image is not None:
+            _put(store, e, "reference", {"reference_latents": encode_video(encoders.vae, reference_image[None])[0]},
+                 info(e))
+        if missing(e, "latents") or missing(e, "reference"):
+            requests.append(FrameRequest(("window", e.start), tuple(range(e.start, e.start + config.num_frames)), (w, h)))
+        if missing(e, "teacher"):
+            th, tw = _teacher_stored(config, clip)
+            indices = tuple(e.start + i for i in teacher_frame_indices(config.latent_frames))
+            requests.append(FrameRequest(("teacher", e.start), indices, (tw, th)))
+        if missing(e, "motion"):
+            requests.append(FrameRequest(("motion", e.start), tuple(range(e.start - MOTION_FRAMES, e.start)), (w, h)))
+    if not requests:
+        return
+    by_start = {e.start: e for e in entries}
     seen = set()
-    for start, frames, _ in iter_windows(clip.video, need_video, config.num_frames, (w, h), config.crop):
+    for request, frames, _ in iter_frame_requests(clip.video, requests, config.crop):
         if check_interrupt:
             check_interrupt()
-        e = need_video[start]
-        seen.add(start)
+        what, start = request.key
+        e = by_start[start]
+        seen.add(request.key)
+        if what == "teacher":
+            _put(store, e, "teacher", {"teacher_frames": frames_to_uint8(frames)}, info(e))
+            continue
         pixels = frames_to_tensor(frames)
-        if not store.has(e.keys["latents"]):
-            latents = encode_video(encoders.vae, pixels[None])[0]
-            store.put(e.keys["latents"], {"latents": latents}, {"source": str(clip.video), "start": start})
-        if not store.has(e.keys["reference"]):
-            if reference_image is not None:
-                image = reference_image
-            else:
-                index = reference_frame_index(config, store.file_hash(clip.video), start)
-                image = pixels[:, index:index + 1]
-            reference = encode_video(encoders.vae, image[None])[0]
-            store.put(e.keys["reference"], {"reference_latents": reference}, {"source": str(clip.video), "start": start})
-    missing = sorted(set(need_video) - seen)
-    if missing:
-        raise MediaError(f"video ended before window(s) starting at 16 fps frame(s) {missing} were complete")
+        if what == "motion":
+            _put(store, e, "motion", {"motion_latents": encode_video(encoders.vae, pixels[None])[0]}, info(e))
+            continue
+        if missing(e, "latents"):
+            _put(store, e, "latents", {"latents": encode_video(encoders.vae, pixels[None])[0]}, info(e))
+        if missing(e, "reference"):
+            index = reference_frame_index(config, store.file_hash(clip.video), start)
+            reference = encode_video(encoders.vae, pixels[None, :, index:index + 1])[0]
+            _put(store, e, "reference", {"reference_latents": reference}, info(e))
+    incomplete = sorted({start for what, start in (r.key for r in requests) if (what, start) not in seen})
+    if incomplete:
+        raise MediaError(f"video ended before window(s) starting at 16 fps frame(s) {incomplete} were complete")
 
 
 def load_window(config: DatasetConfig, clip: Clip, start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

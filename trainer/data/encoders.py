@@ -21,7 +21,12 @@ def file_identity(path: str | Path) -> str:
 @dataclass
 class Encoders:
     """Paths of the VAE, UMT5 and wav2vec2 (ComfyUI files or Diffusers folders); each model is
-    loaded on first use and dropped by `release()`."""
+    loaded on first use and dropped by `release()`.
+
+    A path left None means "cached only": `build_dataset` then takes that encoder's items from
+    the cache (made with whichever weights made most of them) and raises `CacheMissingError`
+    if one is missing; `Encoders()` opens a fully cached dataset without any model file.
+    """
 
     vae_path: str | None = None
     text_encoder_path: str | None = None
@@ -45,8 +50,15 @@ class Encoders:
         return cls(str(root / "vae"), str(root / "text_encoder"), str(root / "audio_encoder"),
                    str(root / "tokenizer"), device=device, text_dtype=torch.float32)
 
+    def _path(self, name: str) -> str | None:
+        return {"vae": self.vae_path, "text": self.text_encoder_path, "audio": self.audio_encoder_path}[name]
+
+    def available(self, name: str) -> bool:
+        """Whether encoder `name` ("vae", "text", "audio") has weights to load (else cached only)."""
+        return bool(self._path(name))
+
     def identity(self, name: str) -> str:
-        path = {"vae": self.vae_path, "text": self.text_encoder_path, "audio": self.audio_encoder_path}[name]
+        path = self._path(name)
         if not path:
             raise ValueError(f"no {name} encoder path given (needed to build the {name} cache)")
         return file_identity(path) + f"|{self._dtype(name)}"

@@ -11,7 +11,8 @@ starts after the video is padded with leading zeros, one that starts earlier is 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections import Counter, defaultdict
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,13 +191,13 @@ def frame_to_array(frame, size: tuple[int, int] | None, crop: bool) -> np.ndarra
     return np.ascontiguousarray(array[y:y + dst_h, x:x + dst_w])
 
 
-def iter_frames_16fps(path: str | Path, size: tuple[int, int] | None = None, crop: bool = True,
-                      max_frames: int | None = None) -> Iterator[tuple[int, float, np.ndarray]]:
-    """Stream (index, source_time, rgb [H, W, 3] uint8) of the video resampled to 16 fps.
+def _iter_16fps(path: str | Path, max_frames: int | None = None) -> Iterator[tuple[int, float, object]]:
+    """Stream (index, source_time, PyAV frame) of the video resampled to 16 fps.
 
     Output frame i (time i / 16 s after the first frame) is the source frame nearest in time;
-    a frame is converted only when it is emitted. Stops at the end of the stream or after
-    `max_frames`. Raises MediaError when decoding fails part-way.
+    a source frame shown at several output times is the same object each time (callers
+    convert it once). Stops at the end of the stream or after `max_frames`. Raises
+    MediaError when decoding fails part-way.
     """
     container = _open(path)
     try:
@@ -205,15 +206,6 @@ def iter_frames_16fps(path: str | Path, size: tuple[int, int] | None = None, cro
         start: float | None = None
         previous = None  # (time, frame)
         index = 0
-        converted: tuple[object, np.ndarray] | None = None  # (frame, its array): convert once
-
-        def emit(item):
-            nonlocal converted
-            time, frame = item
-            if converted is None or converted[0] is not frame:
-                converted = (frame, frame_to_array(frame, size, crop))
-            return converted[1], time
-
         try:
             for frame in container.decode(stream):
                 if frame.pts is None:
@@ -226,8 +218,7 @@ def iter_frames_16fps(path: str | Path, size: tuple[int, int] | None = None, cro
                     # every output time nearer to the previous frame than to this one
                     boundary = (previous[0] + time) / 2
                     while index / TARGET_FPS < boundary - 1e-9:
-                        array, src_time = emit(previous)
-                        yield index, src_time, array
+                        yield index, previous[0], previous[1]
                         index += 1
                         if max_frames is not None and index >= max_frames:
                             return
@@ -240,8 +231,7 @@ def iter_frames_16fps(path: str | Path, size: tuple[int, int] | None = None, cro
             # the last frame is shown for one source frame period
             end = previous[0] + (1.0 / float(stream.average_rate) if stream.average_rate else 1.0 / TARGET_FPS)
             while index / TARGET_FPS < end - 1e-9:
-                array, src_time = emit(previous)
-                yield index, src_time, array
+                yield index, previous[0], previous[1]
                 index += 1
                 if max_frames is not None and index >= max_frames:
                     return
@@ -249,27 +239,84 @@ def iter_frames_16fps(path: str | Path, size: tuple[int, int] | None = None, cro
         container.close()
 
 
+class _Converter:
+    """Converts the frames of `_iter_16fps` to arrays once per (source frame, size)."""
+
+    def __init__(self, crop: bool):
+        self.crop = crop
+        self.frame: object = None
+        self.arrays: dict[tuple[int, int] | None, np.ndarray] = {}
+
+    def __call__(self, frame, size: tuple[int, int] | None) -> np.ndarray:
+        if frame is not self.frame:
+            self.frame, self.arrays = frame, {}
+        if size not in self.arrays:
+            self.arrays[size] = frame_to_array(frame, size, self.crop)
+        return self.arrays[size]
+
+
+def iter_frames_16fps(path: str | Path, size: tuple[int, int] | None = None, crop: bool = True,
+                      max_frames: int | None = None) -> Iterator[tuple[int, float, np.ndarray]]:
+    """Stream (index, source_time, rgb [H, W, 3] uint8) of the video resampled to 16 fps.
+
+    Output frame i (time i / 16 s after the first frame) is the source frame nearest in time,
+    resized/cropped to `size` (w, h) when given; a frame is converted only when it is emitted.
+    Stops at the end of the stream or after `max_frames`. Raises MediaError when decoding
+    fails part-way.
+    """
+    convert = _Converter(crop)
+    for index, src_time, frame in _iter_16fps(path, max_frames):
+        yield index, src_time, convert(frame, size)
+
+
+@dataclass(frozen=True)
+class FrameRequest:
+    """Some 16 fps frames of a video at one size: `indices` increasing, `size` (w, h)."""
+
+    key: Hashable
+    indices: tuple[int, ...]
+    size: tuple[int, int]
+
+
+def iter_frame_requests(path: str | Path, requests: Iterable[FrameRequest],
+                        crop: bool = True) -> Iterator[tuple[FrameRequest, np.ndarray, np.ndarray]]:
+    """Stream (request, frames uint8 [N, H, W, 3], source_times [N]) for each request, in one
+    decoding pass, each as soon as its last frame is decoded (ties in request order).
+
+    A frame is converted once per size it is asked at and held only while a pending request
+    needs it. Requests whose frames lie past the end of the video are never yielded.
+    """
+    pending = sorted(requests, key=lambda r: r.indices[-1])
+    if not pending:
+        return
+    wanted: dict[int, Counter] = defaultdict(Counter)  # frame index -> {size: pending requests using it}
+    for request in pending:
+        for i in request.indices:
+            wanted[i][request.size] += 1
+    buffer: dict[tuple[int, tuple[int, int]], tuple[np.ndarray, float]] = {}
+    convert = _Converter(crop)
+    for index, src_time, frame in _iter_16fps(path, max_frames=pending[-1].indices[-1] + 1):
+        for size in wanted.get(index, ()):
+            buffer[(index, size)] = (convert(frame, size), src_time)
+        while pending and pending[0].indices[-1] == index:
+            request = pending.pop(0)
+            held = [buffer[(i, request.size)] for i in request.indices]
+            yield request, np.stack([a for a, _ in held]), np.array([t for _, t in held])
+            for i in request.indices:
+                sizes = wanted[i]
+                sizes[request.size] -= 1
+                if sizes[request.size] <= 0:
+                    del sizes[request.size]
+                    buffer.pop((i, request.size), None)
+
+
 def iter_windows(path: str | Path, starts: Iterable[int], num_frames: int, size: tuple[int, int],
                  crop: bool = True) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Stream (start, frames uint8 [F, H, W, 3], source_times [F]) of the windows starting at the
     given 16 fps frame indices. Holds only the frames of windows being filled."""
-    starts = sorted(set(starts))
-    if not starts:
-        return
-    pending = list(starts)
-    buffer: dict[int, tuple[np.ndarray, float]] = {}
-    last_needed = pending[-1] + num_frames
-    for index, src_time, array in iter_frames_16fps(path, size, crop, max_frames=last_needed):
-        if any(s <= index < s + num_frames for s in pending):
-            buffer[index] = (array, src_time)
-        while pending and index == pending[0] + num_frames - 1:
-            s = pending.pop(0)
-            frames = np.stack([buffer[i][0] for i in range(s, s + num_frames)])
-            times = np.array([buffer[i][1] for i in range(s, s + num_frames)])
-            yield s, frames, times
-            keep_from = pending[0] if pending else index + 1
-            for i in [i for i in buffer if i < keep_from]:
-                del buffer[i]
+    requests = [FrameRequest(s, tuple(range(s, s + num_frames)), size) for s in sorted(set(starts))]
+    for request, frames, times in iter_frame_requests(path, requests, crop):
+        yield request.key, frames, times
 
 
 def first_frame(path: str | Path, size: tuple[int, int] | None = None, crop: bool = True) -> np.ndarray:
