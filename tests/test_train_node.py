@@ -192,3 +192,49 @@ def test_validation_settings_need_a_validation_model(comfy_dirs):
     with pytest.raises(ValueError, match="validation_model"):
         node.train(None, SyntheticTalkingDataset(text_len=64), "no_model", validation_settings=validation,
                    **_defaults(node, max_train_steps=1))
+
+
+def test_two_processes_on_cpu_relay_events_and_load_the_lora_from_the_file(comfy_dirs, sent):
+    """gpus=2 without CUDA: two gloo processes started by trainer.train.launcher; the node relays
+    one loss event per step as in-process and outputs the LoRA the processes wrote."""
+    nodes = _pack()
+    dataset_node = _pack("dataset_nodes").WanS2VDataset()
+    with torch.inference_mode():
+        (model,) = _pack("model_nodes").WanS2VLoadTransformer().load(TINY, "float32", "official")
+        dataset = dataset_node.build("(demo media)", TINY, TINY, TINY, "textfile", "", 9, 0, 0, 64.0, "pixel_area",
+                                     True, False)[0]
+        node = nodes.WanS2VTrainLora()
+        settings = _defaults(node, max_train_steps=2, checkpoint_step_interval=0, mixed_precision="no",
+                             gradient_checkpointing=False)
+        lora, path, losses = node.train(model, dataset, "two_procs", save_to="loras", resume_from_checkpoint="none",
+                                        unique_id="3", gpus=2, **settings)
+    run = comfy_dirs["output"] / "wan_s2v_training" / "two_procs"
+    assert (run / "launch.json").is_file()  # it really went through the launcher
+    assert Path(path) == (comfy_dirs["loras"] / "two_procs.safetensors").resolve()
+    file_state = read_lora_file(path).state
+    assert lora.steps == 2 and set(file_state) == set(lora.state)
+    assert all(torch.equal(file_state[k], lora.state[k]) for k in file_state)
+    events = [d for e, d in sent if e == nodes.TRAIN_EVENT]
+    assert [(d["node"], d["step"]) for d in events] == [("3", 1), ("3", 2)]
+    assert losses["loss"] == [d["loss"] for d in events]
+
+
+def test_more_processes_than_visible_gpus_is_a_clear_error(monkeypatch):
+    runner = _pack("train_runner")
+    runner.check_gpu_count(3)  # no CUDA here: CPU processes (gloo), any count
+    # What a 1-GPU machine reports (this one has none to ask).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    runner.check_gpu_count(1)
+    with pytest.raises(ValueError, match="gpus=2 but only 1 GPU"):
+        runner.check_gpu_count(2)
+
+
+def test_more_processes_need_a_transformer_from_a_file(comfy_dirs):
+    nodes = _pack()
+    node = nodes.WanS2VTrainLora()
+    with torch.inference_mode():
+        model = WanS2VTransformer3DModel(**TINY_TRANSFORMER_CONFIG)  # built in memory: no source file
+        with pytest.raises(ValueError, match="Load Wan S2V Transformer"):
+            node.train(model, SyntheticTalkingDataset(text_len=64), "no_source", gpus=2,
+                       **_defaults(node, max_train_steps=1))
