@@ -33,6 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO_ROOT / "example_workflows"
 TINY = "(tiny random test model)"
 DEMO_MEDIA = "(demo media)"
+TINY_TEACHER = "(tiny random test teacher)"
 FRONTEND_VERSION = "1.27.10"
 
 # The Wan 2.2 S2V files as ComfyUI's own S2V template names them.
@@ -194,14 +195,17 @@ class Workflow:
 # The workflows
 # --------------------------------------------------------------------------------------
 
-TINY_NOTE = """## Wan 2.2 S2V LoRA trainer: tiny demo (CPU, about a minute)
+TINY_NOTE = """## Wan 2.2 S2V LoRA trainer: tiny demo (CPU, a minute or two)
 
 Runs the whole job with the **built-in tiny random model** (no model files needed):
 
 1. **Dataset** with folder `(demo media)`: writes two synthetic talking clips (moving pattern +
-   chirp, with captions) to `input/wan_s2v_demo_media/` and caches them with the tiny encoders.
-2. **Train** a rank-8 LoRA for 30 steps; the loss (and the eval loss on the same clips) is drawn
-   live on the training node.
+   chirp, with captions) to `input/wan_s2v_demo_media/` and caches them with the tiny encoders,
+   with the CREPA teacher frames.
+2. **Train** a rank-8 LoRA for 30 steps with **TREAD** (half of the video tokens skip the middle
+   blocks) and **CREPA** (here against a tiny random DINOv2). The loss (and the eval loss on the
+   same clips) is drawn live on the training node, and every 10 steps a **validation** clip
+   (dataset's first frame, silence) is rendered with the LoRA in training and shown under the chart.
 3. **Apply** the trained LoRA and **sample** a short clip from the dataset's first frame, then
    **save** it as mp4 with its audio (silence from *Empty Audio*; load your own with *Load Audio*).
 
@@ -215,13 +219,19 @@ Files (ComfyUI folders, as the official S2V template):
 - `vae/wan_2.1_vae.safetensors`
 - `text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors`
 - `audio_encoders/wav2vec2_large_english_fp16.safetensors`
+- CREPA teacher: `dinov2/dinov2_vitg14/` (a transformers Dinov2Model folder: `config.json` +
+  `model.safetensors`, e.g. facebook/dinov2-giant saved locally)
 
 Put talking-head videos (with a same-name `.txt` caption each) in `input/s2v_dataset/`.
-81-frame windows at 16 fps, ~832x480 buckets. The loss is drawn live on the training node;
-Cancel writes a checkpoint and a new run resumes from it.
+81-frame windows at 16 fps, ~832x480 buckets, CREPA teacher frames cached. Training uses
+**TREAD** (ratio 0.5 on blocks 2..-2) and **CREPA** (lambda 0.5 on block 8) as the seed does.
+The loss is drawn live on the training node; every 250 steps the reference image + speech
+below are rendered with the LoRA in training and shown on the node (videos under
+`output/wan_s2v_training/wan_s2v_lora/validation/`). Cancel writes a checkpoint and a new run
+resumes from it. `gpus` on the training node trains data-parallel on several GPUs.
 
-The validation sampler reuses the loaded transformer (`transformer_model`) with the trained
-LoRA applied for that run only. Load a reference image and a speech clip of your own."""
+After training, the sampler renders the whole speech clip with the trained LoRA applied for
+that run only, on the already loaded transformer (`transformer_model`)."""
 
 SAMPLE_NOTE = """## Sample with a trained Wan 2.2 S2V LoRA
 
@@ -231,25 +241,32 @@ reference image and a speech clip. Chain more *Load Wan S2V LoRA* nodes to stack
 
 def tiny_demo(info) -> Workflow:
     w = Workflow("wan_s2v_tiny_demo", info)
-    w.note((-420, 0), TINY_NOTE, size=(400, 420))
+    w.note((-420, 0), TINY_NOTE, size=(400, 520))
     transformer = w.add("WanS2VLoadTransformer", (0, 0), transformer=TINY, dtype="float32")
     dataset = w.add(
         "WanS2VDataset", (0, 180), folder=DEMO_MEDIA, vae=TINY, text_encoder=TINY, audio_encoder=TINY,
-        caption_strategy="textfile", num_frames=9, resolution=64.0, preview_count=1,
+        caption_strategy="textfile", num_frames=9, resolution=64.0, preview_count=1, teacher_frames=True,
+        teacher_short_side=224,
     )
     lora = w.add("WanS2VLoraSettings", (380, 0), lora_rank=8, lora_alpha=8.0)
     optim = w.add("WanS2VOptimizerSettings", (380, 190), learning_rate=0.002)
+    tread = w.add("WanS2VTreadSettings", (380, 450))
+    crepa = w.add("WanS2VCrepaSettings", (380, 600), crepa_block_index=1, teacher=TINY_TEACHER)
+    preview = w.add("PreviewImage", (0, 860), size=(300, 260))
+    bundle = w.add("WanS2VLoadModelBundle", (380, 900), transformer=TINY, vae=TINY, text_encoder=TINY,
+                   audio_encoder=TINY, dtype="float32", device="cpu")
+    audio = w.add("EmptyAudio", (0, 1160), duration=1.0, sample_rate=16000, channels=1)
+    validation = w.add(
+        "WanS2VValidationSettings", (380, 1160), prompt="a person talks calmly", validation_step_interval=10,
+        num_inference_steps=4, guidance=4.5, width=64, height=64, num_video_frames=13, validation_seed=0,
+    )
     train = w.add(
-        "WanS2VTrainLora", (760, 0), size=(380, 900), output_name="wan_s2v_tiny_demo", max_train_steps=30,
+        "WanS2VTrainLora", (760, 0), size=(380, 1180), output_name="wan_s2v_tiny_demo", max_train_steps=30,
         seed=0, mixed_precision="no", gradient_checkpointing=False, caption_dropout_probability=0.0,
         audio_dropout_probability=0.0, checkpoint_step_interval=0, resume_from_checkpoint="none",
         eval_step_interval=5,
     )
-    preview = w.add("PreviewImage", (380, 470), size=(300, 260))
     apply = w.add("WanS2VApplyLoRA", (1180, 0))
-    bundle = w.add("WanS2VLoadModelBundle", (1180, 130), transformer=TINY, vae=TINY, text_encoder=TINY,
-                   audio_encoder=TINY, dtype="float32", device="cpu")
-    audio = w.add("EmptyAudio", (1180, 400), duration=1.0, sample_rate=16000, channels=1)
     sampler = w.add(
         "WanS2VSampler", (1540, 0), prompt="a person talks calmly", width=64, height=64, frames_per_chunk=16,
         max_chunks=1, steps=4, seed=0, save_mp4=False,
@@ -260,7 +277,13 @@ def tiny_demo(info) -> Workflow:
     w.link(dataset, "dataset", train, "eval_dataset")
     w.link(lora, "lora_settings", train, "lora_settings")
     w.link(optim, "optimizer_settings", train, "optimizer_settings")
+    w.link(tread, "tread_settings", train, "tread_settings")
+    w.link(crepa, "crepa_settings", train, "crepa_settings")
     w.link(dataset, "preview", preview, "images")
+    w.link(dataset, "preview", validation, "image")
+    w.link(audio, "AUDIO", validation, "audio")
+    w.link(validation, "validation_settings", train, "validation_settings")
+    w.link(bundle, "model", train, "validation_model")
     w.link(train, "lora", apply, "lora")
     w.link(bundle, "model", sampler, "model")
     w.link(dataset, "preview", sampler, "image")
@@ -273,26 +296,35 @@ def tiny_demo(info) -> Workflow:
 
 def train_and_validate(info) -> Workflow:
     w = Workflow("wan_s2v_lora_train_and_validate", info)
-    w.note((-460, 0), TRAIN_NOTE, size=(440, 460))
+    w.note((-460, 0), TRAIN_NOTE, size=(440, 620))
     transformer = w.add("WanS2VLoadTransformer", (0, 0), transformer=S2V_14B, dtype="bfloat16")
     dataset = w.add(
         "WanS2VDataset", (0, 180), folder="s2v_dataset", vae=WAN_VAE, text_encoder=UMT5, audio_encoder=WAV2VEC2,
-        caption_strategy="textfile", num_frames=81, resolution=624.0,
+        caption_strategy="textfile", num_frames=81, resolution=624.0, teacher_frames=True, teacher_short_side=518,
     )
     lora = w.add("WanS2VLoraSettings", (380, 0), lora_rank=16, lora_alpha=16.0)
     optim = w.add("WanS2VOptimizerSettings", (380, 190), optimizer="adamw", learning_rate=1e-4)
     sched = w.add("WanS2VScheduleSettings", (380, 450), lr_scheduler="constant_with_warmup", lr_warmup_steps=50)
-    preview = w.add("PreviewImage", (380, 680), size=(300, 260))
+    # TREAD and CREPA at the seed's settings.
+    tread = w.add("WanS2VTreadSettings", (380, 620), selection_ratio=0.5, start_layer_idx=2, end_layer_idx=-2)
+    crepa = w.add("WanS2VCrepaSettings", (380, 780), crepa_lambda=0.5, crepa_block_index=8,
+                  crepa_adjacent_distance=1, crepa_adjacent_tau=1.0, teacher="dinov2_vitg14")
+    memory = w.add("WanS2VMemorySettings", (380, 1060), base_model_precision="no_change", checkpointing_policy="full")
+    preview = w.add("PreviewImage", (0, 860), size=(300, 260))
+    bundle = w.add("WanS2VLoadModelBundle", (0, 1160), transformer=S2V_14B, vae=WAN_VAE, text_encoder=UMT5,
+                   audio_encoder=WAV2VEC2, dtype="bfloat16", device="auto")
+    image = w.add("LoadImage", (-460, 660), size=(320, 320), image="s2v_reference.png")
+    audio = w.add("LoadAudio", (-460, 1000), size=(320, 140), audio="s2v_speech.wav")
+    validation = w.add(
+        "WanS2VValidationSettings", (380, 1380), prompt="a person talks to the camera", validation_step_interval=250,
+        num_inference_steps=20, guidance=4.5, width=832, height=480, num_video_frames=81, validation_seed=42,
+    )
     train = w.add(
-        "WanS2VTrainLora", (760, 0), size=(380, 900), output_name="wan_s2v_lora", max_train_steps=1000, seed=42,
+        "WanS2VTrainLora", (760, 0), size=(380, 1280), output_name="wan_s2v_lora", max_train_steps=1000, seed=42,
         mixed_precision="bf16", gradient_checkpointing=True, flow_weighting_scheme="logit_normal",
         flow_schedule_shift=3.0, checkpoint_step_interval=250, resume_from_checkpoint="latest", save_to="loras",
     )
     apply = w.add("WanS2VApplyLoRA", (1180, 0))
-    bundle = w.add("WanS2VLoadModelBundle", (1180, 130), transformer=S2V_14B, vae=WAN_VAE, text_encoder=UMT5,
-                   audio_encoder=WAV2VEC2, dtype="bfloat16", device="auto")
-    image = w.add("LoadImage", (1180, 400), size=(320, 320), image="s2v_reference.png")
-    audio = w.add("LoadAudio", (1180, 760), size=(320, 140), audio="s2v_speech.wav")
     sampler = w.add("WanS2VSampler", (1540, 0), prompt="a person talks to the camera", width=832, height=480,
                     frames_per_chunk=80, max_chunks=0, steps=40, guidance=4.5, seed=0, save_mp4=False)
     save = w.add("WanS2VSaveVideo", (1920, 0), size=(360, 340), filename_prefix="wan_s2v_lora_validation")
@@ -301,9 +333,16 @@ def train_and_validate(info) -> Workflow:
     w.link(lora, "lora_settings", train, "lora_settings")
     w.link(optim, "optimizer_settings", train, "optimizer_settings")
     w.link(sched, "schedule_settings", train, "schedule_settings")
+    w.link(tread, "tread_settings", train, "tread_settings")
+    w.link(crepa, "crepa_settings", train, "crepa_settings")
+    w.link(memory, "memory_settings", train, "memory_settings")
     w.link(dataset, "preview", preview, "images")
-    w.link(train, "lora", apply, "lora")
     w.link(transformer, "transformer", bundle, "transformer_model")
+    w.link(image, "IMAGE", validation, "image")
+    w.link(audio, "AUDIO", validation, "audio")
+    w.link(validation, "validation_settings", train, "validation_settings")
+    w.link(bundle, "model", train, "validation_model")
+    w.link(train, "lora", apply, "lora")
     w.link(bundle, "model", sampler, "model")
     w.link(image, "IMAGE", sampler, "image")
     w.link(audio, "AUDIO", sampler, "audio")

@@ -65,3 +65,16 @@ def test_node_classes_follow_the_classic_api():
         assert isinstance(cls.RETURN_TYPES, tuple)
         assert hasattr(cls, cls.FUNCTION), f"{name}.{cls.FUNCTION} missing"
         assert cls.CATEGORY.startswith("Wan S2V Trainer"), name
+
+
+def test_training_settings_nodes_are_exported_with_plain_names():
+    report = load_pack_report()
+    expected = {
+        "WanS2VTreadSettings": "Wan S2V TREAD Settings",
+        "WanS2VCrepaSettings": "Wan S2V CREPA Settings",
+        "WanS2VMemorySettings": "Wan S2V Memory Settings",
+        "WanS2VValidationSettings": "Wan S2V Validation Settings",
+        "WanS2VTrainLora": "Train Wan S2V LoRA",
+    }
+    assert {k: report["names"].get(k) for k in expected} == expected
+    assert (REPO / report["web"] / "validation_preview.js").is_file()

@@ -200,3 +200,46 @@ def test_training_node_emits_one_loss_event_per_step(tmp_path, monkeypatch):
     assert [d["step"] for d in events] == [1, 2, 3, 4]
     assert all(d["node"] == "7" and d["total"] == 4 and isinstance(d["loss"], float) for d in events)
     assert [d["step"] for d in events if "eval_loss" in d] == [2, 4]
+
+
+def _api_by_type(name: str, info) -> tuple[dict, dict]:
+    api = workflow_api.ui_to_api(_load(REPO / "example_workflows" / f"{name}.json"), info)
+    return api, {v["class_type"]: (k, v["inputs"]) for k, v in api.items()}
+
+
+def test_train_and_validate_uses_tread_crepa_at_the_seed_settings_and_validates(info):
+    api, by_type = _api_by_type("wan_s2v_lora_train_and_validate", info)
+    train_id, train = by_type["WanS2VTrainLora"]
+    tread_id, tread = by_type["WanS2VTreadSettings"]
+    crepa_id, crepa = by_type["WanS2VCrepaSettings"]
+    assert train["tread_settings"] == [tread_id, 0] and train["crepa_settings"] == [crepa_id, 0]
+    assert (tread["selection_ratio"], tread["start_layer_idx"], tread["end_layer_idx"]) == (0.5, 2, -2)
+    assert (crepa["crepa_lambda"], crepa["crepa_block_index"], crepa["crepa_adjacent_distance"],
+            crepa["crepa_adjacent_tau"], crepa["teacher"]) == (0.5, 8, 1, 1.0, "dinov2_vitg14")
+    dataset_id, dataset = by_type["WanS2VDataset"]
+    assert dataset["teacher_frames"] is True  # CREPA needs the cached teacher frames
+    validation_id, validation = by_type["WanS2VValidationSettings"]
+    bundle_id, bundle = by_type["WanS2VLoadModelBundle"]
+    assert train["validation_settings"] == [validation_id, 0] and train["validation_model"] == [bundle_id, 0]
+    assert api[validation["image"][0]]["class_type"] == "LoadImage"
+    assert api[validation["audio"][0]]["class_type"] == "LoadAudio"
+    assert bundle["transformer_model"] == [by_type["WanS2VLoadTransformer"][0], 0]
+    assert train["gpus"] == 1
+
+
+def test_tiny_demo_trains_with_tread_crepa_and_validation_previews(info):
+    api, by_type = _api_by_type("wan_s2v_tiny_demo", info)
+    _, train = by_type["WanS2VTrainLora"]
+    _, crepa = by_type["WanS2VCrepaSettings"]
+    assert crepa["teacher"] == make_workflows.TINY_TEACHER  # no model file needed
+    assert crepa["crepa_block_index"] < 4  # the tiny transformer has 4 blocks
+    validation_id, validation = by_type["WanS2VValidationSettings"]
+    assert train["validation_settings"] == [validation_id, 0]
+    assert api[train["validation_model"][0]]["class_type"] == "WanS2VLoadModelBundle"
+    assert 0 < validation["validation_step_interval"] <= train["max_train_steps"]
+
+
+def test_validation_preview_listens_to_the_validation_event():
+    js = (REPO / "web" / "js" / "validation_preview.js").read_text()
+    assert '"wan_s2v.validation"' in js and "addEventListener" in js and "/view?" in js
+    assert "wan_s2v_validation" in (REPO / "web" / "js" / "loss_chart.js").read_text()  # kept in the properties

@@ -88,14 +88,35 @@ function widgetsBottom(node) {
   return bottom;
 }
 
+// Below the widgets: the chart, then (once the run rendered validation videos, see
+// validation_preview.js) the preview. The chart takes the spare height when there is no preview.
+const PREVIEW_H = 220;
+const VALIDATION_PROP = "wan_s2v_validation";
+
+function hasPreview(node) {
+  const v = node.properties?.[VALIDATION_PROP];
+  return !!(v && Array.isArray(v.videos) && v.videos.length);
+}
+
+function layout(node) {
+  const top = widgetsBottom(node) + 8;
+  const preview = hasPreview(node);
+  const need = top + CHART_H + (preview ? PREVIEW_H + 8 : 0) + 8;
+  if (node.size[1] < need) node.size[1] = need; // grow once; the user can resize further
+  const x = 8, w = node.size[0] - 16;
+  if (!preview) return { chart: { x, y: top, w, h: node.size[1] - top - 8 }, preview: null };
+  const previewH = node.size[1] - top - CHART_H - 16;
+  return {
+    chart: { x, y: top, w, h: CHART_H },
+    preview: { x, y: top + CHART_H + 8, w, h: previewH },
+  };
+}
+
 function drawChart(node, ctx) {
   if (node.flags?.collapsed) return;
   const h = history(node);
-  const top = widgetsBottom(node) + 8;
-  if (node.size[1] < top + CHART_H + 8) {
-    node.size[1] = top + CHART_H + 8; // grow once; the user can resize further
-  }
-  const x0 = 8, y0 = top, w = node.size[0] - 16, hgt = node.size[1] - top - 8;
+  const box = layout(node).chart;
+  const x0 = box.x, y0 = box.y, w = box.w, hgt = box.h;
   ctx.save();
   ctx.fillStyle = COLORS.bg;
   ctx.strokeStyle = COLORS.grid;
@@ -242,5 +263,5 @@ app.registerExtension({
   },
 });
 
-// For tests and other extensions.
-export { addPoint, history, PROP };
+// For tests and other extensions (validation_preview.js draws into layout(node).preview).
+export { addPoint, findNode, history, layout, NODE_TYPE, PROP, VALIDATION_PROP };
