@@ -44,20 +44,25 @@ class WanS2VLoadTransformer:
     DESCRIPTION = "Loads the S2V transformer with strict key checking (any missing or unexpected key is an error)."
 
     def load(self, transformer: str, dtype: str, numerics: str):
+        """The model, holding its `ModelSource` so that training can reload it in child
+        processes (several GPUs). Nothing here keeps a reference: the model lives as long as
+        ComfyUI keeps this node's output."""
         import torch
 
         from ..trainer.model.transformer_io import load_transformer
+        from ..trainer.train.launcher import ModelSource, attach_model_source
 
         if transformer == TINY:
             from ..trainer.model.tiny import build_tiny_transformer
 
             model = build_tiny_transformer(0)
             model.numerics = numerics
-            return (model,)
+            return (attach_model_source(model, ModelSource("tiny", dtype="float32", numerics=numerics, seed=0)),)
+        # A 14B model does not fit beside ComfyUI's cached models: have ComfyUI drop them first.
         comfy_adapter.free_comfyui_models()
         path = comfy_adapter.model_file_path("diffusion_models", transformer)
         model = load_transformer(path, dtype=getattr(torch, dtype), device="cpu", numerics=numerics)
-        return (model,)
+        return (attach_model_source(model, ModelSource(str(path), dtype=dtype, numerics=numerics)),)
 
 
 NODE_CLASS_MAPPINGS = {"WanS2VLoadTransformer": WanS2VLoadTransformer}
