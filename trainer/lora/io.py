@@ -13,7 +13,7 @@ Diffusers format: ``transformer.<our module path>.lora_A.weight`` / ``.lora_B.we
 (what diffusers' `load_lora_adapter(prefix="transformer")` and Wan pipelines read), the
 peft config in the ``lora_adapter_metadata`` entry, as diffusers writes it.
 
-Both are written atomically (temporary name in the same folder, then rename).
+Both are written atomically (`trainer.io_utils.atomic_write`: temporary name in the same folder, then rename).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..io_utils import atomic_write
 from ..model.convert import diffusers_to_original_key, original_to_diffusers_key
 
 COMFY_PREFIX = "diffusion_model."
@@ -153,16 +153,8 @@ def to_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_write(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

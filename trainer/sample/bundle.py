@@ -70,6 +70,32 @@ def build_tiny_bundle(seed: int = 0, device: str | torch.device = "cpu", numeric
     return ModelBundle(transformer, vae, text_encoder, tokenizer, audio_encoder, device, torch.float32)
 
 
+def load_encoder_bundle(
+    transformer: Any,
+    vae: str | os.PathLike,
+    text_encoder: str | os.PathLike,
+    audio_encoder: str | os.PathLike,
+    *,
+    tokenizer: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = torch.bfloat16,
+    text_encoder_dtype: str | torch.dtype | None = None,
+) -> ModelBundle:
+    """A bundle around a transformer already in memory (e.g. the one being trained): the VAE,
+    text encoder (+ tokenizer) and audio encoder load from ComfyUI files or Diffusers folders
+    onto the CPU (the sampler moves each to `device` while it runs, with `offload`).
+    VAE and audio encoder in float32, the text encoder in `text_encoder_dtype` (default `dtype`)."""
+    from ..model.audio_encoder import load_audio_encoder
+    from ..model.text_encoder import load_text_encoder
+    from ..model.vae import load_vae
+
+    vae_model = load_vae(Path(vae), dtype=torch.float32, device="cpu")
+    text_model, tok = load_text_encoder(Path(text_encoder), dtype=_dtype(text_encoder_dtype or dtype), device="cpu",
+                                        tokenizer_path=tokenizer)
+    audio_model = load_audio_encoder(Path(audio_encoder), dtype=torch.float32, device="cpu")
+    return ModelBundle(transformer, vae_model, text_model, tok, audio_model, torch.device(device), _dtype(dtype))
+
+
 def load_model_bundle(
     transformer: str | os.PathLike | None = None,
     vae: str | os.PathLike | None = None,

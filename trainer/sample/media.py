@@ -9,13 +9,14 @@ float tensors [F, H, W, 3] in [0, 1] (ComfyUI's IMAGE layout).
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import av
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..io_utils import atomic_write
 
 SPEECH_RATE = 16_000
 _AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)
@@ -163,8 +164,8 @@ def write_mp4(
     crf: int = 18,
 ) -> Path:
     """Write frames [F, H, W, 3] (float in [0, 1] or uint8) as H.264 (yuv420p) at `fps`, with
-    `audio` [C, N] (or [N]) muxed as AAC, interleaved by time. Written atomically (temporary
-    file in the same folder, then renamed). More than 2 channels are mixed down to stereo."""
+    `audio` [C, N] (or [N]) muxed as AAC, interleaved by time. Written atomically
+    (`trainer.io_utils.atomic_write`). More than 2 channels are mixed down to stereo."""
     path = Path(path)
     if isinstance(frames, torch.Tensor):
         frames = frames.detach().cpu()
@@ -189,47 +190,41 @@ def write_mp4(
             wave = np.stack([resample_mono(ch, sample_rate, target) for ch in wave])
             sample_rate = target
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix or '.mp4'}"
-    try:
-        with av.open(str(tmp), "w", format="mp4") as container:
-            video = container.add_stream("libx264", rate=fps)
-            video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-            video.options = {"crf": str(crf), "preset": "medium"}
-            astream = None
-            if wave is not None and wave.shape[1] > 0:
-                astream = container.add_stream("aac", rate=sample_rate, layout=_layout(wave.shape[0]))
-            block = (astream.codec_context.frame_size or 1024) if astream is not None else 0
-            written = 0
+    # an explicit format: the temporary name does not end in .mp4
+    with atomic_write(path) as tmp, av.open(str(tmp), "w", format="mp4") as container:
+        video = container.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.options = {"crf": str(crf), "preset": "medium"}
+        astream = None
+        if wave is not None and wave.shape[1] > 0:
+            astream = container.add_stream("aac", rate=sample_rate, layout=_layout(wave.shape[0]))
+        block = (astream.codec_context.frame_size or 1024) if astream is not None else 0
+        written = 0
 
-            def audio_until(seconds: float) -> None:
-                nonlocal written
-                end = min(wave.shape[1], round(seconds * sample_rate))
-                while written < end:
-                    chunk = np.ascontiguousarray(wave[:, written:min(written + block, wave.shape[1])])
-                    frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=_layout(wave.shape[0]))
-                    frame.sample_rate = sample_rate
-                    frame.pts = written
-                    for packet in astream.encode(frame):
-                        container.mux(packet)
-                    written += chunk.shape[1]
-
-            for index in range(count):
-                frame = av.VideoFrame.from_ndarray(frames[index], format="rgb24")
-                for packet in video.encode(frame):
+        def audio_until(seconds: float) -> None:
+            nonlocal written
+            end = min(wave.shape[1], round(seconds * sample_rate))
+            while written < end:
+                chunk = np.ascontiguousarray(wave[:, written:min(written + block, wave.shape[1])])
+                frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=_layout(wave.shape[0]))
+                frame.sample_rate = sample_rate
+                frame.pts = written
+                for packet in astream.encode(frame):
                     container.mux(packet)
-                if astream is not None:
-                    audio_until((index + 1) / fps)
-            for packet in video.encode():
+                written += chunk.shape[1]
+
+        for index in range(count):
+            frame = av.VideoFrame.from_ndarray(frames[index], format="rgb24")
+            for packet in video.encode(frame):
                 container.mux(packet)
             if astream is not None:
-                audio_until(wave.shape[1] / sample_rate)
-                for packet in astream.encode():
-                    container.mux(packet)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+                audio_until((index + 1) / fps)
+        for packet in video.encode():
+            container.mux(packet)
+        if astream is not None:
+            audio_until(wave.shape[1] / sample_rate)
+            for packet in astream.encode():
+                container.mux(packet)
     return path
 
 

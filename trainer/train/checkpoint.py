@@ -4,9 +4,9 @@
 parameters by their exact names), ``ema.safetensors`` (when EMA is on),
 ``training_state.pt`` (optimizer, scheduler, RNG states, data position, histories) and
 ``state.json`` (step and a summary; written last). The folder is assembled under a
-temporary name (``.checkpoint-<step>.tmp-<id>``), every file fsynced, then renamed in one
-step, so a crash or kill at any moment leaves either the complete new checkpoint or none;
-earlier checkpoints are never touched before the new one is in place. Leftover temporary
+temporary name (``.checkpoint-<step>.tmp-<id>``, `trainer.io_utils.atomic_folder`), every
+file fsynced, then renamed in one step, so a crash or kill at any moment leaves either the
+complete new checkpoint or none; earlier checkpoints are never touched before the new one is in place. Leftover temporary
 folders are removed by the next save or resume.
 """
 
@@ -16,13 +16,14 @@ import json
 import os
 import re
 import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from ..io_utils import atomic_folder
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -72,24 +73,6 @@ def resolve_resume(value: str | None, root: str | os.PathLike) -> Path | None:
     return path
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def remove_partial(root: str | os.PathLike) -> list[Path]:
     """Delete temporary folders left by an interrupted save."""
     root = Path(root)
@@ -114,19 +97,17 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint-<step> atomically, then drop the oldest beyond `total_limit`.
 
-    `on_file_written(name)` is called after each file is complete (inside the temporary
-    folder, before the rename).
+    `on_file_written(name)` is called after each file is written (inside the temporary
+    folder, before the fsync and the rename).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     remove_partial(root)
     final = root / f"checkpoint-{step}"
-    tmp = root / f".checkpoint-{step}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    # replaces only a checkpoint folder of the same step (a re-save after a resume)
+    with atomic_folder(final, replaceable=lambda path: _NAME.match(path.name) is not None) as tmp:
 
         def done(name: str) -> None:
-            _fsync_file(tmp / name)
             if on_file_written is not None:
                 on_file_written(name)
 
@@ -139,18 +120,6 @@ def save_checkpoint(
         done("training_state.pt")
         (tmp / STATE_JSON).write_text(json.dumps({"step": step, **summary}, indent=2, default=str))
         done(STATE_JSON)
-        _fsync_dir(tmp)
-        old = None
-        if final.exists():
-            old = root / f".checkpoint-{step}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     if total_limit is not None:
         for _, path in list_checkpoints(root)[:-total_limit]:
             shutil.rmtree(path, ignore_errors=True)

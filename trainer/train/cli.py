@@ -20,7 +20,9 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
         "and audio_encoder_path (or 'tiny'), with DatasetConfig settings in dataset_options. "
         "Data parallel on several GPUs (or CPU processes): torchrun --nproc_per_node N -m trainer train "
         "CONFIG (or accelerate launch --multi_gpu --num_processes N -m trainer train CONFIG); the global batch is "
-        "train_batch_size x N and rank 0 writes every file.",
+        "train_batch_size x N and rank 0 writes every file. Validation renders (validation_cases, "
+        "validation_step_interval, ...) use the same encoder paths (the tiny ones for the tiny model) and go "
+        "to OUTPUT_DIR/validation/step_N/.",
     )
     parser.add_argument("config", help="training config (.json or .toml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -28,7 +30,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     parser.add_argument("--json-progress", action="store_true",
                         help="one JSON object per optimizer step on stdout, prefixed 'WAN_S2V_TRAIN ' "
-                        "(for a parent process such as the ComfyUI node)")
+                        "(for a parent process such as the ComfyUI node); validation renders add "
+                        "{\"event\": \"validation\", \"step\": N, \"paths\": [...]}")
     parser.add_argument("--stop-file", metavar="PATH",
                         help="stop (checkpoint + LoRA written) once this file exists; polled every step")
     parser.set_defaults(func=_run_train)
@@ -100,6 +103,25 @@ def _folder_dataset(folder: str, config: TrainConfig):
     return build_folder_dataset(data_config, encoders, scan)
 
 
+def build_validation_bundle(model, config: TrainConfig):
+    """The encoders validation renders with, around the model being trained.
+
+    The config's vae_path/text_encoder_path/audio_encoder_path (ComfyUI files or Diffusers
+    folders); "tiny" in any of them, or none set while the model is the built-in tiny one,
+    gives the built-in tiny encoders (the weights `Encoders.tiny` caches folders with)."""
+    import dataclasses
+
+    from ..sample.bundle import build_tiny_bundle, load_encoder_bundle
+
+    paths = (config.vae_path, config.text_encoder_path, config.audio_encoder_path)
+    if "tiny" in paths or (config.model_path in (None, "", "tiny") and not any(paths)):
+        return dataclasses.replace(build_tiny_bundle(seed=0), transformer=model)
+    if not all(paths):
+        raise SystemExit("validation renders need vae_path, text_encoder_path and audio_encoder_path "
+                         "(ComfyUI files or Diffusers folders); or set validation_step_interval = 0")
+    return load_encoder_bundle(model, *paths, device=config.memory.resolved_device())
+
+
 def _build_datasets(model, config: TrainConfig, dist):
     """Rank 0 builds (and caches) first; the others then read the finished cache."""
     if dist.enabled and not dist.is_main:
@@ -135,6 +157,9 @@ def _train_main(args: argparse.Namespace, config: TrainConfig, dist) -> int:
         print(f"data parallel: {dist.world_size} processes, global batch "
               f"{config.train_batch_size * dist.world_size} x {config.gradient_accumulation_steps} accumulation",
               flush=True)
+    validation_bundle = None
+    if config.validation.enabled and dist.is_main:
+        validation_bundle = build_validation_bundle(model, config)
     bar = None
     if not args.no_progress and not args.json_progress and dist.is_main and sys.stderr.isatty():
         from tqdm import tqdm
@@ -154,11 +179,19 @@ def _train_main(args: argparse.Namespace, config: TrainConfig, dist) -> int:
             print("WAN_S2V_TRAIN " + json.dumps({"event": "step", "max_steps": config.max_train_steps,
                                                  "world_size": dist.world_size, **record}), flush=True)
 
+    def on_validation(step: int, paths: list) -> None:
+        if args.json_progress:
+            print("WAN_S2V_TRAIN " + json.dumps({"event": "validation", "step": step,
+                                                 "paths": [str(p) for p in paths]}), flush=True)
+        else:
+            print(f"validation at step {step}: {', '.join(str(p) for p in paths)}", flush=True)
+
     stop_file = args.stop_file
     should_stop = (lambda: os.path.exists(stop_file)) if stop_file else None
     try:
         result = train(model, dataset, config, eval_dataset=eval_dataset, progress=progress, on_log=on_log,
-                       should_stop=should_stop)
+                       should_stop=should_stop, validation_bundle=validation_bundle,
+                       on_validation=on_validation)
     except NonFiniteLossError as error:
         if dist.is_main:
             print(f"error: {error}", file=sys.stderr)

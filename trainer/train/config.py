@@ -3,7 +3,8 @@
 A config file (JSON or TOML) is either flat, with the seed's key names
 (``learning_rate``, ``lora_rank``, ``max_train_steps``, ``checkpoint_step_interval`` ...), or
 nested with ``[lora]``, ``[optimizer]`` and ``[schedule]`` sections whose keys are the field
-names of `LoraConfig`, `OptimizerConfig` and `ScheduleConfig`. Both forms may be mixed.
+names of `LoraConfig`, `OptimizerConfig`, `ScheduleConfig`, `CrepaConfig`, `MemoryConfig` and
+`ValidationConfig` (``[validation]``). Both forms may be mixed.
 Unknown keys are an error that names them.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +145,139 @@ class CrepaConfig:
         return self.crepa_lambda
 
 
+#: Fields of one validation case (`validation_cases` entries).
+VALIDATION_CASE_FIELDS = ("reference_image", "audio", "prompt", "name", "negative_prompt", "seed")
+FIRST_CHUNK_DROP = 3  # frames the sampler's first chunk drops after the reference (official decode)
+
+
+@dataclass
+class ValidationConfig:
+    """Validation renders during training (the seed's ``validation_*`` names).
+
+    Every `validation_step_interval` optimizer steps (0 = never) the loop renders each case
+    of `validation_cases` with the LoRA being trained, one chunk of
+    `validation_num_video_frames` frames at `validation_resolution`, and writes the mp4s under
+    ``<output_dir>/validation/step_<N>/``. A case is a mapping with ``reference_image`` (an
+    image file), ``audio`` (a speech file), ``prompt`` and optionally ``name``,
+    ``negative_prompt`` and ``seed`` (default `validation_seed`, else the training seed).
+    Paths are read relative to the working directory; the node may pass in-memory values
+    (an IMAGE tensor / AUDIO dict) instead, which are not checked here.
+    """
+
+    validation_step_interval: int = 0
+    validation_num_inference_steps: int = 20
+    validation_guidance: float = 4.5
+    #: "WIDTHxHEIGHT" (e.g. "832x480") or one int for a square; snapped to multiples of 16
+    #: as the sampler does.
+    validation_resolution: str | int = "832x480"
+    #: Frames of the rendered clip. One sampler chunk renders F - 3 frames (F a multiple of
+    #: 4), so this is rounded up to the next 4k + 1 (81 = 21 latent frames, as training clips).
+    validation_num_video_frames: int = 81
+    #: Empty = the official S2V negative prompt.
+    validation_negative_prompt: str = ""
+    #: None = the training `seed`.
+    validation_seed: int | None = None
+    validation_cases: tuple[dict[str, Any], ...] = ()
+    #: Also render before the first step (the base model, or the resumed LoRA).
+    validation_on_start: bool = False
+    #: Also render after the last step (when the interval does not land on it).
+    validation_on_end: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        """Renders are configured (the loop still needs the encoders to do them)."""
+        return bool(self.validation_cases) and (
+            self.validation_step_interval > 0 or self.validation_on_start
+        )
+
+    def size(self) -> tuple[int, int]:
+        """(width, height) in pixels as given (before the sampler's snap to multiples of 16)."""
+        value = self.validation_resolution
+        if isinstance(value, bool):
+            raise ValueError(f"validation_resolution must be 'WIDTHxHEIGHT' or an int, got {value!r}")
+        if isinstance(value, int):
+            width = height = value
+        else:
+            text = str(value).strip().lower()
+            try:
+                width, height = (int(text), int(text)) if text.isdigit() else map(int, text.split("x"))
+            except ValueError:
+                raise ValueError(f"validation_resolution must be 'WIDTHxHEIGHT' (e.g. '832x480') or an int, "
+                                 f"got {value!r}") from None
+        if width < 16 or height < 16:
+            raise ValueError(f"validation_resolution must be at least 16x16, got {value!r}")
+        return width, height
+
+    @property
+    def frames_per_chunk(self) -> int:
+        """The sampler chunk length (4k) that renders at least `validation_num_video_frames` frames."""
+        return 4 * math.ceil((self.validation_num_video_frames + FIRST_CHUNK_DROP) / 4)
+
+    def validate(self) -> None:
+        checks = [
+            (self.validation_step_interval >= 0, "validation_step_interval must be >= 0 (0 = never)"),
+            (self.validation_num_inference_steps >= 1, "validation_num_inference_steps must be >= 1"),
+            (self.validation_guidance >= 0, "validation_guidance must be >= 0 (<= 1 = no CFG)"),
+            (self.validation_num_video_frames >= 1, "validation_num_video_frames must be >= 1"),
+            (self.validation_seed is None or isinstance(self.validation_seed, int),
+             "validation_seed must be an int or None"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        self.size()
+        if not isinstance(self.validation_cases, (list, tuple)):
+            raise ValueError("validation_cases must be a list of {reference_image, audio, prompt, ...} tables")
+        for index, case in enumerate(self.validation_cases):
+            _validate_case(index, case)
+
+    def sampler_config(self, seed: int, numerics: str = "model"):
+        """The shared `trainer.sample.SamplerConfig` of every case (size snapped to multiples of
+        16, one chunk, encoders offloaded back to where they live after each use); returns
+        (config, notes of what was snapped)."""
+        from ..sample.config import SamplerConfig, snap_size
+
+        width, height, note = snap_size(*self.size())
+        config = SamplerConfig(
+            negative_prompt=self.validation_negative_prompt, width=width, height=height,
+            frames_per_chunk=self.frames_per_chunk, max_chunks=1, steps=self.validation_num_inference_steps,
+            guidance=self.validation_guidance, seed=seed if self.validation_seed is None else self.validation_seed,
+            numerics=numerics, offload=True,
+        ).validate()
+        return config, [f"validation: {note}"] if note else []
+
+    def cases(self) -> list[dict[str, Any]]:
+        """The cases as `trainer.sample.ValidationCase` fields (image, audio, prompt, ...)."""
+        out = []
+        for index, case in enumerate(self.validation_cases):
+            item = {"image": case["reference_image"], "audio": case["audio"], "prompt": case.get("prompt", ""),
+                    "name": case.get("name") or f"case{index}"}
+            for key in ("negative_prompt", "seed"):
+                if case.get(key) is not None:
+                    item[key] = case[key]
+            out.append(item)
+        return out
+
+
+def _validate_case(index: int, case: Any) -> None:
+    if not isinstance(case, dict):
+        raise ValueError(f"validation_cases[{index}] must be a table of {', '.join(VALIDATION_CASE_FIELDS)}")
+    label = f"validation_cases[{index}]" + (f" ('{case['name']}')" if case.get("name") else "")
+    unknown = sorted(set(case) - set(VALIDATION_CASE_FIELDS))
+    if unknown:
+        raise ValueError(f"{label}: unknown fields {', '.join(unknown)} (known: {', '.join(VALIDATION_CASE_FIELDS)})")
+    for key in ("reference_image", "audio"):
+        value = case.get(key)
+        if value is None or value == "":
+            raise ValueError(f"{label}: '{key}' is required")
+        if isinstance(value, (str, os.PathLike)) and not Path(value).is_file():
+            raise ValueError(f"{label}: {key} file not found: {value}")
+    if not isinstance(case.get("prompt", ""), str):
+        raise ValueError(f"{label}: prompt must be a string")
+    if case.get("seed") is not None and (isinstance(case["seed"], bool) or not isinstance(case["seed"], int)):
+        raise ValueError(f"{label}: seed must be an int")
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs besides the model and the data."""
@@ -154,6 +289,8 @@ class TrainConfig:
     #: Device, base precision, offload, checkpointing policy, chunked feed-forward, auto plan
     #: (`trainer.memory.MemoryConfig`; flat keys such as `gradient_checkpointing` land there).
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    #: Renders during training (`ValidationConfig`; flat ``validation_*`` keys land there).
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     # --- where
     output_dir: str = "output/wan_s2v_lora"
@@ -231,6 +368,7 @@ class TrainConfig:
         self.schedule.validate()
         self.crepa.validate()
         self.memory.validate()
+        self.validation.validate()
         checks = [
             (self.max_train_steps >= 1, "max_train_steps must be >= 1"),
             (self.train_batch_size >= 1, "train_batch_size must be >= 1"),
@@ -299,7 +437,7 @@ class TrainConfig:
 
 _SECTIONS: dict[str, type] = {
     "lora": LoraConfig, "optimizer": OptimizerConfig, "schedule": ScheduleConfig, "crepa": CrepaConfig,
-    "memory": MemoryConfig,
+    "memory": MemoryConfig, "validation": ValidationConfig,
 }
 
 

@@ -9,13 +9,14 @@ the data position, so a resumed run continues exactly as the uninterrupted one w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 ADAPTER = "default"
 ProgressFn = Callable[[int, float, float, float], None]  # (step, loss, lr, eta_seconds)
+ValidationFn = Callable[[int, list[Path]], None]  # (step, mp4 paths)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -55,6 +57,8 @@ class TrainResult:
     loss_history: list[tuple[int, float]] = field(default_factory=list)
     eval_history: list[tuple[int, float]] = field(default_factory=list)
     log_path: Path | None = None
+    #: (step, mp4 paths) of every completed validation render, oldest first (rank 0).
+    validation_history: list[tuple[int, list[Path]]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- optimizers
@@ -395,6 +399,54 @@ class _Logger:
             self.tb.close()
 
 
+# --------------------------------------------------------------------------- validation
+
+
+@contextlib.contextmanager
+def rendering_state(
+    model: torch.nn.Module,
+    params: dict[str, torch.nn.Parameter],
+    weights: dict[str, torch.Tensor] | None,
+    routes: dict | None,
+    generator: torch.Generator,
+    dist: Dist = SINGLE,
+) -> Iterator[None]:
+    """The model ready to render inside the block, and exactly as before after it.
+
+    Inside: eval mode (no LoRA dropout), TREAD routes off, autograd off, and the LoRA
+    parameters replaced by `weights` (the EMA shadow) when given. After: the parameters are
+    copied back bit for bit, train mode and `routes` restored, and every RNG state the
+    training draws from (the loop's `generator`, torch's, CUDA's, Python's, NumPy's) reset,
+    so a run with validation trains the same LoRA as one without.
+    """
+    rng = _rng_state(generator, dist)
+    was_training = model.training
+    saved = None
+    if weights is not None:
+        saved = {name: p.detach().clone() for name, p in params.items()}
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(weights[name])
+    model.set_token_routes(None)
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if saved is not None:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(saved[name])
+        model.set_token_routes(routes)
+        model.train(was_training)
+        _set_rng_state(generator, rng, dist)
+
+
+def validation_dir(output_dir: str | os.PathLike, step: int) -> Path:
+    """Where the renders of `step` go: ``<output_dir>/validation/step_<step>``."""
+    return Path(output_dir) / "validation" / f"step_{step}"
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -409,6 +461,8 @@ def train(
     keep_adapter: bool = True,
     save_files: bool = True,
     dist: Dist | None = None,
+    validation_bundle: Any = None,
+    on_validation: ValidationFn | None = None,
 ) -> TrainResult:
     """Train a LoRA on `model` (a `WanS2VTransformer3DModel`, frozen here) with `dataset`.
 
@@ -424,6 +478,22 @@ def train(
     is ``train_batch_size x world_size`` (x accumulation), each process loads and computes its
     share, gradients are summed, and only rank 0 writes files or calls `progress`/`on_log`.
     The result equals one process with the global batch as its `train_batch_size`.
+
+    Validation (`config.validation`): every ``validation_step_interval`` steps, and after the
+    last step (``validation_on_end``; before the first with ``validation_on_start``), rank 0
+    renders each of ``validation_cases`` with the LoRA as it is at that step -- the EMA
+    weights when ``use_ema`` and ``save_ema_weights`` (what the LoRA file would hold), else
+    the raw ones -- into ``<output_dir>/validation/step_<N>/<name>.mp4``, in eval mode with
+    TREAD routes and autograd off; afterwards the model, its LoRA, routes and every RNG
+    state are exactly as before (a run with validation trains the same LoRA as one without).
+    `validation_bundle` is a `trainer.sample.ModelBundle` with the VAE, text encoder +
+    tokenizer and audio encoder (its transformer is replaced by `model`, its device by the
+    training device); None = no renders (a warning is logged when validation is configured).
+    Only rank 0 needs it; the other processes wait (one barrier per case). After each
+    completed render ``on_validation(step: int, paths: list[pathlib.Path])`` is called on
+    rank 0 with the mp4 paths in case order. `should_stop()` is also polled before every
+    denoising step of a render: it cancels the render (no callback) and stops training as
+    between steps. A render that fails otherwise is logged and training goes on.
     """
     config.validate()
     dist = current_dist() if dist is None else dist
@@ -493,6 +563,47 @@ def train(
         torch.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) + 1000003 * dist.rank)
 
     log = _Logger(output_dir, config, global_step) if main else _NoLogger()
+    vcfg = config.validation
+    validating = vcfg.enabled and dist.broadcast_object(validation_bundle is not None)
+    if vcfg.enabled and not validating and main:
+        logger.warning("validation_cases are configured but no validation_bundle (VAE, text and audio encoders) "
+                       "was given: no validation renders in this run")
+    validation_history: list[tuple[int, list[Path]]] = []
+
+    def validate() -> bool:
+        """Render the cases at `global_step` (rank 0; the others wait). True when `should_stop`
+        cancelled the renders."""
+        from ..sample import SamplingCancelled, render_validation
+
+        cancelled = False
+        paths: list[Path] = []
+        if main:
+            sampler_config, notes = vcfg.sampler_config(config.seed, numerics=config.numerics)
+            for note in notes:
+                logger.info(note)
+            bundle = dataclasses.replace(validation_bundle, transformer=model, device=device)
+            weights = ema.shadow if (ema is not None and config.save_ema_weights) else None
+            folder = validation_dir(output_dir, global_step)
+            logger.info("validation at step %d: %d case(s) -> %s", global_step, len(vcfg.validation_cases), folder)
+        failed = False
+        for case in vcfg.cases():
+            if main and not (cancelled or failed):
+                try:
+                    with rendering_state(model, params, weights, config.tread_config, generator, dist):
+                        paths += render_validation(bundle, [case], sampler_config, output_dir=folder,
+                                                   should_stop=should_stop, log=logger.info)
+                except SamplingCancelled as error:
+                    cancelled = True
+                    logger.info("validation at step %d cancelled: %s", global_step, error)
+                except Exception:  # a preview must not end a long run; the traceback goes to the log
+                    failed = True
+                    logger.exception("validation at step %d failed; training goes on", global_step)
+            dist.barrier()  # per case: a wait never spans every render (collective timeouts)
+        if main and not (cancelled or failed):
+            validation_history.append((global_step, paths))
+            if on_validation is not None:
+                on_validation(global_step, list(paths))
+        return cancelled
     config_dict = config.to_dict()
     last_checkpoint: Path | None = resume_path
 
@@ -547,7 +658,9 @@ def train(
     started = time.perf_counter()
     start_step = global_step
     try:
-        while global_step < config.max_train_steps:
+        if validating and vcfg.validation_on_start and global_step < config.max_train_steps:
+            stopped = dist.any(validate())
+        while global_step < config.max_train_steps and not stopped:
             step_start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
@@ -629,7 +742,13 @@ def train(
 
             if config.checkpoint_step_interval and global_step % config.checkpoint_step_interval == 0:
                 checkpoint()
-            if should_stop is not None and global_step < config.max_train_steps and dist.any(should_stop()):
+            cancelled = False
+            if validating and vcfg.validation_step_interval and global_step % vcfg.validation_step_interval == 0 \
+                    and global_step < config.max_train_steps:  # the last step renders after the LoRA is saved
+                cancelled = dist.any(validate())
+            if global_step < config.max_train_steps and (
+                cancelled or (should_stop is not None and dist.any(should_stop()))
+            ):
                 stopped = True
                 if last_checkpoint is None or not last_checkpoint.name.endswith(f"-{global_step}"):
                     checkpoint()
@@ -646,6 +765,10 @@ def train(
     log.close()
 
     lora_path, diffusers_path = save_outputs()
+    at_end = vcfg.validation_on_end or (
+        vcfg.validation_step_interval and global_step % vcfg.validation_step_interval == 0)
+    if validating and at_end and not stopped and start_step < global_step == config.max_train_steps:
+        validate()
     result = TrainResult(
         global_step=global_step,
         stopped=stopped,
@@ -657,6 +780,7 @@ def train(
         loss_history=loss_history,
         eval_history=eval_history,
         log_path=log.path,
+        validation_history=validation_history,
     )
     model.set_token_routes(None)
     if not keep_adapter:

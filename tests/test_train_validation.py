@@ -1,0 +1,161 @@
+"""Validation renders during training (tiny model, CPU): the mp4s at the interval and the end,
+the LoRA unchanged by rendering, the model restored, cancel, config errors, the CLI's JSON line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from sample_helpers import reference_image, speech, write_png, write_wav
+
+from trainer.model import TINY_TRANSFORMER_CONFIG, WanS2VTransformer3DModel
+from trainer.sample import build_tiny_bundle
+from trainer.sample.media import probe_mp4
+from trainer.train.config import TrainConfig, load_config
+from trainer.train.loop import _rng_state, add_lora, rendering_state, train
+from trainer.train.synthetic import SyntheticTalkingDataset
+
+ROOT = Path(__file__).resolve().parents[1]
+FRAMES = 5  # one sampler chunk of 8 frames (the first chunk drops 3)
+TREAD = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 1, "end_layer_idx": -2}]}
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("media")
+    write_png(folder / "ref.png", reference_image())
+    write_wav(folder / "speech.wav", speech(0.5), 16_000)
+    return {"reference_image": str(folder / "ref.png"), "audio": str(folder / "speech.wav")}
+
+
+def _settings(tmp_path, media, **kw) -> dict:
+    base = dict(output_dir=str(tmp_path / "run"), max_train_steps=4, lora_rank=4, lora_alpha=4, learning_rate=1e-3,
+                checkpoint_step_interval=0, tensorboard=False, validation_step_interval=2,
+                validation_resolution=64, validation_num_video_frames=FRAMES, validation_num_inference_steps=1,
+                validation_guidance=1.0,
+                validation_cases=[{**media, "prompt": "a man talks", "name": "man"}])
+    base.update(kw)
+    return base
+
+
+def _model():
+    torch.manual_seed(0)
+    return WanS2VTransformer3DModel(**TINY_TRANSFORMER_CONFIG)
+
+
+def test_renders_at_interval_and_end_and_leave_the_lora_bit_exact(tmp_path, media, caplog):
+    """Dropout, EMA and TREAD on: everything that draws random numbers or changes with the mode."""
+    settings = _settings(tmp_path, media, lora_dropout=0.2, use_ema=True, ema_decay=0.5, tread_config=TREAD)
+    model = _model()
+    seen = []
+
+    def on_validation(step: int, paths: list[Path]) -> None:
+        # called after the renders: the model is training again, with its routes, grad on
+        seen.append((step, paths, model.training, len(model.token_routes), torch.is_grad_enabled()))
+
+    result = train(model, SyntheticTalkingDataset(text_len=64), TrainConfig.from_dict(settings),
+                   validation_bundle=build_tiny_bundle(seed=0), on_validation=on_validation)
+    run = tmp_path / "run"
+    assert [s[0] for s in seen] == [2, 4]
+    assert [s[1] for s in seen] == [[run / "validation" / "step_2" / "man.mp4"],
+                                   [run / "validation" / "step_4" / "man.mp4"]]
+    assert seen[0][2:] == (True, 1, True)  # step 2 renders mid-training
+    assert [(s, p) for s, p, *_ in seen] == result.validation_history
+    for _, paths, *_ in seen:
+        info = probe_mp4(paths[0])
+        assert info["video_frames"] == FRAMES and (info["width"], info["height"]) == (64, 64) and info["has_audio"]
+    assert not [p for p in (run / "validation").rglob("*") if p.name.startswith(".")]  # no temporary leftovers
+
+    # the same run without a bundle: a warning, no renders, the same LoRA bit for bit
+    with caplog.at_level(logging.WARNING, logger="trainer.train.loop"):
+        plain = train(_model(), SyntheticTalkingDataset(text_len=64),
+                      TrainConfig.from_dict({**settings, "output_dir": str(tmp_path / "plain")}))
+    assert "no validation_bundle" in caplog.text
+    assert not (tmp_path / "plain" / "validation").exists() and plain.validation_history == []
+    assert result.lora_state.keys() == plain.lora_state.keys()
+    assert all(torch.equal(result.lora_state[k], plain.lora_state[k]) for k in plain.lora_state)
+    assert result.loss_history == plain.loss_history
+
+
+def test_rendering_state_swaps_the_ema_weights_and_restores_everything():
+    model = _model()
+    config = TrainConfig.from_dict({"lora_rank": 4, "lora_alpha": 4, "lora_dropout": 0.3})
+    params = add_lora(model, config)
+    model.train()
+    model.set_token_routes(TREAD)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    ema = {n: torch.randn_like(p) for n, p in params.items()}
+    generator = torch.Generator().manual_seed(5)
+    rng = _rng_state(generator)
+    with rendering_state(model, params, ema, TREAD, generator):
+        assert not model.training and model.token_routes == [] and not torch.is_grad_enabled()
+        assert all(torch.equal(p, ema[n]) for n, p in params.items())
+        torch.rand(3), torch.rand(2, generator=generator)  # draws inside do not leak out
+    assert model.training and len(model.token_routes) == 1
+    assert all(torch.equal(p, before[n]) and p.requires_grad for n, p in params.items())
+    assert torch.equal(generator.get_state(), rng["generator"]) and torch.equal(torch.get_rng_state(), rng["torch"])
+
+
+def test_should_stop_cancels_a_render_and_stops_training(tmp_path, media):
+    steps = []
+    result = train(_model(), SyntheticTalkingDataset(text_len=64),
+                   TrainConfig.from_dict(_settings(tmp_path, media, max_train_steps=6)),
+                   validation_bundle=build_tiny_bundle(seed=0), on_log=lambda record: steps.append(record["step"]),
+                   on_validation=lambda step, paths: pytest.fail("a cancelled render reported paths"),
+                   should_stop=lambda: steps[-1] >= 2)  # first polled inside the step-2 render
+    assert result.stopped and result.global_step == 2 and result.validation_history == []
+    assert not list((tmp_path / "run" / "validation").rglob("*.mp4"))
+    assert result.checkpoint is not None and result.checkpoint.name == "checkpoint-2"
+
+
+def test_config_sections_errors_and_sampler_settings(tmp_path, media):
+    flat = TrainConfig.from_dict(_settings(tmp_path, media, validation_resolution="830x470", validation_seed=7,
+                                           validation_num_video_frames=81))
+    nested = TrainConfig.from_dict({"validation": {k: v for k, v in flat.to_flat_dict().items()
+                                                   if k.startswith("validation_")}})
+    assert nested.validation == flat.validation and flat.validation.enabled
+    assert TrainConfig.from_dict(flat.to_flat_dict()) == flat
+    sampler, notes = flat.validation.sampler_config(seed=42, numerics="official")
+    assert (sampler.width, sampler.height) == (832, 464) and "snapped" in notes[0]
+    assert sampler.frames_per_chunk == 84 and sampler.max_chunks == 1 and sampler.seed == 7  # 84 - 3 = 81 frames
+    assert flat.validation.cases()[0] == {"image": media["reference_image"], "audio": media["audio"],
+                                          "prompt": "a man talks", "name": "man"}
+    assert not TrainConfig.from_dict({"validation_step_interval": 10}).validation.enabled  # no cases
+
+    missing = str(tmp_path / "nowhere.wav")
+    with pytest.raises(ValueError, match=r"validation_cases\[0\] \('man'\): audio file not found: .*nowhere\.wav"):
+        TrainConfig.from_dict(_settings(tmp_path, media, validation_cases=[{**media, "audio": missing, "name": "man"}]))
+    with pytest.raises(ValueError, match="'reference_image' is required"):
+        TrainConfig.from_dict(_settings(tmp_path, media, validation_cases=[{"audio": media["audio"]}]))
+    with pytest.raises(ValueError, match="unknown fields image"):
+        TrainConfig.from_dict(_settings(tmp_path, media, validation_cases=[{**media, "image": "x.png"}]))
+    with pytest.raises(ValueError, match="validation_resolution"):
+        TrainConfig.from_dict(_settings(tmp_path, media, validation_resolution="wide"))
+    with pytest.raises(ValueError, match="unknown training settings: validation_fps"):
+        TrainConfig.from_dict(_settings(tmp_path, media, validation_fps=16))
+
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'validation_step_interval = 5\n[[validation_cases]]\nreference_image = "{media["reference_image"]}"\n'
+                    f'audio = "{media["audio"]}"\nprompt = "hi"\nseed = 3\n')
+    assert load_config(toml).validation.cases()[0]["seed"] == 3
+
+
+def test_cli_reports_validation_paths_in_the_json_stream(tmp_path, media):
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps(_settings(tmp_path, media, max_train_steps=2)))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WAN_S2V_TRAIN_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "trainer", "train", str(config), "--json-progress"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    events = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
+              if line.startswith("WAN_S2V_TRAIN ")]
+    assert [e["event"] for e in events] == ["step", "step", "validation", "done"]
+    expected = tmp_path / "run" / "validation" / "step_2" / "man.mp4"
+    assert events[2] == {"event": "validation", "step": 2, "paths": [str(expected)]}
+    assert probe_mp4(expected)["video_frames"] == FRAMES
