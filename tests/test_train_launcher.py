@@ -168,3 +168,25 @@ def test_loader_node_records_the_model_source():
     assert str(caught.value) == NO_SOURCE_MESSAGE
     with pytest.raises(ValueError, match="dtype"):
         ModelSource("x.safetensors", dtype="int8")
+
+
+def test_one_process_tiny_model_relays_validation_renders(tmp_path):
+    """One child without torchrun, the tiny model by name, the built-in synthetic data, and a
+    validation render every 2 steps: on_validation gets each step's mp4 paths."""
+    from sample_helpers import reference_image, speech, write_png, write_wav
+
+    write_png(tmp_path / "ref.png", reference_image())
+    write_wav(tmp_path / "speech.wav", speech(0.5), 16_000)
+    case = {"reference_image": str(tmp_path / "ref.png"), "audio": str(tmp_path / "speech.wav"),
+            "prompt": "a person talks", "name": "talk"}
+    config = _config(tmp_path / "run", 1, max_train_steps=2, use_ema=False, save_diffusers_lora=False,
+                     dataset="synthetic", validation_step_interval=2, validation_num_inference_steps=1,
+                     validation_resolution=32, validation_num_video_frames=5, validation_cases=[case])
+    renders: list[tuple[int, list[Path]]] = []
+    result = train_in_subprocess(config, num_processes=1, model_source=ModelSource("tiny", dtype="float32"),
+                                 on_validation=lambda step, paths: renders.append((step, paths)), env=ENV)
+    assert result.global_step == 2 and result.lora_path.is_file()
+    assert [step for step, _ in renders] == [2] and result.validations == renders
+    (paths,) = [p for _, p in renders]
+    assert [p.name for p in paths] == ["talk.mp4"] and paths[0].is_file()
+    assert paths[0].parent == tmp_path / "run" / "validation" / "step_2"

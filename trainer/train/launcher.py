@@ -453,7 +453,8 @@ def _child_main(spec_path: str, stop_file: str | None) -> int:
     dist = init_from_env(config.memory.device)
     try:
         set_threads_from_env()
-        model = ModelSource.from_dict(spec["model"]).load()
+        source = ModelSource.from_dict(spec["model"])
+        model = source.load()
         if dist.enabled and not dist.is_main:  # rank 0 builds (and caches) first, the others then read
             dist.barrier()
         dataset = _build_data(spec["dataset"], config.dataset, model, config)
@@ -478,8 +479,12 @@ def _child_main(spec_path: str, stop_file: str | None) -> int:
             _emit({"event": "validation", "step": int(step), "paths": [str(p) for p in items]})
 
         kwargs: dict[str, Any] = {}
-        if "on_validation" in inspect.signature(train).parameters:  # validation renders, when the loop has them
+        parameters = inspect.signature(train).parameters
+        if "on_validation" in parameters:  # validation renders, when the loop has them
             kwargs["on_validation"] = on_validation
+        validation = getattr(config, "validation", None)
+        if "validation_bundle" in parameters and validation is not None and validation.enabled and dist.is_main:
+            kwargs["validation_bundle"] = _validation_bundle(model, source, config)
         should_stop = (lambda: os.path.exists(stop_file)) if stop_file else None
         try:
             result = train(model, dataset, config, eval_dataset=eval_dataset, progress=progress, on_log=on_log,
@@ -497,6 +502,20 @@ def _child_main(spec_path: str, stop_file: str | None) -> int:
         return 0
     finally:
         shutdown()
+
+
+def _validation_bundle(model, source: ModelSource, config: TrainConfig):
+    """The encoders rank 0 renders validation clips with: the config's encoder paths, or the
+    tiny ones for the tiny model (as ``python -m trainer train``)."""
+    from . import cli
+
+    paths = (config.vae_path, config.text_encoder_path, config.audio_encoder_path)
+    if not source.is_tiny and not all(paths):
+        raise ValueError("validation renders in training processes need vae_path, text_encoder_path and "
+                         "audio_encoder_path in the training config (the processes load the encoders themselves)")
+    if source.is_tiny and not any(paths):
+        config = dataclasses.replace(config, vae_path=TINY)
+    return cli.build_validation_bundle(model, config)
 
 
 def main(argv: list[str] | None = None) -> int:
