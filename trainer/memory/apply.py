@@ -8,38 +8,25 @@ Order of use in a training run::
 
 `apply_memory_config` converts the base weights (int8/fp8), sets the checkpoint policy
 (full / every N blocks / keep attention outputs, with optional host offload of the
-checkpointed block inputs), the chunked feed-forward, and places the model (everything on
+checkpointed block inputs, overlapped with compute: `trainer.memory.activations`), the chunked feed-forward, and places the model (everything on
 the device; or with block offload only what is not swapped).
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from .activations import ActivationOffload, offloaded_checkpoint
 from .config import EXCLUSIVE_OFFLOAD_MESSAGE, MemoryConfig, MemoryConfigError
 from .offload import BlockOffloader, enable_block_offload
 from .quantize import apply_precision
 
 
-def _with_activation_offload(run, pin: bool):
-    """Checkpoint call whose saved block inputs go to host memory (the non-reentrant checkpoint
-    saves its inputs through the saved-tensor hooks active outside it; everything inside the
-    region uses the checkpoint's own hooks)."""
-
-    @functools.wraps(run)
-    def wrapped(fn, *args, **kwargs):
-        with torch.autograd.graph.save_on_cpu(pin_memory=pin):
-            return run(fn, *args, **kwargs)
-
-    return wrapped
-
-
-def configure_checkpointing(model: nn.Module, config: MemoryConfig, device: torch.device | str = "cpu") -> list[str]:
+def configure_checkpointing(model: nn.Module, config: MemoryConfig) -> list[str]:
     """Set the model's per-block checkpoint functions for `config`; returns a per-block label
     ("none", "full", "attention", each with "+host" when inputs are offloaded)."""
     policy = config.gradient_checkpointing
@@ -54,9 +41,9 @@ def configure_checkpointing(model: nn.Module, config: MemoryConfig, device: torc
         for i, run in enumerate(model.block_checkpointing)
     ]
     if config.offload_activations:
-        pin = torch.device(device).type == "cuda"
+        offload = ActivationOffload()
         model.set_block_checkpointing(
-            [None if run is None else _with_activation_offload(run, pin) for run in model.block_checkpointing]
+            [None if run is None else offloaded_checkpoint(run, offload) for run in model.block_checkpointing]
         )
         labels = [label if label == "none" else label + "+host" for label in labels]
     return labels
@@ -136,7 +123,7 @@ def apply_memory_config(
     if config.offload == "blocks" and getattr(model, "_hf_hook", None) is not None:
         raise MemoryConfigError(EXCLUSIVE_OFFLOAD_MESSAGE)
     converted = apply_precision(model, config.base_model_precision)
-    labels = configure_checkpointing(model, config, device)
+    labels = configure_checkpointing(model, config)
     model.set_feed_forward_chunk_size(config.resolved_feed_forward_chunk_size())
     if config.offload == "none":
         model.to(device)

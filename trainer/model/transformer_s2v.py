@@ -442,6 +442,9 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         context = embedder.text_embedder(encoder_hidden_states.to(dtype))
 
         captured = captured_mask = None
+        if capture_block is not None and not 0 <= capture_block < len(self.blocks):
+            raise ValueError(f"capture_block {capture_block} is not a block of this model (0..{len(self.blocks) - 1}); "
+                             "lower crepa_block_index")
         routing = self.training and torch.is_grad_enabled()
         routes = {route.start_layer_idx: route for route in self.token_routes} if routing else {}
         state = (num_video, split, rotary)  # (video tokens, timestep split, RoPE) of the sequence

@@ -142,9 +142,12 @@ class CrepaRegularizer:
     Only the projector trains; it is saved in training checkpoints, never in LoRA files.
     """
 
-    def __init__(self, config: CrepaConfig, model_dim: int, device: torch.device | str, dtype: torch.dtype):
+    def __init__(self, config: CrepaConfig, model_dim: int, device: torch.device | str, dtype: torch.dtype,
+                 teacher: nn.Module | None = None):
+        """`teacher`: an already built frozen Dinov2Model (benchmarks); by default the one at
+        `config.crepa_teacher_path`."""
         self.config = config
-        self.teacher = load_teacher(config.crepa_teacher_path, device, dtype)
+        self.teacher = teacher if teacher is not None else load_teacher(config.crepa_teacher_path, device, dtype)
         self.projector = CrepaProjector(model_dim, self.teacher.config.hidden_size).to(device)
 
     def parameters(self) -> list[nn.Parameter]:
