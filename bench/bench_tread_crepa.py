@@ -117,6 +117,7 @@ def main() -> None:
         row["policy"] = args.policy + (", compiled" if args.compile else ", eager")
         print(row, flush=True)
         rows.append(row)
+        save_json("bench_tread_crepa.json", {"env": env, "rows": rows})
         del optimizer, step
     plain = next((float(r["median_s"]) for r in rows if r["variant"] == "plain+host" and "median_s" in r), None)
     for row in rows:
