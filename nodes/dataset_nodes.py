@@ -7,6 +7,7 @@ from . import socket_types as types
 
 CATEGORY = "Wan S2V Trainer/data"
 TINY = "(tiny random test model)"
+CACHED_ONLY = "(cached only: no model)"
 DEMO_MEDIA = "(demo media)"
 DEMO_MEDIA_FOLDER = "wan_s2v_demo_media"
 
@@ -27,7 +28,11 @@ def _demo_media(root) -> str:
 
 
 def _choices(kind: str) -> list[str]:
-    return comfy_adapter.list_model_files(kind) + [TINY]
+    return comfy_adapter.list_model_files(kind) + [TINY, CACHED_ONLY]
+
+
+_CACHED_ONLY_TIP = (f" '{CACHED_ONLY}': never load it, take its items from this dataset's cache (an error says "
+                    "how many windows are missing if any are not cached).")
 
 
 class WanS2VDataset:
@@ -43,9 +48,11 @@ class WanS2VDataset:
                                       "input folder (or inside a root listed in WAN_S2V_TRAINER_ROOTS). "
                                       f"'{DEMO_MEDIA}' writes two synthetic talking clips to input/{DEMO_MEDIA_FOLDER} "
                                       "and uses them (demo workflow)."}),
-                "vae": (_choices("vae"), {"tooltip": "Wan 2.1 VAE (wan_2.1_vae.safetensors)."}),
-                "text_encoder": (_choices("text_encoders"), {"tooltip": "UMT5-XXL (umt5_xxl_fp8_e4m3fn_scaled / fp16)."}),
-                "audio_encoder": (_choices("audio_encoders"), {"tooltip": "wav2vec2-large english (wav2vec2_large_english_fp16)."}),
+                "vae": (_choices("vae"), {"tooltip": "Wan 2.1 VAE (wan_2.1_vae.safetensors)." + _CACHED_ONLY_TIP}),
+                "text_encoder": (_choices("text_encoders"), {"tooltip": "UMT5-XXL (umt5_xxl_fp8_e4m3fn_scaled / fp16)."
+                                                             + _CACHED_ONLY_TIP}),
+                "audio_encoder": (_choices("audio_encoders"), {"tooltip": "wav2vec2-large english "
+                                                               "(wav2vec2_large_english_fp16)." + _CACHED_ONLY_TIP}),
                 "caption_strategy": (list(CAPTION_STRATEGIES), {"default": "textfile",
                                      "tooltip": "textfile: same-stem .txt; filename: the file name; instance_prompt: one fixed prompt."}),
                 "instance_prompt": ("STRING", {"default": "", "multiline": True, "tooltip": "The caption of every clip when caption_strategy is instance_prompt."}),
@@ -67,6 +74,16 @@ class WanS2VDataset:
                 "maximum_image_size": ("FLOAT", {"tooltip": 'Cap bucket sizes at this (same unit as resolution; 0 = off).', "default": 0, "min": 0, "max": 8192}),
                 "offload_during_startup": ("BOOLEAN", {"default": True, "tooltip": "Free the encoders after caching."}),
                 "preview_count": ("INT", {"tooltip": "How many clips' first frames the preview output shows.", "default": 4, "min": 1, "max": 64}),
+                "teacher_frames": ("BOOLEAN", {"default": False, "tooltip": "Cache CREPA teacher frames (one pixel "
+                                   "frame per latent frame, uint8 on disk). Needed when the training node uses CREPA; "
+                                   "costs disk, so off unless asked."}),
+                "teacher_short_side": ("INT", {"default": 518, "min": 14, "max": 2048, "step": 1, "tooltip": "Short "
+                                       "side of the cached teacher frames in px (518 for dinov2_vitg14; 224 suffices "
+                                       "for dinov2_vits14). Never above the source's resolution."}),
+                "motion_context": ("BOOLEAN", {"default": False, "tooltip": "Cache the VAE latents of the 73 frames "
+                                   "before each window (windows starting at frame 73 or later) so training with "
+                                   "motion_context_probability > 0 also learns continuation, as the sampler "
+                                   "conditions later chunks."}),
             },
         }
 
@@ -75,13 +92,15 @@ class WanS2VDataset:
     FUNCTION = "build"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Cuts 16 fps windows with their exactly aligned 16 kHz audio from a folder of talking videos, "
-                   "caches VAE latents, UMT5 embeddings, wav2vec2 features and reference latents, and reports "
-                   "every skipped file with its reason.")
+                   "caches VAE latents, UMT5 embeddings, wav2vec2 features and reference latents (optionally "
+                   "CREPA teacher frames and FramePack motion latents), and reports every skipped file with its "
+                   "reason.")
 
     def build(self, folder, vae, text_encoder, audio_encoder, caption_strategy, instance_prompt, num_frames,
               window_stride, max_windows_per_video, resolution, resolution_type, crop, allow_zero_audio,
               recursive=False, audio_folder="", reference_mode="first_frame", reference_folder="", reference_seed=0,
-              minimum_image_size=0, maximum_image_size=0, offload_during_startup=True, preview_count=4):
+              minimum_image_size=0, maximum_image_size=0, offload_during_startup=True, preview_count=4,
+              teacher_frames=False, teacher_short_side=518, motion_context=False):
         import hashlib
 
         from ..trainer.data import DatasetConfig, Encoders, build_dataset, scan_folder
@@ -101,7 +120,8 @@ class WanS2VDataset:
             num_frames=num_frames, window_stride=window_stride, max_windows_per_video=max_windows_per_video,
             resolution=resolution, resolution_type=resolution_type, minimum_image_size=minimum_image_size,
             maximum_image_size=maximum_image_size, crop=crop, allow_zero_audio=allow_zero_audio,
-            cache_dir=str(cache_dir), offload_during_startup=offload_during_startup,
+            cache_dir=str(cache_dir), offload_during_startup=offload_during_startup, teacher_frames=teacher_frames,
+            teacher_short_side=teacher_short_side, motion_context=motion_context,
         ).validate()
         scan = scan_folder(config)
         if not scan.clips:
@@ -123,6 +143,8 @@ class WanS2VDataset:
         device = "cuda" if torch.cuda.is_available() else "cpu"
 
         def pick(choice, kind, tiny_path):
+            if choice == CACHED_ONLY:
+                return None  # cached only: the encoder is never built
             return tiny_path if choice == TINY else str(comfy_adapter.model_file_path(kind, choice))
 
         return Encoders(

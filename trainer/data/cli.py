@@ -11,6 +11,13 @@ from .config import AUDIO_SOURCES, CAPTION_STRATEGIES, REFERENCE_MODES, RESOLUTI
 _CHOICES = {"caption_strategy": CAPTION_STRATEGIES, "resolution_type": RESOLUTION_TYPES,
             "audio_source": AUDIO_SOURCES, "reference_mode": REFERENCE_MODES}
 _SKIP = {"folder", "extra", "cache_dir"}
+_HELP = {
+    "teacher_frames": "cache CREPA teacher frames (pixel frame 4k per latent frame k, uint8; costs disk)",
+    "teacher_short_side": "short side of the cached teacher frames in px, never above the source's "
+                          "(518: dinov2_vitg14, 224 suffices for dinov2_vits14)",
+    "motion_context": "cache the VAE latents of the 73 frames before each window starting at frame >= 73 "
+                      "(FramePack motion context for continuation training)",
+}
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,11 +28,13 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
+        lead = _HELP[f.name] + " " if f.name in _HELP else ""
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f"(default: {default})")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=f"{lead}(default: {default})")
         else:
             parser.add_argument(flag, type=type(default), default=default, choices=_CHOICES.get(f.name),
-                                help=f"(default: {default!r})")
+                                help=f"{lead}(default: {default!r})")
 
 
 def config_from_args(args: argparse.Namespace) -> DatasetConfig:
@@ -44,10 +53,13 @@ def add_dataset_parser(subparsers: argparse._SubParsersAction) -> None:
     cache = sub.add_parser("cache", help="encode VAE latents, UMT5, wav2vec2 features and references into a cache")
     _add_config_arguments(cache)
     cache.add_argument("--cache-dir", default="output/s2v_cache", help="cache folder (default: output/s2v_cache)")
-    cache.add_argument("--vae", help="Wan 2.1 VAE: ComfyUI file or Diffusers folder")
-    cache.add_argument("--text-encoder", help="UMT5-XXL: ComfyUI file or Diffusers folder")
+    cache.add_argument("--vae", help="Wan 2.1 VAE: ComfyUI file or Diffusers folder (leave out when every latent "
+                       "is cached already: the VAE is then never loaded)")
+    cache.add_argument("--text-encoder", help="UMT5-XXL: ComfyUI file or Diffusers folder (may be left out when "
+                       "every caption is cached)")
     cache.add_argument("--tokenizer", help="tokenizer folder (if not embedded or beside the text encoder)")
-    cache.add_argument("--audio-encoder", help="wav2vec2-large-xlsr-53-english: ComfyUI file or Diffusers folder")
+    cache.add_argument("--audio-encoder", help="wav2vec2-large-xlsr-53-english: ComfyUI file or Diffusers folder "
+                       "(may be left out when every window's audio features are cached)")
     cache.add_argument("--tiny", action="store_true", help="use the built-in tiny random models (to try it out)")
     cache.add_argument("--device", default="cpu")
     cache.set_defaults(func=_run_cache)
@@ -78,9 +90,7 @@ def _run_cache(args: argparse.Namespace) -> int:
         if args.tiny:
             encoders = Encoders.tiny(Path(args.cache_dir) / "_tiny_models", device=args.device)
         else:
-            missing = [n for n in ("vae", "text_encoder", "audio_encoder") if not getattr(args, n)]
-            if missing:
-                raise ValueError("give " + ", ".join("--" + m.replace("_", "-") for m in missing) + " (or --tiny)")
+            # an encoder left out is "cached only": build_dataset says what is missing, if anything
             encoders = Encoders(args.vae, args.text_encoder, args.audio_encoder, args.tokenizer, device=args.device)
         scan = scan_folder(config)
         print(scan.report())

@@ -16,8 +16,6 @@ stack. The teacher resizes to its own input size anyway.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -44,7 +42,8 @@ def stored_teacher_size(bucket: tuple[int, int], source: tuple[int, int], short_
     scale = max(w / src_w, h / src_h)
     if scale <= 1:
         return h, w
-    return max(1, math.floor(h / scale)), max(1, math.floor(w / scale))
+    # the source's own pixels (rounded, capped at its size: the bucket's aspect is rounded too)
+    return max(1, min(src_h, round(h / scale))), max(1, min(src_w, round(w / scale)))
 
 
 def frames_to_uint8(frames) -> torch.Tensor:
