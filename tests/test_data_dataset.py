@@ -128,9 +128,11 @@ def test_cache_incremental_invalidation_and_repair(tmp_path: Path, encoders: Enc
     truncated.write_bytes(truncated.read_bytes()[:100])
     del manifest["entries"][latents[1]]
     (cache / "manifest.json").write_text(json.dumps(manifest))
-    (cache / "latents" / "x.safetensors.123.tmp").write_bytes(b"partial")
+    (cache / "latents" / "x.safetensors.123.tmp").write_bytes(b"partial")  # an older version's temp name
+    (cache / "latents" / ".y.safetensors.tmp-0123abcd").write_bytes(b"partial")  # io_utils.atomic_write's
     store = CacheStore(cache)
-    assert any("partial" in r for r in store.repaired) and any("incomplete" in r for r in store.repaired)
+    assert sum("partial" in r for r in store.repaired) == 2 and any("incomplete" in r for r in store.repaired)
+    assert not list((cache / "latents").glob("*tmp*"))
     repaired = build_dataset(config, encoders)
     assert repaired.stats["written_latents"] == 2 and len(repaired) == 6
     for i in range(len(repaired)):
