@@ -40,6 +40,7 @@ def main() -> int:
         model = copy.deepcopy(base)
         setup = apply_memory_config(model, MemoryConfig(**memory), "cuda")
         model.requires_grad_(False)
+        torch.manual_seed(2)  # the same LoRA init in every run
         model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
                                      target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -64,13 +64,16 @@ def peak_gib() -> float:
 
 
 def environment() -> dict:
-    commit = "unknown"
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = os.environ.get("BENCH_COMMIT", "unknown")
+    """Device, torch, date and commit (BENCH_COMMIT when set: the GPU machine gets a copy of
+    the tree whose git metadata may be stale)."""
+    commit = os.environ.get("BENCH_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(
+                ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
     return {
         "date": _dt.date.today().isoformat(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
