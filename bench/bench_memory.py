@@ -37,6 +37,7 @@ from common import REPO, environment, print_table, save_json
 MODES: dict[str, dict] = {
     "bf16-full": {"gradient_checkpointing": "full"},
     "bf16-attention": {"gradient_checkpointing": "attention"},
+    "bf16-attention-act": {"gradient_checkpointing": "attention", "offload_activations": True},
     "bf16-full-ffnchunk": {"gradient_checkpointing": "full", "enable_chunked_feed_forward": True,
                                "feed_forward_chunk_size": 4096},
     "fp8-full": {"base_model_precision": "fp8", "gradient_checkpointing": "full"},
@@ -44,6 +45,8 @@ MODES: dict[str, dict] = {
     "int8-full-ffnchunk": {"base_model_precision": "int8-quanto", "gradient_checkpointing": "full",
                                "enable_chunked_feed_forward": True, "feed_forward_chunk_size": 4096},
     "int8-attention": {"base_model_precision": "int8-quanto", "gradient_checkpointing": "attention"},
+    "int8-attention-act": {"base_model_precision": "int8-quanto", "gradient_checkpointing": "attention",
+                           "offload_activations": True},
     "bf16-blocks-full": {"offload": "blocks", "gradient_checkpointing": "full"},
     "bf16-blocks-attention": {"offload": "blocks", "gradient_checkpointing": "attention"},
     "bf16-blocks-full-act": {"offload": "blocks", "gradient_checkpointing": "full", "offload_activations": True},
