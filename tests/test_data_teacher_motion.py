@@ -220,3 +220,28 @@ def test_training_on_the_real_dataset_with_crepa_and_motion_context(tmp_path, en
     assert packed == [(1, 16, 19, 8, 8)] * 2  # the cached motion latents reached FramePack in both steps
     assert len(records) == 2 and all(-1.0 <= r["crepa_loss"] <= 1.0 for r in records)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+
+
+def test_manifest_is_written_in_intervals_and_on_flush_only(tmp_path):
+    from trainer.data import CacheStore
+
+    store = CacheStore(tmp_path)
+    store.save_interval = 3600.0
+    store.put("latents-a", {"latents": torch.ones(2)})  # the first put writes (none written yet)
+    store.put("latents-b", {"latents": torch.zeros(2)})  # within the interval: file written, not yet listed
+    assert (tmp_path / "latents" / "latents-b.safetensors").is_file()
+    assert set(CacheStore(tmp_path).entries) == {"latents-a"}  # an unlisted file is never trusted
+    store.flush()
+    assert set(CacheStore(tmp_path).entries) == {"latents-a", "latents-b"}
+    written = (tmp_path / "manifest.json").stat().st_mtime_ns
+    reader = CacheStore(tmp_path)
+    reader.flush()  # nothing changed: a reader writes nothing
+    assert (tmp_path / "manifest.json").stat().st_mtime_ns == written
+
+
+def test_with_training_inputs_only_switches_options_on():
+    config = DatasetConfig(folder="x", teacher_frames=False, motion_context=True)
+    assert config.with_training_inputs() == config
+    crepa = config.with_training_inputs(teacher_short_side=224)
+    assert (crepa.teacher_frames, crepa.teacher_short_side, crepa.motion_context) == (True, 224, True)
+    assert config.teacher_frames is False  # a copy

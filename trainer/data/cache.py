@@ -6,7 +6,10 @@ the source files' content hashes, the window and every setting and encoder the i
 on, so that a changed setting re-encodes only the items it affects (a new kind of item, e.g.
 CREPA teacher frames, only adds shards). A shard is written with `trainer.io_utils.atomic_write`
 (temporary file beside it, fsynced, renamed into place); only then is it recorded in
-`manifest.json` (itself written the same way) with its size. On open, temporary files of an
+`manifest.json` (itself written the same way) with its size. The manifest is rewritten at most
+every `save_interval` seconds while shards are written (it lists every shard, so rewriting it
+per shard would cost O(shards^2) on a large dataset) and by `flush()`; a crash loses at most
+the entries of the last interval, whose shards are then encoded again. On open, temporary files of an
 interrupted run are deleted, and manifest entries whose file is missing, has another size or
 an unreadable header are dropped (re-encoded); files the manifest does not list are never
 trusted.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -48,6 +52,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 class CacheStore:
+    #: Seconds between manifest rewrites while shards are being written.
+    save_interval: float = 2.0
+
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -56,6 +63,8 @@ class CacheStore:
         self.hashes: dict[str, list] = {}
         self.written: Counter = Counter()  # shards written by this process, by kind
         self._by_match: dict[tuple[str, str | None], str] | None = None  # (match, encoder) -> key, built on use
+        self._saved_at = float("-inf")  # monotonic time of the last manifest write
+        self._dirty = False  # entries or hashes changed since the manifest was written
         self._load()
 
     # ------------------------------------------------------------------ manifest
@@ -92,6 +101,7 @@ class CacheStore:
     def _save_manifest(self) -> None:
         data = {"version": VERSION, "entries": self.entries, "hashes": self.hashes}
         _atomic_write(self.root / MANIFEST, json.dumps(data, indent=1, sort_keys=True).encode())
+        self._saved_at, self._dirty = time.monotonic(), False
 
     # ------------------------------------------------------------------ content hashes
     def file_hash(self, path: str | Path) -> str:
@@ -107,6 +117,7 @@ class CacheStore:
                 digest.update(block)
         value = digest.hexdigest()
         self.hashes[str(path)] = [stat.st_size, stat.st_mtime_ns, value]
+        self._dirty = True
         return value
 
     # ------------------------------------------------------------------ shards
@@ -126,8 +137,9 @@ class CacheStore:
         _atomic_write(self.root / relative, data)
         self.written[kind] += 1
         self.entries[key] = {"file": relative, "bytes": len(data), "tensors": sorted(tensors), **(info or {})}
-        self._by_match = None
-        self._save_manifest()
+        self._by_match, self._dirty = None, True
+        if time.monotonic() - self._saved_at >= self.save_interval:
+            self._save_manifest()
 
     def get(self, key: str) -> dict[str, torch.Tensor]:
         return load_file(str(self.path(key)))
@@ -140,7 +152,7 @@ class CacheStore:
         if entry.get("match") == match and entry.get("encoder") == encoder:
             return False
         entry["match"], entry["encoder"] = match, encoder
-        self._by_match = None
+        self._by_match, self._dirty = None, True
         return True
 
     def encoders_for(self, matches: set[str]) -> Counter:
@@ -154,4 +166,7 @@ class CacheStore:
         return self._by_match.get((match, encoder))
 
     def flush(self) -> None:
-        self._save_manifest()
+        """Write the manifest now if anything changed (entries, labels, content hashes); a
+        reader of a complete cache writes nothing (e.g. the other processes of a DDP run)."""
+        if self._dirty:
+            self._save_manifest()

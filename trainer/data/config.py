@@ -116,6 +116,17 @@ class DatasetConfig:
         """Video frames of audio features per window: 4 x latent frames (84 for 81)."""
         return 4 * self.latent_frames
 
+    def with_training_inputs(self, teacher_short_side: int | None = None, motion_context: bool = False) -> DatasetConfig:
+        """A copy that also caches what a training run consumes: teacher frames at the CREPA
+        teacher's input short side (`TrainConfig.crepa.teacher_geometry[0]`, None: CREPA off)
+        and motion latents (`motion_context_probability > 0`). Never switches an option off."""
+        changes: dict[str, Any] = {}
+        if teacher_short_side is not None:
+            changes.update(teacher_frames=True, teacher_short_side=int(teacher_short_side))
+        if motion_context:
+            changes["motion_context"] = True
+        return dataclasses.replace(self, **changes)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

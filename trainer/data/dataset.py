@@ -292,6 +292,23 @@ def build_dataset(config: DatasetConfig, encoders: Encoders, scan: ScanResult | 
 
     todo = [e for e in entries if not all(store.has(k) for k in e.keys.values())]
     stats = {"windows": len(entries), "encoded_windows": len(todo), "encoded_texts": 0}
+    try:
+        entries = _encode_missing(store, config, encoders, scan, entries, todo, stats, progress, check_interrupt)
+    finally:  # what was encoded stays usable after an error or an interrupt
+        store.flush()
+    if config.offload_during_startup:
+        encoders.release()
+    dataset = S2VDataset(store, entries, config, scan)
+    stats.update({f"written_{kind}": n for kind, n in store.written.items()})
+    dataset.stats = stats
+    return dataset
+
+
+def _encode_missing(store: CacheStore, config: DatasetConfig, encoders: Encoders, scan: ScanResult,
+                    entries: list[WindowEntry], todo: list[WindowEntry], stats: dict[str, int],
+                    progress: ProgressFn | None, check_interrupt: Callable[[], None] | None) -> list[WindowEntry]:
+    """Encode the items `todo` lacks, clip by clip, then missing captions; returns the entries
+    left (a clip that fails to decode is dropped and reported in `scan.skips`)."""
     done = 0
     for clip in dict.fromkeys(e.clip.video for e in todo):
         clip_entries = [e for e in todo if e.clip.video == clip]
@@ -312,12 +329,7 @@ def build_dataset(config: DatasetConfig, encoders: Encoders, scan: ScanResult | 
             embeds = encode_prompt(model, tokenizer, e.clip.caption)[0]
             _put(store, e, "text", {"text_embeds": embeds}, {"caption": e.clip.caption[:200]})
             stats["encoded_texts"] += 1
-    if config.offload_during_startup:
-        encoders.release()
-    dataset = S2VDataset(store, entries, config, scan)
-    stats.update({f"written_{kind}": n for kind, n in store.written.items()})
-    dataset.stats = stats
-    return dataset
+    return entries
 
 
 def open_cached_dataset(config: DatasetConfig, scan: ScanResult | None = None) -> S2VDataset:
