@@ -142,7 +142,7 @@ def tiny_teacher_folder() -> Path:
     teacher for the tiny demo and tests, never for real training."""
     from ..trainer.io_utils import atomic_folder
 
-    folder = comfy_adapter.output_directory() / RUNS_FOLDER / "_tiny_dinov2"
+    folder = comfy_adapter.output_directory() / "wan_s2v_cache" / "_tiny_dinov2"  # beside the tiny encoders
     if not (folder / "config.json").is_file():
         import torch
         from transformers import Dinov2Config, Dinov2Model

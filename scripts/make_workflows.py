@@ -204,7 +204,7 @@ Runs the whole job with the **built-in tiny random model** (no model files neede
    with the CREPA teacher frames.
 2. **Train** a rank-8 LoRA for 30 steps with **TREAD** (half of the video tokens skip the middle
    blocks) and **CREPA** (here against a tiny random DINOv2). The loss (and the eval loss on the
-   same clips) is drawn live on the training node, and every 10 steps a **validation** clip
+   same clips) is drawn live on the training node, and every 15 steps a **validation** clip
    (dataset's first frame, silence) is rendered with the LoRA in training and shown under the chart.
 3. **Apply** the trained LoRA and **sample** a short clip from the dataset's first frame, then
    **save** it as mp4 with its audio (silence from *Empty Audio*; load your own with *Load Audio*).
@@ -257,7 +257,7 @@ def tiny_demo(info) -> Workflow:
                    audio_encoder=TINY, dtype="float32", device="cpu")
     audio = w.add("EmptyAudio", (0, 1160), duration=1.0, sample_rate=16000, channels=1)
     validation = w.add(
-        "WanS2VValidationSettings", (380, 1160), prompt="a person talks calmly", validation_step_interval=10,
+        "WanS2VValidationSettings", (380, 1160), prompt="a person talks calmly", validation_step_interval=15,
         num_inference_steps=4, guidance=4.5, width=64, height=64, num_video_frames=13, validation_seed=0,
     )
     train = w.add(
