@@ -142,11 +142,38 @@ def send_event(event: str, data: dict[str, Any]) -> None:
         instance.send_sync(event, data)
 
 
-def free_comfyui_models() -> None:
-    """Ask ComfyUI to unload its cached models before we load a 14B model."""
+def free_comfyui_models() -> bool:
+    """Ask ComfyUI to unload the models it keeps loaded (its own checkpoints, VAEs, text
+    encoders: they stay in (V)RAM between runs) before we load a 14B model; then collect
+    garbage and return the freed blocks of the CUDA cache. True when ComfyUI was there."""
     try:
         import comfy.model_management as mm  # type: ignore[import-not-found]
     except ImportError:
-        return
+        return False
+    import gc
+
     mm.unload_all_models()
+    gc.collect()  # objects of the unloaded models that only a reference cycle still held
     mm.soft_empty_cache()
+    return True
+
+
+def video_output(frames: Any, audio: dict[str, Any] | None, fps: float, path: str | os.PathLike | None = None):
+    """What a node returns on a VIDEO socket.
+
+    In ComfyUI: a native VIDEO object (`comfy_api.input_impl`), so that it connects to Save
+    Video / Get Video Components: `VideoFromFile(path)` when an mp4 was written (SaveVideo
+    then copies its streams without re-encoding), else `VideoFromComponents` of `frames`
+    ([F, H, W, 3] float in 0..1), `audio` (ComfyUI AUDIO dict or None) and `fps`.
+    Without ComfyUI: the mp4's path as a string ("" when none was written).
+    """
+    try:
+        from comfy_api.input_impl import VideoFromComponents, VideoFromFile  # type: ignore[import-not-found]
+        from comfy_api.util import VideoComponents  # type: ignore[import-not-found]
+    except ImportError:
+        return str(path) if path else ""
+    if path:
+        return VideoFromFile(str(path))
+    from fractions import Fraction
+
+    return VideoFromComponents(VideoComponents(images=frames, audio=audio, frame_rate=Fraction(fps).limit_denominator(1001)))

@@ -58,17 +58,19 @@ class WanS2VLoadModelBundle:
         from ..trainer.sample.bundle import build_tiny_bundle, load_model_bundle
 
         device = _device(device)
+        tiny_encoders = (vae, text_encoder, audio_encoder) == (TINY, TINY, TINY)
         if transformer == TINY and transformer_model is None:
             return (build_tiny_bundle(device=device, numerics=numerics),)
-        if TINY in (vae, text_encoder, audio_encoder):
-            raise ValueError("pick real VAE, text encoder and audio encoder files (the tiny entry only works "
-                             "for the whole set, chosen as the transformer)")
+        if TINY in (vae, text_encoder, audio_encoder) and not (tiny_encoders and transformer_model is not None):
+            raise ValueError("pick real VAE, text encoder and audio encoder files (the tiny entries only work "
+                             "together: as the whole set, or around a connected transformer_model of the tiny "
+                             "model's widths)")
         comfy_adapter.free_comfyui_models()
         path = lambda kind, name: comfy_adapter.model_file_path(kind, name)
         if transformer_model is not None:
             import dataclasses
 
-            bundle = build_tiny_bundle() if transformer == TINY else None
+            bundle = build_tiny_bundle() if tiny_encoders else None
             if bundle is None:
                 from ..trainer.model.audio_encoder import load_audio_encoder
                 from ..trainer.model.text_encoder import load_text_encoder
@@ -192,17 +194,20 @@ class WanS2VSampler:
                 "offload": ("BOOLEAN", {"default": False, "tooltip": "Keep models on the CPU and move each to the "
                             "GPU only while it runs."}),
                 "save_mp4": ("BOOLEAN", {"default": True, "tooltip": "Also write an mp4 with the audio to "
-                             "output/wan_s2v_samples/ (its path is the video output)."}),
+                             "output/wan_s2v_samples/ (then the video output is that file)."}),
             },
         }
 
-    RETURN_TYPES = ("IMAGE", "AUDIO", "STRING")
-    RETURN_NAMES = ("frames", "audio", "video_path")
+    RETURN_TYPES = ("IMAGE", "AUDIO", "VIDEO")
+    RETURN_NAMES = ("frames", "audio", "video")
+    OUTPUT_TOOLTIPS = ("The generated frames (16 fps).", "The driving audio, cut to the video length.",
+                       "The video with its audio, for ComfyUI's Save Video / Get Video Components (the mp4 "
+                       "when save_mp4 is on).")
     FUNCTION = "sample"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Wan 2.2 S2V sampling as the official pipeline: CFG with the negative prompt and zeroed audio, "
-                   "long audio in chunks with the last 73 frames as motion context. Frames and audio can go to "
-                   "ComfyUI's own video nodes (Create Video / Save Video) or to Save Wan S2V Video.")
+                   "long audio in chunks with the last 73 frames as motion context. The video output goes to "
+                   "ComfyUI's Save Video; frames and audio to Create Video or Save Wan S2V Video.")
 
     def sample(self, model, image, audio, prompt, negative_prompt, width, height, frames_per_chunk, max_chunks,
                steps, guidance, shift, seed, scheduler, cfg_mode, loras=None, pose_video=None, offload=False,
@@ -228,7 +233,9 @@ class WanS2VSampler:
         except SamplingCancelled:
             comfy_adapter.raise_if_interrupted()
             raise
-        return (result.frames, result.comfy_audio(), str(result.path) if result.path else "")
+        audio_out = result.comfy_audio()
+        video = comfy_adapter.video_output(result.frames, audio_out, result.fps, result.path)
+        return (result.frames, audio_out, video)
 
 
 def _next_path(subfolder: str, prefix: str):
@@ -256,8 +263,9 @@ class WanS2VSaveVideo:
             },
         }
 
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("video_path",)
+    RETURN_TYPES = ("VIDEO",)
+    RETURN_NAMES = ("video",)
+    OUTPUT_TOOLTIPS = ("The saved mp4 (ComfyUI VIDEO; its path where ComfyUI is absent).",)
     FUNCTION = "save"
     CATEGORY = CATEGORY
     OUTPUT_NODE = True
@@ -274,7 +282,7 @@ class WanS2VSaveVideo:
         write_mp4(path, frames, fps, wave, rate)
         ui = {"images": [{"filename": path.name, "subfolder": "wan_s2v_videos", "type": "output"}],
               "animated": (True,)}
-        return {"ui": ui, "result": (str(path),)}
+        return {"ui": ui, "result": (comfy_adapter.video_output(frames, audio, fps, path),)}
 
 
 NODE_CLASS_MAPPINGS = {

@@ -327,6 +327,156 @@ def check_tiny_demo_workflow(ctx: E2EContext) -> str:
             f"(loss {mine[0]['loss']:.3f} -> {mine[-1]['loss']:.3f}), {len(evals)} eval losses")
 
 
+TINY = "(tiny random test model)"
+
+
+def _sampler_inputs(model: list[Any], image: list[Any], audio: list[Any], seed: int, save_mp4: bool) -> dict[str, Any]:
+    return {"model": model, "image": image, "audio": audio, "prompt": "a person talks", "negative_prompt": "",
+            "width": 64, "height": 64, "frames_per_chunk": 8, "max_chunks": 1, "steps": 2, "guidance": 4.5,
+            "shift": 0.0, "seed": seed, "scheduler": "unipc", "cfg_mode": "batch", "save_mp4": save_mp4}
+
+
+def _saved_videos(ctx: E2EContext, outputs: dict[str, Any], node_id: str) -> list[Path]:
+    shown = outputs.get(node_id, {}).get("images", [])
+    return [ctx.server.output_dir / item.get("subfolder", "") / item["filename"] for item in shown]
+
+
+def check_sampler_video_into_native_save_video(ctx: E2EContext) -> str:
+    """The sampler's VIDEO output goes into ComfyUI's own Save Video: with save_mp4 on (the
+    mp4 as VideoFromFile, streams copied) and off (VideoFromComponents, encoded by ComfyUI);
+    both files have the sampler's 5 frames and an audio stream. Our own Save Wan S2V Video
+    also outputs a VIDEO that Save Video takes."""
+    info = ctx.object_info()
+    for node, slot in (("WanS2VSampler", 2), ("WanS2VSaveVideo", 0)):
+        if info[node]["output"][slot] != "VIDEO":
+            raise CheckFailed(f"{node} output {slot} is {info[node]['output'][slot]!r}, not VIDEO")
+    tiny = {"vae": TINY, "text_encoder": TINY, "audio_encoder": TINY}
+    graph = {
+        "1": {"class_type": "WanS2VLoadModelBundle", "inputs": {"transformer": TINY, **tiny, "dtype": "float32",
+                                                                  "numerics": "official", "device": "cpu"}},
+        "2": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0x808080}},
+        "3": {"class_type": "EmptyAudio", "inputs": {"duration": 1.0, "sample_rate": 16000, "channels": 1}},
+        "4": {"class_type": "WanS2VSampler", "inputs": _sampler_inputs(["1", 0], ["2", 0], ["3", 0], 1, True)},
+        "5": {"class_type": "WanS2VSampler", "inputs": _sampler_inputs(["1", 0], ["2", 0], ["3", 0], 2, False)},
+        "6": {"class_type": "SaveVideo", "inputs": {"video": ["4", 2], "filename_prefix": "e2e_video/from_file",
+                                                   "format": "auto", "codec": "auto"}},
+        "7": {"class_type": "SaveVideo", "inputs": {"video": ["5", 2], "filename_prefix": "e2e_video/components",
+                                                   "format": "mp4", "codec": "h264"}},
+        "8": {"class_type": "WanS2VSaveVideo", "inputs": {"frames": ["5", 0], "filename_prefix": "e2e_ours", "fps": 16,
+                                                         "audio": ["5", 1]}},
+        "9": {"class_type": "SaveVideo", "inputs": {"video": ["8", 0], "filename_prefix": "e2e_video/ours",
+                                                   "format": "auto", "codec": "auto"}},
+    }
+    result = ctx.server.wait_for(ctx.server.queue_prompt(graph), timeout=600)
+    probe = _repo_import("trainer.sample.media").probe_mp4
+    details = []
+    for node_id, label in (("6", "from file"), ("7", "from components"), ("9", "from Save Wan S2V Video")):
+        files = _saved_videos(ctx, result.outputs, node_id)
+        if len(files) != 1 or not files[0].is_file():
+            raise CheckFailed(f"Save Video ({label}) wrote no file: {result.outputs.get(node_id)}")
+        media = probe(files[0])
+        if media["video_frames"] != 5 or not media["has_audio"]:
+            raise CheckFailed(f"{files[0]} ({label}): expected 5 frames and audio, got {media}")
+        details.append(f"{label}: {files[0].name} {media['video_frames']} frames {media['width']}x{media['height']} "
+                       f"+ audio {media['audio_seconds']:.2f} s")
+    return "; ".join(details)
+
+
+# A transformer big enough that keeping one per run would show in the server's memory:
+# the tiny model's text/audio widths (it runs with the tiny encoders), 45.6 M parameters,
+# 182 MB in float32.
+RELEASE_MODEL_CONFIG = {"num_attention_heads": 8, "attention_head_dim": 64, "ffn_dim": 2048, "num_layers": 8,
+                        "audio_inject_layers": [0, 2, 4, 6]}
+RELEASE_MODEL_FILE = "e2e_release_s2v_45M.safetensors"
+RELEASE_RUNS = 3
+RELEASE_TOLERANCE_MB = 64.0
+
+
+def _rss_mb(pid: int) -> float:
+    """Resident set size of a process, MiB (VmRSS of /proc/<pid>/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise CheckFailed(f"no VmRSS for process {pid}")
+
+
+def _free_and_settle(ctx: E2EContext, pid: int, timeout: float = 30.0) -> float:
+    """POST /free (unload models, drop every cached node output; ComfyUI then runs gc.collect)
+    and return the RSS once it stops moving (3 readings 0.5 s apart within 1 MiB)."""
+    import time
+
+    ctx.server.request("POST", "/free", {"unload_models": True, "free_memory": True})
+    readings: list[float] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        readings.append(_rss_mb(pid))
+        last = readings[-3:]
+        if len(readings) >= 4 and max(last) - min(last) < 1.0:
+            break
+    return readings[-1]
+
+
+def _release_graph(numerics: str, seed: int) -> dict[str, Any]:
+    tiny = {"vae": TINY, "text_encoder": TINY, "audio_encoder": TINY}
+    return {
+        "1": {"class_type": "WanS2VLoadTransformer", "inputs": {"transformer": RELEASE_MODEL_FILE, "dtype": "float32",
+                                                                  "numerics": numerics}},
+        "2": {"class_type": "WanS2VLoadModelBundle", "inputs": {"transformer": TINY, **tiny, "dtype": "float32",
+                                                                  "numerics": numerics, "device": "cpu",
+                                                                  "transformer_model": ["1", 0]}},
+        "3": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+        "4": {"class_type": "EmptyAudio", "inputs": {"duration": 1.0, "sample_rate": 16000, "channels": 1}},
+        "5": {"class_type": "WanS2VSampler", "inputs": _sampler_inputs(["2", 0], ["3", 0], ["4", 0], seed, False)},
+        "6": {"class_type": "SaveVideo", "inputs": {"video": ["5", 2], "filename_prefix": "e2e_release/run",
+                                                   "format": "auto", "codec": "auto"}},
+    }
+
+
+def check_memory_returns_to_baseline(ctx: E2EContext) -> str:
+    """Load a 182 MB transformer file through Load Wan S2V Transformer and sample with it
+    (-> native Save Video) RELEASE_RUNS times, each run with other loader and sampler inputs
+    (so ComfyUI loads and samples again), freeing with POST /free after each: the server's
+    RSS after runs 2..N stays within RELEASE_TOLERANCE_MB of the RSS after run 1. A model
+    or bundle kept alive by the pack would add ~182 MB per run."""
+    import torch
+
+    server_proc = getattr(ctx.server, "_proc", None)
+    if server_proc is None:
+        raise CheckFailed("no server process to measure")
+    pid = server_proc.pid
+    model_file = ctx.server.comfyui / "models" / "diffusion_models" / RELEASE_MODEL_FILE
+    model_file.parent.mkdir(parents=True, exist_ok=True)
+    s2v = _repo_import("trainer.model.transformer_s2v")
+    io = _repo_import("trainer.model.transformer_io")
+    torch.manual_seed(0)
+    model = s2v.WanS2VTransformer3DModel(**{**s2v.TINY_TRANSFORMER_CONFIG, **RELEASE_MODEL_CONFIG})
+    io.save_transformer(model, model_file, layout="comfyui")
+    file_mb = model_file.stat().st_size / 2**20
+    del model
+    try:
+        idle = _free_and_settle(ctx, pid)
+        loaded, freed = [], []
+        for run in range(RELEASE_RUNS):
+            graph = _release_graph(("official", "comfyui")[run % 2], seed=100 + run)
+            result = ctx.server.wait_for(ctx.server.queue_prompt(graph), timeout=600)
+            if not _saved_videos(ctx, result.outputs, "6"):
+                raise CheckFailed(f"run {run + 1}: Save Video wrote nothing: {result.outputs}")
+            loaded.append(_rss_mb(pid))  # the outputs are still cached here
+            freed.append(_free_and_settle(ctx, pid))
+    finally:
+        model_file.unlink(missing_ok=True)
+    baseline = freed[0]
+    growth = [mb - baseline for mb in freed[1:]]
+    numbers = (f"model file {file_mb:.0f} MiB; RSS idle {idle:.0f} MiB; after each run (outputs cached) "
+               f"{', '.join(f'{mb:.0f}' for mb in loaded)} MiB; after /free {', '.join(f'{mb:.0f}' for mb in freed)} "
+               f"MiB; growth after run 1: {', '.join(f'{g:+.1f}' for g in growth)} MiB "
+               f"(tolerance {RELEASE_TOLERANCE_MB:.0f})")
+    if any(g > RELEASE_TOLERANCE_MB for g in growth):
+        raise CheckFailed("memory did not return to the baseline after run 1: " + numbers)
+    return numbers
+
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 SCREENSHOT = REPO_ROOT / "docs" / "screenshot_loss_chart.png"
@@ -468,6 +618,8 @@ CHECKS: list[tuple[str, Check]] = [
     ("web extensions", check_web_extensions),
     ("dataset node runs", check_dataset_node_runs),
     ("tiny demo workflow", check_tiny_demo_workflow),
+    ("sampler VIDEO into native Save Video", check_sampler_video_into_native_save_video),
+    ("memory returns to baseline", check_memory_returns_to_baseline),
     ("browser: workflows and loss chart", check_browser_workflows_and_loss_chart),
 ]
 

@@ -77,3 +77,72 @@ def test_sample_command_tiny(tmp_path):
     info = probe_mp4(out)
     assert info["video_frames"] == 5 and info["has_audio"] and info["sample_rate"] == 44_100
     assert np.isclose(info["audio_seconds"], 5 / 16, atol=1024 / 44_100 + 1e-3)
+
+
+def test_tiny_encoders_around_a_connected_transformer():
+    _, sn = _sample_nodes()
+    from comfyui_wan_s2v_trainer_s.trainer.model.tiny import build_tiny_transformer
+
+    transformer = build_tiny_transformer(3)
+    (bundle,) = sn.WanS2VLoadModelBundle().load(sn.TINY, sn.TINY, sn.TINY, sn.TINY, "float32", "official", "cpu",
+                                                 transformer_model=transformer)
+    assert bundle.transformer is transformer and bundle.vae is not None and bundle.audio_encoder is not None
+    import pytest
+
+    with pytest.raises(ValueError, match="tiny entries only work together"):
+        sn.WanS2VLoadModelBundle().load(sn.TINY, "wan_2.1_vae.safetensors", sn.TINY, sn.TINY, "float32", "official",
+                                        "cpu", transformer_model=transformer)
+
+
+VIDEO_SCRIPT = """
+import importlib.util, json, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+spec = importlib.util.spec_from_file_location("pk", sys.argv[2] + "/__init__.py", submodule_search_locations=[sys.argv[2]])
+pack = importlib.util.module_from_spec(spec); sys.modules["pk"] = pack; spec.loader.exec_module(pack)
+from comfy_api.latest._input import VideoInput
+from pk.nodes import comfy_adapter
+out = sys.argv[3] + "/saved.mp4"
+frames = torch.rand(5, 32, 48, 3)
+audio = {"waveform": torch.rand(1, 1, 5000) - 0.5, "sample_rate": 16000}
+from_parts = comfy_adapter.video_output(frames, audio, 16)
+parts = from_parts.get_components()
+from_parts.save_to(out)  # what Save Video does with it
+from_file = comfy_adapter.video_output(frames, audio, 16, out)
+loaded = from_file.get_components()
+print(json.dumps({"types": [type(v).__name__ for v in (from_file, from_parts)],
+                  "video_inputs": [isinstance(v, VideoInput) for v in (from_file, from_parts)],
+                  "parts_frames": int(parts.images.shape[0]), "parts_rate": float(parts.frame_rate),
+                  "file_size": list(from_file.get_dimensions()), "file_frames": int(loaded.images.shape[0]),
+                  "file_audio": loaded.audio is not None and int(loaded.audio["sample_rate"])}))
+"""
+
+
+def test_video_output_is_a_native_comfyui_video_in_comfyui(tmp_path):
+    """In ComfyUI's interpreter the VIDEO output is comfy_api's VideoFromComponents (no mp4
+    written; ComfyUI encodes it with its audio) or VideoFromFile (the mp4)."""
+    import json
+    import os
+
+    import pytest
+
+    comfyui = os.environ.get("COMFYUI_PATH")
+    if not comfyui:
+        pytest.skip("COMFYUI_PATH is not set")
+    venv = Path(comfyui) / ".venv" / "bin" / "python"
+    python = str(venv) if venv.exists() else sys.executable
+    result = subprocess.run([python, "-c", VIDEO_SCRIPT, comfyui, str(REPO), str(tmp_path)], capture_output=True,
+                            text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["types"] == ["VideoFromFile", "VideoFromComponents"] and all(report["video_inputs"])
+    assert report["parts_frames"] == 5 and report["parts_rate"] == 16.0
+    assert report["file_size"] == [48, 32] and report["file_frames"] == 5 and report["file_audio"] == 16000
+
+
+def test_video_output_without_comfyui_is_the_path():
+    _, sn = _sample_nodes()
+    adapter = sys.modules["comfyui_wan_s2v_trainer_s.nodes.comfy_adapter"]
+    frames = torch.zeros(5, 16, 16, 3)
+    assert adapter.video_output(frames, None, 16, Path("/x/y.mp4")) == "/x/y.mp4"
+    assert adapter.video_output(frames, None, 16) == ""
