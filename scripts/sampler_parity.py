@@ -38,7 +38,10 @@ row shows the difference at our default shift (informational).
 
 Cases: numerics "comfyui" at cfg 1 and cfg > 1 (asserted; ComfyUI's CFG pairs the positive
 prompt with the negative prompt + zeroed audio, as ours does); numerics "official"
-(informational: the official audio alignment differs from ComfyUI's by design).
+(informational: the official audio alignment differs from ComfyUI's by design); a reference
+image of another size than the video (informational: ComfyUI crops to the aspect ratio, then
+scales bilinearly without antialiasing; our `cover_resize` scales with antialiasing, then crops).
+The asserted cases use a reference image of exactly the video size, which both leave as it is.
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ FILES = {
     "text_encoder": "text_encoders/wan_s2v_parity_umt5.safetensors",  # read by our side only
 }
 IMAGE_NAME = "wan_s2v_parity_ref.png"
+RESIZED_IMAGE_NAME = "wan_s2v_parity_ref_other_size.png"
 AUDIO_NAME = "wan_s2v_parity_speech.wav"
 TEXT_NAME = "wan_s2v_parity_text.safetensors"
 FEATURES_NAME = "wan_s2v_parity_audio.safetensors"
@@ -95,6 +99,12 @@ MANIFEST = "wan_s2v_parity_models.json"
 SAVED_AUDIO_FEATURES = "comfyui_audio_features"
 #: The graph's two audio branches: ComfyUI's own wav2vec2, or our hidden states (helper node).
 AUDIO_SOURCES = ("native", "features")
+#: Every sampler branch of the graph: (audio encoder output node, reference image node).
+BRANCHES = {
+    "native": ("audio_native", "image"),
+    "features": ("audio_features", "image"),
+    "resized": ("audio_features", "image_resized"),  # a reference image of another size
+}
 MODELS_VERSION = 1
 
 #: A shift that makes our first sigma shift(0.999) round to 1.0 in float32 (1 - sigma ~ 1e-9).
@@ -116,6 +126,7 @@ class ParitySettings:
     prompt: str = "A woman with long dark hair talks to the camera in a bright kitchen."
     negative_prompt: str = "Low quality, blurry, static, still picture, worst quality, deformed face."
     audio_seconds: float = 1.3
+    other_image_size: tuple[int, int] = (128, 100)  # (width, height) of the "resized" case's image
     model_seed: int = 0
     tolerance: float = DEFAULT_TOLERANCE
 
@@ -281,20 +292,23 @@ def make_speech(seconds: float, seed: int, rate: int = 16_000) -> np.ndarray:
     return np.clip(signal * 32767, -32768, 32767).astype(np.int16)
 
 
-def write_inputs(folder: Path, settings: ParitySettings) -> tuple[Path, Path]:
-    """The reference PNG and 16 kHz mono wav in `folder` (ComfyUI's input folder)."""
+def write_inputs(folder: Path, settings: ParitySettings) -> tuple[Path, Path, Path]:
+    """The reference PNGs (the target size and `other_image_size`) and the 16 kHz mono wav in
+    `folder` (ComfyUI's input folder)."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     image_path = folder / IMAGE_NAME
     Image.fromarray(make_reference_image(settings.width, settings.height, settings.seed)).save(image_path)
+    resized_path = folder / RESIZED_IMAGE_NAME
+    Image.fromarray(make_reference_image(*settings.other_image_size, settings.seed)).save(resized_path)
     audio_path = folder / AUDIO_NAME
     with wave.open(str(audio_path), "wb") as out:
         out.setnchannels(1)
         out.setsampwidth(2)
         out.setframerate(16_000)
         out.writeframes(make_speech(settings.audio_seconds, settings.seed).tobytes())
-    return image_path, audio_path
+    return image_path, resized_path, audio_path
 
 
 # ----------------------------------------------------------------------------- our side
@@ -375,11 +389,12 @@ def audio_hidden_states(bundle, audio_path: Path) -> dict[str, torch.Tensor]:
 
 
 def comfy_graph(settings: ParitySettings, cfg: float, prefix: str) -> dict[str, dict[str, Any]]:
-    """The API-format graph, two branches that share the model, VAE, image and text:
+    """The API-format graph; its `BRANCHES` share the model, VAE and text:
 
     - "native": LoadAudio -> AudioEncoderLoader -> AudioEncoderEncode -> WanSoundImageToVideo
       -> KSampler -> SaveLatent (and the encoder output saved for the per-layer comparison);
-    - "features": our wav2vec2 hidden states (helper node) -> WanSoundImageToVideo -> KSampler.
+    - "features": our wav2vec2 hidden states (helper node) -> WanSoundImageToVideo -> KSampler;
+    - "resized": as "features" with a reference image WanSoundImageToVideo has to resize.
     """
 
     def node(class_type: str, **inputs: Any) -> dict[str, Any]:
@@ -392,6 +407,7 @@ def comfy_graph(settings: ParitySettings, cfg: float, prefix: str) -> dict[str, 
         "pos": node("WanS2VParityConditioning", file=TEXT_NAME, key="positive"),
         "neg": node("WanS2VParityConditioning", file=TEXT_NAME, key="negative"),
         "image": node("LoadImage", image=IMAGE_NAME),
+        "image_resized": node("LoadImage", image=RESIZED_IMAGE_NAME),
         "audio": node("LoadAudio", audio=AUDIO_NAME),
         "audio_model": node("AudioEncoderLoader", audio_encoder_name=Path(FILES["audio_encoder"]).name),
         "audio_native": node("AudioEncoderEncode", audio_encoder=["audio_model", 0], audio=["audio", 0]),
@@ -402,7 +418,7 @@ def comfy_graph(settings: ParitySettings, cfg: float, prefix: str) -> dict[str, 
             name=SAVED_AUDIO_FEATURES,
         ),
     }
-    for source in AUDIO_SOURCES:
+    for source, (audio, image) in BRANCHES.items():
         graph[f"s2v_{source}"] = node(
             "WanSoundImageToVideo",
             positive=["pos", 0],
@@ -412,8 +428,8 @@ def comfy_graph(settings: ParitySettings, cfg: float, prefix: str) -> dict[str, 
             height=settings.height,
             length=settings.length,
             batch_size=1,
-            audio_encoder_output=[f"audio_{source}", 0],
-            ref_image=["image", 0],
+            audio_encoder_output=[audio, 0],
+            ref_image=[image, 0],
         )
         graph[f"sampler_{source}"] = node(
             "KSampler",
@@ -490,7 +506,7 @@ def run_comfyui(
         for cfg in cfgs:
             prefix = f"wan_s2v_parity/cfg_{cfg:g}".replace(".", "_")
             result = server.wait_for(server.queue_prompt(comfy_graph(settings, cfg, prefix)), timeout=timeout)
-            for source in AUDIO_SOURCES:
+            for source in BRANCHES:
                 saved = result.outputs[f"save_{source}"]["latents"][0]
                 path = server.output_dir / saved.get("subfolder", "") / saved["filename"]
                 latents[(cfg, source)] = load_file(str(path))["latent_tensor"].float()
@@ -553,7 +569,7 @@ def run_parity(
     )
     with tempfile.TemporaryDirectory(prefix="s2v-parity-") as tmp:
         run_dir = Path(tmp)
-        image_path, audio_path = write_inputs(run_dir / "inputs", settings)
+        image_path, resized_path, audio_path = write_inputs(run_dir / "inputs", settings)
         our_audio = audio_hidden_states(bundle, audio_path)
         tensors = {TEXT_NAME: text_embeddings(bundle, settings), FEATURES_NAME: our_audio}
         seconds["load ours"] = time.perf_counter() - start
@@ -589,6 +605,19 @@ def run_parity(
                 cfgs[-1],
                 sigma,
                 *compare(ours, reference[(cfgs[-1], "features")]),
+                None,
+            )
+        )
+        config = sampler_config(settings, "comfyui", cfgs[-1], MATCHED_SHIFT)
+        ours, sigma = our_first_prediction(bundle, resized_path, audio_path, config)
+        width, height = settings.other_image_size
+        rows.append(
+            ParityRow(
+                f"reference {width}x{height} resized",
+                "comfyui",
+                cfgs[-1],
+                sigma,
+                *compare(ours, reference[(cfgs[-1], "resized")]),
                 None,
             )
         )
