@@ -45,6 +45,8 @@ MODES: dict[str, dict] = {
     "int8-full-ffnchunk": {"base_model_precision": "int8-quanto", "gradient_checkpointing": "full",
                                "enable_chunked_feed_forward": True, "feed_forward_chunk_size": 4096},
     "int8-attention": {"base_model_precision": "int8-quanto", "gradient_checkpointing": "attention"},
+    "int8-full-act": {"base_model_precision": "int8-quanto", "gradient_checkpointing": "full",
+                      "offload_activations": True},
     "int8-attention-act": {"base_model_precision": "int8-quanto", "gradient_checkpointing": "attention",
                            "offload_activations": True},
     "bf16-blocks-full": {"offload": "blocks", "gradient_checkpointing": "full"},
