@@ -103,7 +103,7 @@ class WanS2VDataset:
               teacher_frames=False, teacher_short_side=518, motion_context=False):
         import hashlib
 
-        from ..trainer.data import DatasetConfig, Encoders, build_dataset, scan_folder
+        from ..trainer.data import DatasetConfig, build_dataset, scan_folder
 
         roots = [comfy_adapter.input_directory(), *comfy_adapter.extra_model_roots()]
 

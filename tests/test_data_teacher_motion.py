@@ -210,10 +210,11 @@ def test_training_on_the_real_dataset_with_crepa_and_motion_context(tmp_path, en
     model = WanS2VTransformer3DModel(**TINY_TRANSFORMER_CONFIG)
     packed = []
     model.frame_packer.register_forward_hook(lambda module, args, out: packed.append(args[0].shape))
-    train_config = TrainConfig.from_dict(dict(
-        output_dir=str(tmp_path / "run"), max_train_steps=2, lora_rank=4, lora_alpha=4, learning_rate=1e-3,
-        checkpoint_step_interval=0, tensorboard=False, motion_context_probability=1.0, crepa_enabled=True,
-        crepa_block_index=1, crepa_teacher="dinov2_vits14", crepa_teacher_path=str(tiny_dinov2_dir)))
+    train_config = TrainConfig.from_dict({
+        "output_dir": str(tmp_path / "run"), "max_train_steps": 2, "lora_rank": 4, "lora_alpha": 4,
+        "learning_rate": 1e-3, "checkpoint_step_interval": 0, "tensorboard": False,
+        "motion_context_probability": 1.0, "crepa_enabled": True, "crepa_block_index": 1,
+        "crepa_teacher": "dinov2_vits14", "crepa_teacher_path": str(tiny_dinov2_dir)})
     records = []
     result = train(model, with_motion, train_config, on_log=records.append)
     assert result.global_step == 2

@@ -26,7 +26,13 @@ from .media import (
     load_image,
     video_start_time,
 )
-from .teacher import frames_to_uint8, load_teacher_frames, stored_teacher_size, teacher_frame_indices, teacher_size
+from .teacher import (
+    frames_to_uint8,
+    load_teacher_frames,
+    stored_teacher_size,
+    teacher_frame_indices,
+    teacher_size,
+)
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -321,7 +327,7 @@ def _encode_missing(store: CacheStore, config: DatasetConfig, encoders: Encoders
         done += len(clip_entries)
         if progress:
             progress(done, len(todo), str(clip))
-    for e in dict((e.keys["text"], e) for e in entries).values():
+    for e in {e.keys["text"]: e for e in entries}.values():
         if not store.has(e.keys["text"]):
             from ..model.text_encoder import encode_prompt
 
