@@ -397,8 +397,15 @@ def _train_in_subprocesses(transformer, dataset, config, extras: TrainExtras, re
     from ..trainer.train.launcher import model_source_of, train_in_subprocess
 
     check_gpu_count(extras.gpus)
+    source = model_source_of(transformer, required=True)
+    encoders = (config.vae_path, config.text_encoder_path, config.audio_encoder_path)
+    if extras.validation_settings is not None and not source.is_tiny and not all(encoders):
+        # The processes load the VAE and encoders themselves; the bundle does not record its files.
+        raise ValueError("validation renders with gpus > 1 run inside the training processes, which load the VAE, "
+                         "text and audio encoders from files, and the model bundle does not tell which files it "
+                         "came from: use gpus = 1 for validation renders, or disconnect validation_settings")
     launch = train_in_subprocess(
-        config, num_processes=extras.gpus, model_source=model_source_of(transformer, required=True),
+        config, num_processes=extras.gpus, model_source=source,
         dataset=dataset, eval_dataset=extras.eval_dataset, progress=relay.progress,
         should_stop=comfy_adapter.interrupt_requested, on_log=relay.on_log,
         on_validation=relay.on_validation if extras.validation_settings is not None else None,

@@ -194,29 +194,44 @@ def test_validation_settings_need_a_validation_model(comfy_dirs):
                    **_defaults(node, max_train_steps=1))
 
 
-def test_two_processes_on_cpu_relay_events_and_load_the_lora_from_the_file(comfy_dirs, sent):
-    """gpus=2 without CUDA: two gloo processes started by trainer.train.launcher; the node relays
-    one loss event per step as in-process and outputs the LoRA the processes wrote."""
+def test_two_processes_on_cpu_relay_events_cancel_and_load_the_lora_from_the_file(comfy_dirs, sent, monkeypatch):
+    """gpus=2 without CUDA: two gloo processes started by trainer.train.launcher. The node relays
+    the loss and validation events as in-process, Cancel stops the processes after a checkpoint,
+    and the LoRA output is the file the processes wrote."""
     nodes = _pack()
-    dataset_node = _pack("dataset_nodes").WanS2VDataset()
+    adapter = _pack("comfy_adapter")
+    # The user presses Cancel once step 3 is on the chart.
+    monkeypatch.setattr(adapter, "interrupt_requested",
+                        lambda: any(e == nodes.TRAIN_EVENT and d["step"] >= 3 for e, d in sent))
     with torch.inference_mode():
         (model,) = _pack("model_nodes").WanS2VLoadTransformer().load(TINY, "float32", "official")
-        dataset = dataset_node.build("(demo media)", TINY, TINY, TINY, "textfile", "", 9, 0, 0, 64.0, "pixel_area",
-                                     True, False)[0]
+        dataset = _pack("dataset_nodes").WanS2VDataset().build(
+            "(demo media)", TINY, TINY, TINY, "textfile", "", 9, 0, 0, 64.0, "pixel_area", True, False)[0]
+        audio = {"waveform": 0.1 * torch.randn(1, 1, 16000), "sample_rate": 16000}
+        (validation,) = nodes.WanS2VValidationSettings().build(torch.rand(1, 32, 32, 3), audio, "talk", "", 2, 2,
+                                                               3.0, 32, 32, 5, 0)
+        (bundle,) = _pack("sample_nodes").WanS2VLoadModelBundle().load(TINY, TINY, TINY, TINY, "float32", "official",
+                                                                      "cpu")
         node = nodes.WanS2VTrainLora()
-        settings = _defaults(node, max_train_steps=2, checkpoint_step_interval=0, mixed_precision="no",
+        settings = _defaults(node, max_train_steps=40, checkpoint_step_interval=0, mixed_precision="no",
                              gradient_checkpointing=False)
         lora, path, losses = node.train(model, dataset, "two_procs", save_to="loras", resume_from_checkpoint="none",
-                                        unique_id="3", gpus=2, **settings)
+                                        unique_id="3", gpus=2, validation_settings=validation,
+                                        validation_model=bundle, **settings)
     run = comfy_dirs["output"] / "wan_s2v_training" / "two_procs"
     assert (run / "launch.json").is_file()  # it really went through the launcher
+    steps = [d["step"] for e, d in sent if e == nodes.TRAIN_EVENT]
+    assert steps == list(range(1, lora.steps + 1)) and 3 <= lora.steps < 40  # stopped soon after the Cancel
+    assert all(d["node"] == "3" for e, d in sent if e == nodes.TRAIN_EVENT)
+    assert (run / "checkpoints" / f"checkpoint-{lora.steps}").is_dir()  # written before stopping
     assert Path(path) == (comfy_dirs["loras"] / "two_procs.safetensors").resolve()
     file_state = read_lora_file(path).state
-    assert lora.steps == 2 and set(file_state) == set(lora.state)
-    assert all(torch.equal(file_state[k], lora.state[k]) for k in file_state)
-    events = [d for e, d in sent if e == nodes.TRAIN_EVENT]
-    assert [(d["node"], d["step"]) for d in events] == [("3", 1), ("3", 2)]
-    assert losses["loss"] == [d["loss"] for d in events]
+    assert set(file_state) == set(lora.state) and all(torch.equal(file_state[k], lora.state[k]) for k in file_state)
+    assert losses["loss"] == [d["loss"] for e, d in sent if e == nodes.TRAIN_EVENT]
+    renders = [d for e, d in sent if e == nodes.VALIDATION_EVENT]
+    assert renders and renders[0]["step"] == 2 and renders[0]["node"] == "3"
+    video = renders[0]["videos"][0]
+    assert (comfy_dirs["output"] / video["subfolder"] / video["filename"]).is_file()
 
 
 def test_more_processes_than_visible_gpus_is_a_clear_error(monkeypatch):
