@@ -5,7 +5,8 @@ transformer. Calibration (H100, torch 2.11, 14B, 832x480x81 = 34,320 tokens, LoR
 docs/benchmarks.md): bf16 weights 30.4 GiB; full per-block checkpointing 12.95 s / 55.5 GiB;
 keeping every block's attention output 11.29 s / 68.5 GiB (+0.327 GiB = one [S, 5120] bf16
 tensor per block). Everything that depends on the video size scales with the token count.
-Figures marked "estimate" are to be replaced by `bench/bench_memory.py` measurements.
+The factors for precision and offload come from `bench/bench_memory.py` and
+`bench/bench_tread_crepa.py` (same machine, 2026-11-25).
 
     peak = resident weights + LoRA (+grads, AdamW states) + checkpointed block inputs
            + kept attention outputs + transient of one block's recompute/backward + margin
@@ -27,15 +28,18 @@ STEP_ATTENTION_S = 11.29
 #: Transient of one block's recompute + backward at REFERENCE_TOKENS: 55.5 - 30.4 (weights)
 #: - 13.1 (40 block inputs) - 0.9 (LoRA + AdamW) GiB.
 TRANSIENT_GIB = 11.1
-#: Saved by the chunked feed-forward at REFERENCE_TOKENS (estimate: the [S, 13824] hidden
-#: states of fc1/GELU/fc2 and their gradients).
-FFN_CHUNK_SAVING_GIB = 3.0
-#: Relative step-time factors (estimates until measured).
-PRECISION_TIME = {"no_change": 1.0, "fp8": 1.03, "int8-quanto": 1.08}
+#: Saved by the chunked feed-forward at REFERENCE_TOKENS (measured, int8 + full
+#: checkpointing: 41.6 -> 41.0 GiB; the block's other transients dominate at this size).
+FFN_CHUNK_SAVING_GIB = 0.6
+#: Relative step-time factors, measured: int8 full 13.00 s and fp8 full 12.87 s vs bf16 12.95 s;
+#: int8 keeping attention 11.31 s vs bf16 11.20 s.
+PRECISION_TIME = {"no_change": 1.0, "fp8": 1.0, "int8-quanto": 1.01}
 PRECISION_QUALITY_RANK = {"no_change": 0, "int8-quanto": 1, "fp8": 2}
-BLOCK_OFFLOAD_TIME = 1.03  # 3 passes of weights at 37 GB/s, overlapped with compute
-ACTIVATION_OFFLOAD_TIME = 1.06  # ~0.7 s of block inputs out and back
-FFN_CHUNK_TIME = 1.04  # the feed-forward runs once more in the backward pass
+#: How much slower (relative) a higher base precision may be and still be preferred.
+PRECISION_TIME_TOLERANCE = 1.15
+BLOCK_OFFLOAD_TIME = 1.03  # measured 12.75 s (attention:16, inputs to host) vs 12.34 s on the device
+ACTIVATION_OFFLOAD_TIME = 1.005  # measured 11.20 s vs 11.14 s: the side-stream copies hide
+FFN_CHUNK_TIME = 1.07  # measured 13.88 s vs 13.00 s (int8, full checkpointing)
 #: Allocator slack: a fixed part plus a fraction of the budget.
 MARGIN_GIB = 1.0
 MARGIN_FRACTION = 0.05
@@ -168,8 +172,9 @@ def _candidates(precisions: list[str], layers: int):
 def plan_memory(vram_budget_gib: float, *, height: int = 480, width: int = 832, frames: int = 81,
                 lora_rank: int = 16, model_config: dict[str, Any] | None = None,
                 precision: str | None = None) -> MemoryPlan:
-    """The cheapest (estimated step time, then base precision closest to bf16, then memory)
-    settings whose estimated peak fits `vram_budget_gib` minus a margin. With `precision`,
+    """The cheapest settings whose estimated peak fits `vram_budget_gib` minus a margin:
+    the base precision closest to bf16 among those within `PRECISION_TIME_TOLERANCE` of the
+    fastest fitting step time, then the fastest, then the smallest. With `precision`,
     only that base precision is considered. If nothing fits, the smallest setting is
     returned with `fits=False` and a sentence that says so."""
     if vram_budget_gib is None or vram_budget_gib <= 0:
@@ -187,7 +192,11 @@ def plan_memory(vram_budget_gib: float, *, height: int = 480, width: int = 832, 
     best_unconstrained = min(scored, key=lambda item: item[0])
     fits = bool(fitting)
     if fits:
-        _, chosen, est = min(fitting, key=lambda item: item[0])
+        # A lower base precision changes the model; take it only when the best-quality
+        # precision that fits is more than PRECISION_TIME_TOLERANCE slower.
+        fastest = min(item[0][0] for item in fitting)
+        affordable = [item for item in fitting if item[0][0] <= fastest * PRECISION_TIME_TOLERANCE]
+        _, chosen, est = min(affordable, key=lambda item: (item[0][1], item[0][0], item[0][2]))
     else:
         _, chosen, est = min(scored, key=lambda item: item[2].peak_gib)
     chosen.auto, chosen.vram_budget_gib = False, vram_budget_gib
