@@ -416,9 +416,12 @@ class WanS2VTrainLora:
               unique_id=None, lora_settings=None, optimizer_settings=None, schedule_settings=None, eval_dataset=None,
               eval_step_interval=100, tread_settings=None, crepa_settings=None, memory_settings=None,
               validation_settings=None, validation_model=None, gpus=1, **settings):
-        extras = TrainExtras(lora_settings, optimizer_settings, schedule_settings, tread_settings, crepa_settings,
-                             memory_settings, validation_settings, validation_model, eval_dataset,
-                             eval_step_interval, gpus)
+        extras = TrainExtras(
+            lora_settings=lora_settings, optimizer_settings=optimizer_settings, schedule_settings=schedule_settings,
+            tread_settings=tread_settings, crepa_settings=crepa_settings, memory_settings=memory_settings,
+            validation_settings=validation_settings, validation_model=validation_model, eval_dataset=eval_dataset,
+            eval_step_interval=eval_step_interval, gpus=gpus,
+        )
         result = run_training_node(transformer, dataset, output_name, settings, extras, save_to,
                                    resume_from_checkpoint, node_id=None if unique_id is None else str(unique_id))
         return (result.lora, str(result.path), {"loss": result.losses})

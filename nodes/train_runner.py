@@ -230,12 +230,11 @@ def _write_wav(audio: dict, path: Path) -> None:
     if waveform.dim() == 1:
         waveform = waveform[None]
     pcm = (waveform.detach().float().clamp(-1, 1).cpu().numpy().T * 32767.0).round().astype("<i2")
-    with atomic_write(path) as tmp:
-        with wave.open(str(tmp), "wb") as handle:
-            handle.setnchannels(pcm.shape[1])
-            handle.setsampwidth(2)
-            handle.setframerate(int(audio["sample_rate"]))
-            handle.writeframes(np.ascontiguousarray(pcm).tobytes())
+    with atomic_write(path) as tmp, wave.open(str(tmp), "wb") as handle:
+        handle.setnchannels(pcm.shape[1])
+        handle.setsampwidth(2)
+        handle.setframerate(int(audio["sample_rate"]))
+        handle.writeframes(np.ascontiguousarray(pcm).tobytes())
 
 
 def write_validation_inputs(settings: ValidationSettings, out_dir: Path) -> dict[str, Any]:

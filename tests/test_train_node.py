@@ -114,9 +114,9 @@ def test_tread_crepa_and_memory_settings_train_through_the_node(comfy_dirs, tiny
         node = nodes.WanS2VTrainLora()
         settings = _defaults(node, max_train_steps=2, checkpoint_step_interval=2, mixed_precision="no",
                              gradient_checkpointing=False)
-        lora, path, losses = node.train(model, data, "tread_crepa", tread_settings=tread, crepa_settings=crepa,
-                                        memory_settings=memory, save_to="output", resume_from_checkpoint="none",
-                                        **settings)
+        _, path, losses = node.train(model, data, "tread_crepa", tread_settings=tread, crepa_settings=crepa,
+                                     memory_settings=memory, save_to="output", resume_from_checkpoint="none",
+                                     **settings)
     assert seen[0] == tread and model.token_routes == []  # on for training, off afterwards
     assert len(losses["loss"]) == 2 and all(torch.isfinite(torch.tensor(losses["loss"])))
     run = comfy_dirs["output"] / "wan_s2v_training" / "tread_crepa"

@@ -209,14 +209,14 @@ def _api_by_type(name: str, info) -> tuple[dict, dict]:
 
 def test_train_and_validate_uses_tread_crepa_at_the_seed_settings_and_validates(info):
     api, by_type = _api_by_type("wan_s2v_lora_train_and_validate", info)
-    train_id, train = by_type["WanS2VTrainLora"]
+    _, train = by_type["WanS2VTrainLora"]
     tread_id, tread = by_type["WanS2VTreadSettings"]
     crepa_id, crepa = by_type["WanS2VCrepaSettings"]
     assert train["tread_settings"] == [tread_id, 0] and train["crepa_settings"] == [crepa_id, 0]
     assert (tread["selection_ratio"], tread["start_layer_idx"], tread["end_layer_idx"]) == (0.5, 2, -2)
     assert (crepa["crepa_lambda"], crepa["crepa_block_index"], crepa["crepa_adjacent_distance"],
             crepa["crepa_adjacent_tau"], crepa["teacher"]) == (0.5, 8, 1, 1.0, "dinov2_vitg14")
-    dataset_id, dataset = by_type["WanS2VDataset"]
+    _, dataset = by_type["WanS2VDataset"]
     assert dataset["teacher_frames"] is True  # CREPA needs the cached teacher frames
     validation_id, validation = by_type["WanS2VValidationSettings"]
     bundle_id, bundle = by_type["WanS2VLoadModelBundle"]
