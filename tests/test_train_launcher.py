@@ -190,3 +190,26 @@ def test_one_process_tiny_model_relays_validation_renders(tmp_path):
     (paths,) = [p for _, p in renders]
     assert [p.name for p in paths] == ["talk.mp4"] and paths[0].is_file()
     assert paths[0].parent == tmp_path / "run" / "validation" / "step_2"
+
+
+def test_one_process_builds_the_dataset_from_a_dataset_config(setup, tmp_path):
+    """A DatasetConfig instead of a dataset object: the child scans and caches the folder with
+    the encoders the training config names ('tiny': the built-in ones), then trains."""
+    from trainer.train.launcher import _build_data
+
+    root, _, transformer_file, _ = setup
+    data_config = DatasetConfig(folder=str(root / "media"), num_frames=9, resolution=64,
+                                cache_dir=str(tmp_path / "cache" / "media"))
+    config = _config(tmp_path / "run", 2, max_train_steps=2, use_ema=False, save_diffusers_lora=False,
+                     vae_path="tiny", text_encoder_path="tiny", audio_encoder_path="tiny")
+    result = train_in_subprocess(config, num_processes=1, model_source=ModelSource(str(transformer_file),
+                                 dtype="float32"), dataset_config=data_config, env=ENV)
+    assert result.global_step == 2 and result.lora_path.is_file()
+    assert (tmp_path / "cache" / "media" / "manifest.json").is_file()  # cached by the child
+    assert (tmp_path / "cache" / "_tiny_models" / "diffusers" / "model_index.json").is_file()
+    spec = json.loads((tmp_path / "run" / SPEC_NAME).read_text())
+    assert spec["dataset"] == {"kind": "folder", "config": data_config.to_dict()}
+
+    no_encoders = _config(tmp_path / "other", 1)
+    with pytest.raises(ValueError, match="vae_path, text_encoder_path and audio_encoder_path"):
+        _build_data(spec["dataset"], None, None, no_encoders)
