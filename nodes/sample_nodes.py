@@ -201,8 +201,8 @@ class WanS2VSampler:
     RETURN_TYPES = ("IMAGE", "AUDIO", "VIDEO")
     RETURN_NAMES = ("frames", "audio", "video")
     OUTPUT_TOOLTIPS = ("The generated frames (16 fps).", "The driving audio, cut to the video length.",
-                       "The video with its audio, for ComfyUI's Save Video / Get Video Components (the mp4 "
-                       "when save_mp4 is on).")
+                       ("The video with its audio, for ComfyUI's Save Video / Get Video Components (the mp4 "
+                        "when save_mp4 is on)."))
     FUNCTION = "sample"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Wan 2.2 S2V sampling as the official pipeline: CFG with the negative prompt and zeroed audio, "

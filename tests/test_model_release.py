@@ -111,9 +111,9 @@ def test_transformer_trained_in_process_is_freed(tmp_path):
     def scenario():
         (model,) = model_nodes.WanS2VLoadTransformer().load(model_nodes.TINY, "float32", "official")
         refs = [weakref.ref(model)]
-        config = TrainConfig.from_dict(dict(output_dir=str(tmp_path / f"run{next(runs)}"), max_train_steps=2,
-                                            lora_rank=4, tensorboard=False, device="cpu", checkpoint_step_interval=0,
-                                            gradient_checkpointing=True))
+        config = TrainConfig.from_dict({"output_dir": str(tmp_path / f"run{next(runs)}"), "max_train_steps": 2,
+                                        "lora_rank": 4, "tensorboard": False, "device": "cpu",
+                                        "checkpoint_step_interval": 0, "gradient_checkpointing": True})
         steps = []
         result = train(model, SyntheticTalkingDataset(text_len=64), config, keep_adapter=False,
                        progress=lambda step, *_: steps.append(step), should_stop=lambda: False)

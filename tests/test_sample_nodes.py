@@ -141,7 +141,7 @@ def test_video_output_is_a_native_comfyui_video_in_comfyui(tmp_path):
 
 
 def test_video_output_without_comfyui_is_the_path():
-    _, sn = _sample_nodes()
+    _sample_nodes()
     adapter = sys.modules["comfyui_wan_s2v_trainer_s.nodes.comfy_adapter"]
     frames = torch.zeros(5, 16, 16, 3)
     assert adapter.video_output(frames, None, 16, Path("/x/y.mp4")) == "/x/y.mp4"

@@ -62,10 +62,10 @@ def setup(tmp_path_factory):
 
 
 def _config(out: Path, batch: int, **kw) -> TrainConfig:
-    settings = dict(output_dir=str(out), max_train_steps=STEPS, train_batch_size=batch, lora_rank=4, lora_alpha=4,
-                    learning_rate=1e-3, checkpoint_step_interval=0, caption_dropout_probability=0.3,
-                    audio_dropout_probability=0.3, use_ema=True, ema_decay=0.9, tensorboard=False, device="cpu",
-                    save_diffusers_lora=True)
+    settings = {"output_dir": str(out), "max_train_steps": STEPS, "train_batch_size": batch, "lora_rank": 4,
+                "lora_alpha": 4, "learning_rate": 1e-3, "checkpoint_step_interval": 0,
+                "caption_dropout_probability": 0.3, "audio_dropout_probability": 0.3, "use_ema": True,
+                "ema_decay": 0.9, "tensorboard": False, "device": "cpu", "save_diffusers_lora": True}
     settings.update(kw)
     return TrainConfig.from_dict(settings)
 

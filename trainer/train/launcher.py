@@ -197,7 +197,8 @@ def _build_data(spec: dict[str, Any] | None, name: str | None, model, config: Tr
         return build_dataset(name, model, config)
     if spec["kind"] == "cached":
         return CachedWindows(spec["cache_dir"], spec["windows"])
-    from ..data import Encoders, build_dataset as build_folder_dataset
+    from ..data import Encoders
+    from ..data import build_dataset as build_folder_dataset
 
     data_config = DatasetConfig.from_dict(spec["config"]).validate()
     paths = (config.vae_path, config.text_encoder_path, config.audio_encoder_path)
