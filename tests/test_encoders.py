@@ -244,15 +244,25 @@ def test_encode_speech_shape_and_rate(audio_files):
 
 def test_encode_speech_matches_official_computation(audio_files):
     """Processor normalisation (x - mean) / sqrt(var + 1e-7) in float32 numpy, one forward,
-    torch.cat of all hidden states, as wan/modules/s2v/audio_encoder.py does."""
+    torch.cat of all hidden states, as wan/modules/s2v/audio_encoder.py does; the last one is
+    the encoder's layer-normed output (transformers 4.x's hidden_states[-1], ComfyUI's too)."""
     model = load_audio_encoder(audio_files["diffusers"])
     wave = speech(1.5, seed=1)
     x = wave.numpy().astype(np.float32)
     x = (x - x.mean()) / np.sqrt(x.var() + 1e-7)
+    raw = []
+    hook = model.wav2vec2.encoder.layers[-1].register_forward_hook(lambda m, i, o: raw.append(o[0] if isinstance(o, tuple) else o))
     with torch.no_grad():
-        expected = torch.cat(model(torch.from_numpy(x)[None], output_hidden_states=True).hidden_states)
+        out = model.wav2vec2(torch.from_numpy(x)[None], output_hidden_states=True)
+    hook.remove()
+    expected = torch.cat([*out.hidden_states[:-1], out.last_hidden_state])
     hidden = encode_speech(model, wave)
     assert torch.equal(hidden, expected)
+    # the last state is the final LayerNorm of the last layer's output (wav2vec2-large's
+    # stable-layer-norm encoder), whichever of the two transformers puts in hidden_states[-1]
+    assert model.config.do_stable_layer_norm
+    with torch.no_grad():
+        torch.testing.assert_close(hidden[-1:], model.wav2vec2.encoder.layer_norm(raw[0]), rtol=1e-5, atol=1e-5)
     # loudness does not matter after the normalisation
     torch.testing.assert_close(encode_speech(model, 3 * wave), hidden, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="16000"):

@@ -144,7 +144,9 @@ class DatasetConfig:
                                                "crop", "aspect_bucket_rounding")}
 
     def audio_key(self) -> dict[str, Any]:
-        return {"num_frames": self.num_frames, "audio_source": self.audio_source}
+        # "features": 2 = the last wav2vec2 state is the layer-normed one on every transformers
+        # version (features cached before that fix are re-encoded)
+        return {"num_frames": self.num_frames, "audio_source": self.audio_source, "features": 2}
 
     def teacher_key(self) -> dict[str, Any]:
         return {**self.video_key(), "teacher_short_side": self.teacher_short_side}

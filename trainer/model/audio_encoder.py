@@ -217,8 +217,13 @@ def encode_speech(
     feature_extractor = feature_extractor or getattr(audio_encoder, "wan_feature_extractor", None)
     inputs = normalize_waveform(waveform, feature_extractor)
     parameter = next(audio_encoder.parameters())
-    output = audio_encoder(inputs.to(parameter.device, parameter.dtype), output_hidden_states=True)
-    return torch.cat(output.hidden_states, dim=0).float()
+    base = audio_encoder.wav2vec2 if isinstance(audio_encoder, Wav2Vec2ForCTC) else audio_encoder
+    output = base(inputs.to(parameter.device, parameter.dtype), output_hidden_states=True)
+    states = list(output.hidden_states)
+    # transformers 5 collects the last layer's output before the encoder's final LayerNorm;
+    # 4.x (which the official code ran) and ComfyUI use the normed one, `last_hidden_state`.
+    states[-1] = output.last_hidden_state
+    return torch.cat(states, dim=0).float()
 
 
 # ----------------------------------------------------------------------------- saving

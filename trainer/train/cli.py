@@ -90,14 +90,14 @@ def _folder_dataset(folder: str, config: TrainConfig):
     options = dict(config.dataset_options or {})
     options.setdefault("cache_dir", str(Path(config.output_dir) / "cache"))
     data_config = DatasetConfig.from_dict({**options, "folder": folder}).validate()
+    # cache what this run consumes: CREPA's teacher frames, the previous windows' motion latents
+    teacher_side = config.crepa.teacher_geometry[0] if config.crepa.crepa_enabled else None
+    data_config = data_config.with_training_inputs(teacher_side, config.motion_context_probability > 0)
     paths = (config.vae_path, config.text_encoder_path, config.audio_encoder_path)
     if "tiny" in paths:
         encoders = Encoders.tiny(Path(data_config.cache_dir) / "_tiny_models")
-    elif all(paths):
+    else:  # an unset path means "cached only" (CacheMissingError names what is missing)
         encoders = Encoders(*paths)
-    else:
-        raise SystemExit("a folder dataset needs vae_path, text_encoder_path and audio_encoder_path "
-                         "(ComfyUI files or Diffusers folders; 'tiny' for the built-in tiny models)")
     scan = scan_folder(data_config)
     print(scan.report(), flush=True)
     return build_folder_dataset(data_config, encoders, scan)
