@@ -110,7 +110,10 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
 
 def cover_resize(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """[F, H, W, 3] in [0, 1] -> [F, height, width, 3]: scaled to cover the target, then
-    centre-cropped (bilinear with antialiasing), like ComfyUI's "center" upscale."""
+    centre-cropped (bilinear, antialiased when shrinking, so no aliasing from large photos).
+    ComfyUI's "center" upscale crops first and scales without antialiasing; on a reference
+    image of another size the two differ by ~7e-5 in the first-step prediction
+    (`scripts/sampler_parity.py`, informational row)."""
     frames = images.movedim(-1, 1).float()
     src_h, src_w = frames.shape[-2:]
     scale = max(width / src_w, height / src_h)
