@@ -318,6 +318,10 @@ class TrainConfig:
     seed: int = 42
     mixed_precision: str = "no"
     numerics: str = "official"
+    #: torch.compile every transformer block on CUDA (fuses the norm/modulation/RoPE work
+    #: around the matmuls: 14B step 12.95 s instead of 16.07 s, after a one-off compile of
+    #: about a minute). Ignored on CPU.
+    compile_blocks: bool = True
 
     # --- objective (flow matching as Wan trains)
     flow_weighting_scheme: str = "logit_normal"

@@ -522,6 +522,8 @@ def train(
     params = add_lora(model, config)
     memory.after_lora()
     model.train()
+    if config.compile_blocks and device.type == "cuda" and hasattr(model, "compile_blocks"):
+        model.compile_blocks()
     model.set_token_routes(config.tread_config)
     crepa = None
     if config.crepa.crepa_enabled:
