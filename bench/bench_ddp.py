@@ -87,7 +87,8 @@ def _launch(args, procs: int, tmp: Path) -> dict:
               str(args.frames), "--height", str(args.height), "--width", str(args.width), "--rank", str(args.rank)]
     worker += ["--tiny"] if args.tiny else []
     worker += ["--compile"] if args.compile else []
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "bench")]))
+    paths = [str(REPO), str(REPO / "bench")] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
     if args.tiny:
         env.setdefault("OMP_NUM_THREADS", "1")
     if procs == 1:  # plain process: cuda:0
