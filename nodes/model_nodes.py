@@ -34,7 +34,15 @@ class WanS2VLoadTransformer:
                         "comfyui: ComfyUI's S2V forward (audio alignment, motion RoPE), to match its sampler.",
                     },
                 ),
-            }
+            },
+            "optional": {
+                "memory_settings": (
+                    types.MEMORY_SETTINGS,
+                    {"tooltip": "Optional: the Memory Settings the training node uses. With base_model_precision "
+                     "fp8, an fp8_scaled file's e4m3 weights and scales are kept as shipped (no second "
+                     "rounding, no bf16 copy in RAM while loading); without it they are dequantized to dtype."},
+                ),
+            },
         }
 
     RETURN_TYPES = (types.TRANSFORMER,)
@@ -43,12 +51,13 @@ class WanS2VLoadTransformer:
     CATEGORY = CATEGORY
     DESCRIPTION = "Loads the S2V transformer with strict key checking (any missing or unexpected key is an error)."
 
-    def load(self, transformer: str, dtype: str, numerics: str):
+    def load(self, transformer: str, dtype: str, numerics: str, memory_settings=None):
         """The model, holding its `ModelSource` so that training can reload it in child
         processes (several GPUs). Nothing here keeps a reference: the model lives as long as
         ComfyUI keeps this node's output."""
         import torch
 
+        from ..trainer.memory.quantize import keeps_fp8_on_load
         from ..trainer.model.transformer_io import load_transformer
         from ..trainer.train.launcher import ModelSource, attach_model_source
 
@@ -61,7 +70,8 @@ class WanS2VLoadTransformer:
         # A 14B model does not fit beside ComfyUI's cached models: have ComfyUI drop them first.
         comfy_adapter.free_comfyui_models()
         path = comfy_adapter.model_file_path("diffusion_models", transformer)
-        model = load_transformer(path, dtype=getattr(torch, dtype), device="cpu", numerics=numerics)
+        model = load_transformer(path, dtype=getattr(torch, dtype), device="cpu", numerics=numerics,
+                                 keep_fp8=keeps_fp8_on_load(memory_settings))
         return (attach_model_source(model, ModelSource(str(path), dtype=dtype, numerics=numerics)),)
 
 

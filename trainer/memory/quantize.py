@@ -90,6 +90,15 @@ class Fp8Linear(nn.Linear):
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         return self.weight.to(dtype) * self.weight_scale.to(dtype)
 
+    def to_linear(self) -> nn.Linear:
+        """A plain frozen Linear in `compute_dtype`, w = fp8 * scale computed in float32."""
+        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
+        weight = (self.weight.to(torch.float32) * self.weight_scale).to(self.compute_dtype)
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().to(self.compute_dtype), requires_grad=False)
+        return linear
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
@@ -104,7 +113,11 @@ class Fp8Linear(nn.Linear):
 
 
 def quantize_fp8(model: nn.Module, compute_dtype: torch.dtype | None = None) -> int:
-    """Replace the blocks' and audio injectors' Linears with `Fp8Linear`. Returns the count."""
+    """Replace the blocks' and audio injectors' Linears with `Fp8Linear`. Returns the count.
+
+    Layers that already are `Fp8Linear` (loaded with ``load_transformer(..., keep_fp8=True)``
+    from a scaled-fp8 file, or converted before) are left exactly as they are.
+    """
     _refuse_adapters(model)
     targets = list(quantizable_linears(model))
     for name, linear in targets:
@@ -116,7 +129,8 @@ def quantize_fp8(model: nn.Module, compute_dtype: torch.dtype | None = None) -> 
 
 def quantize_int8_quanto(model: nn.Module) -> int:
     """optimum-quanto qint8 weights (per output channel scales) on the same Linears, frozen
-    (the float weights are dropped). Returns the count."""
+    (the float weights are dropped). An `Fp8Linear` (a kept scaled-fp8 weight) is dequantized
+    to its compute dtype first, one layer at a time. Returns the count."""
     _refuse_adapters(model)
     try:
         from optimum.quanto import QLinear, qint8
@@ -126,6 +140,8 @@ def quantize_int8_quanto(model: nn.Module) -> int:
     for name, linear in targets:
         if isinstance(linear, QLinear):
             continue
+        if isinstance(linear, Fp8Linear):
+            linear = linear.to_linear()
         qlinear = QLinear.from_module(linear, weights=qint8)
         qlinear.freeze()
         qlinear.requires_grad_(False)
@@ -135,13 +151,26 @@ def quantize_int8_quanto(model: nn.Module) -> int:
 
 def apply_precision(model: nn.Module, precision: str) -> int:
     """Convert the base weights for `precision` ("no_change", "int8-quanto", "fp8"; NF4/int4 are
-    refused). Returns how many Linear layers were converted."""
+    refused). Returns how many Linear layers were converted. "no_change" keeps the weights as
+    loaded (kept fp8 layers stay fp8)."""
     precision = normalize_precision(precision)
     if precision == "no_change":
         return 0
     if precision == "fp8":
         return quantize_fp8(model)
     return quantize_int8_quanto(model)
+
+
+def keeps_fp8_on_load(config) -> bool:
+    """True when `config` (a `MemoryConfig`, dict or None) trains on fp8 base weights for sure,
+    so a scaled-fp8 file's e4m3 weights can be loaded as shipped (``keep_fp8=True``). Not with
+    an automatic plan free to choose the precision: it decides only after loading."""
+    if config is None:
+        return False
+    get = config.get if isinstance(config, dict) else lambda name, default=None: getattr(config, name, default)
+    if get("auto", False) and not get("auto_keep_precision", False):
+        return False
+    return normalize_precision(get("base_model_precision", "no_change")) == "fp8"
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -174,6 +203,7 @@ __all__ = [
     "FP8_DTYPE",
     "Fp8Linear",
     "apply_precision",
+    "keeps_fp8_on_load",
     "quantizable_linears",
     "quantize_fp8",
     "quantize_int8_quanto",

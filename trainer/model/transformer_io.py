@@ -8,7 +8,8 @@ Accepted inputs:
 - a single ComfyUI/original ``.safetensors`` file (``models/diffusion_models``), with or
   without a ``model.diffusion_model.`` / ``diffusion_model.`` prefix, in bf16/fp16/fp32 or
   ComfyUI's "scaled fp8" (float8 weights with a per-tensor ``<layer>.scale_weight``, optional
-  ``scale_input`` and a ``scaled_fp8`` marker), dequantized on load.
+  ``scale_input`` and a ``scaled_fp8`` marker), dequantized on load - or, with
+  ``keep_fp8=True``, kept as shipped in the Linears that fp8 training converts (`Fp8Linear`).
 
 The architecture is derived from tensor shapes (what ComfyUI does); values the shapes cannot
 tell (head count, audio injection positions, ...) come from a config (argument, a
@@ -642,6 +643,7 @@ def load_transformer(
     device: str | torch.device = "cpu",
     config: Mapping[str, Any] | str | os.PathLike | None = None,
     numerics: str | None = None,
+    keep_fp8: bool = False,
 ):
     """Load a `WanS2VTransformer3DModel` from a Diffusers folder or a single ComfyUI/original file.
 
@@ -653,6 +655,13 @@ def load_transformer(
         config: dict or path to a ``config.json`` in ComfyUI's or our naming. Default: the
             folder's / a ``config.json`` beside the file / the file's metadata / shapes only.
         numerics: ``"official"`` or ``"comfyui"``; default from the config (``"official"``).
+        keep_fp8: for ``base_model_precision="fp8"`` training. Every Linear that
+            `trainer.memory.quantize.quantize_fp8` converts (blocks, audio injectors) whose
+            weight is stored in float8_e4m3fn becomes an `Fp8Linear` holding the file's e4m3
+            bytes and its ``scale_weight`` (1 without one) unchanged, dequantized per layer
+            in the forward: no second rounding, and never a `dtype` copy of those weights in
+            memory. Everything else (norms, embeddings, modulation, head, bf16 weights) loads
+            in `dtype` as without it. No effect on files without e4m3 weights.
 
     Raises:
         UnreadableCheckpointError: the path is missing, not safetensors, or corrupt.
@@ -666,22 +675,48 @@ def load_transformer(
     if numerics is not None:
         cfg["numerics"] = numerics
     model = _build_empty_model(cfg)
-    _stream_tensors(model, source, analysis, dtype, torch.device(device))
+    kept = _fp8_weights_to_keep(model, source, analysis) if keep_fp8 else {}
+    _stream_tensors(model, source, analysis, dtype, torch.device(device), kept)
     _check_materialized(model)
     model.to(device)
     model.eval()
     logger.info(
-        "loaded %s (%s, %d tensors) as %s", source.path, KIND_LABELS["s2v"], len(analysis.name_map), dtype
+        "loaded %s (%s, %d tensors) as %s%s", source.path, KIND_LABELS["s2v"], len(analysis.name_map), dtype,
+        f", {len(kept)} Linears kept in fp8 e4m3" if kept else "",
     )
     return model
 
 
+def _fp8_weights_to_keep(model, source: _Source, analysis: _Analysis) -> dict[str, str]:
+    """File key -> module name of the e4m3 weights of the Linears fp8 training converts."""
+    from ..memory.quantize import quantizable_linears
+
+    targets = {name for name, _ in quantizable_linears(model)}
+    kept = {}
+    for file_key, name in analysis.name_map.items():
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and module in targets and source.tensors[file_key].dtype == "F8_E4M3":
+            kept[file_key] = module
+    return kept
+
+
 def _stream_tensors(
-    model, source: _Source, analysis: _Analysis, dtype: torch.dtype, device: torch.device
+    model,
+    source: _Source,
+    analysis: _Analysis,
+    dtype: torch.dtype,
+    device: torch.device,
+    kept_fp8: Mapping[str, str] | None = None,
 ) -> None:
-    """Read every tensor once, rename, dequantize/cast, and assign it into the meta model."""
+    """Read every tensor once, rename, dequantize/cast, and assign it into the meta model.
+
+    The weights named in `kept_fp8` (file key -> module name) are not cast: once every
+    tensor is in, their Linears are replaced by `Fp8Linear`s over the raw e4m3 tensors.
+    """
+    kept_fp8 = kept_fp8 or {}
     scales = _read_scales(source, analysis.scales)
     keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or []
+    raw: dict[str, torch.Tensor] = {}
     by_file: dict[str, list[str]] = {}
     for key in analysis.name_map:
         by_file.setdefault(source.tensors[key].file, []).append(key)
@@ -690,8 +725,33 @@ def _stream_tensors(
         with reader.open() as handle, _unreadable_as_checkpoint_error():
             for key in keys:
                 name = analysis.name_map[key]
+                if key in kept_fp8:
+                    raw[key] = reader.get_tensor(key, handle).to(device)  # the file's bytes, no copy on CPU
+                    continue
                 target = torch.float32 if _keeps_fp32(name, keep_fp32, dtype) else dtype
                 assign_tensor(model, name, reader.get_tensor(key, handle), target, device, scales.get(key))
+    _install_fp8_linears(model, raw, kept_fp8, scales, dtype)
+
+
+def _install_fp8_linears(
+    model,
+    raw: Mapping[str, torch.Tensor],
+    kept_fp8: Mapping[str, str],
+    scales: Mapping[str, torch.Tensor],
+    dtype: torch.dtype,
+) -> None:
+    """Replace each kept Linear (weight still on meta, bias loaded) by `Fp8Linear.from_fp8`."""
+    if not kept_fp8:
+        return
+    from ..memory.quantize import Fp8Linear
+
+    for key, module_name in kept_fp8.items():
+        linear = model.get_submodule(module_name)
+        bias = None if linear.bias is None else linear.bias.data
+        scale = scales.get(key, torch.ones((), dtype=torch.float32))  # plain e4m3 file: scale 1
+        parent_name, _, child = module_name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Fp8Linear.from_fp8(raw[key], scale, bias, compute_dtype=dtype))
 
 
 def _read_scales(source: _Source, scales: Mapping[str, str]) -> dict[str, torch.Tensor]:

@@ -57,12 +57,14 @@ def _overrides(config: TrainConfig, pairs: list[str]) -> TrainConfig:
 def build_model(config: TrainConfig):
     import torch
 
+    from ..memory.quantize import keeps_fp8_on_load
     from ..model import TINY_TRANSFORMER_CONFIG, WanS2VTransformer3DModel, load_transformer
 
     if config.model_path in (None, "", "tiny"):
         torch.manual_seed(config.seed)
         return WanS2VTransformer3DModel(**TINY_TRANSFORMER_CONFIG)
-    return load_transformer(config.model_path, numerics=config.numerics)
+    # fp8 training on a scaled-fp8 file: its e4m3 weights stay as shipped (no re-quantization)
+    return load_transformer(config.model_path, numerics=config.numerics, keep_fp8=keeps_fp8_on_load(config.memory))
 
 
 def build_dataset(name: str | None, model, config: TrainConfig):

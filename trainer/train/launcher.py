@@ -98,8 +98,9 @@ class ModelSource:
     def from_dict(cls, data: dict[str, Any]) -> ModelSource:
         return cls(**data)
 
-    def load(self, device: str = "cpu"):
-        """Build the transformer (frozen, eval mode) on `device`."""
+    def load(self, device: str = "cpu", keep_fp8: bool = False):
+        """Build the transformer (frozen, eval mode) on `device`; `keep_fp8`: a scaled-fp8
+        file's e4m3 weights stay as shipped (`load_transformer`), for fp8 training."""
         import torch
 
         if self.is_tiny:
@@ -110,7 +111,8 @@ class ModelSource:
             return model.to(device)
         from ..model.transformer_io import load_transformer
 
-        return load_transformer(self.path, dtype=getattr(torch, self.dtype), device=device, numerics=self.numerics)
+        return load_transformer(self.path, dtype=getattr(torch, self.dtype), device=device, numerics=self.numerics,
+                                keep_fp8=keep_fp8)
 
 
 NO_SOURCE_MESSAGE = (
@@ -454,8 +456,10 @@ def _child_main(spec_path: str, stop_file: str | None) -> int:
     dist = init_from_env(config.memory.device)
     try:
         set_threads_from_env()
+        from ..memory.quantize import keeps_fp8_on_load
+
         source = ModelSource.from_dict(spec["model"])
-        model = source.load()
+        model = source.load(keep_fp8=keeps_fp8_on_load(config.memory))
         if dist.enabled and not dist.is_main:  # rank 0 builds (and caches) first, the others then read
             dist.barrier()
         dataset = _build_data(spec["dataset"], config.dataset, model, config)
