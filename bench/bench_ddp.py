@@ -2,13 +2,14 @@
 
 Runs `trainer.train.loop.train` (the code `python -m trainer train` runs) on the full 14B S2V
 transformer with random bf16 weights, 832x480, 81 frames, LoRA r16, bf16 autocast, full
-per-block gradient checkpointing, train_batch_size 1 per process, first on one GPU, then
+per-block gradient checkpointing, blocks compiled by the loop (`compile_blocks`),
+train_batch_size 1 per process, first on one GPU, then
 under `torchrun --nproc_per_node N` (NCCL; environment such as NCCL_NVLS_ENABLE left as is).
 Time per optimizer step = median gap between consecutive steps after the warmup steps;
 throughput = global batch / step time; scaling = throughput(N) / throughput(1) (goal >= 1.85
 for N = 2).
 
-    python bench/bench_ddp.py [--gpus 2] [--steps 8] [--warmup 3] [--compile]
+    python bench/bench_ddp.py [--gpus 2] [--steps 8] [--warmup 3] [--no-compile]
     python bench/bench_ddp.py --tiny --steps 6        # CPU smoke test (tiny model, gloo)
 
 Prints one markdown table (and writes bench_ddp.json under $OUT when set).
@@ -53,8 +54,6 @@ def _worker(args) -> None:
 
             model = build_on_device(lambda: WanS2VTransformer3DModel(), f"cuda:{torch.cuda.current_device()}",
                                     torch.bfloat16)
-            if args.compile:
-                model.compile_blocks()
             lat_t, lat_h, lat_w = (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8
             data = SyntheticTalkingDataset(num_sources=2, windows_per_source=2, latent_frames=lat_t, height=lat_h,
                                            width=lat_w, audio_dim=1024, text_dim=4096, text_len=512)
@@ -63,6 +62,7 @@ def _worker(args) -> None:
             lora_rank=args.rank, lora_alpha=args.rank, learning_rate=1e-4, checkpoint_step_interval=0,
             tensorboard=False, device=device, mixed_precision="no" if args.tiny else "bf16",
             gradient_checkpointing="full", caption_dropout_probability=0.0, audio_dropout_probability=0.0,
+            compile_blocks=args.compile,
         ))
         stamps: list[float] = []
         if torch.cuda.is_available() and not args.tiny:
@@ -86,7 +86,7 @@ def _launch(args, procs: int, tmp: Path) -> dict:
               str(tmp / f"run-{procs}"), "--steps", str(args.steps), "--warmup", str(args.warmup), "--frames",
               str(args.frames), "--height", str(args.height), "--width", str(args.width), "--rank", str(args.rank)]
     worker += ["--tiny"] if args.tiny else []
-    worker += ["--compile"] if args.compile else []
+    worker += [] if args.compile else ["--no-compile"]
     paths = [str(REPO), str(REPO / "bench")] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
     if args.tiny:
@@ -108,7 +108,8 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
-    parser.add_argument("--compile", action="store_true", help="model.compile_blocks() in every process")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="turn off the loop's compile_blocks (on by default on CUDA)")
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU (gloo): a smoke test of this script")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
