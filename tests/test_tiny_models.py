@@ -15,8 +15,8 @@ from trainer.model.text_encoder import encode_prompt, load_text_encoder
 from trainer.model.tiny import build_tiny_model_set
 from trainer.model.vae import encode_video, load_vae
 
-transformer_s2v = pytest.importorskip("trainer.model.transformer_s2v")
-pytest.importorskip("trainer.model.transformer_io")  # save_transformer/load_transformer
+from trainer.model import transformer_io, transformer_s2v
+
 TINY = transformer_s2v.TINY_TRANSFORMER_CONFIG
 
 
@@ -70,7 +70,6 @@ def test_widths_match_the_transformer(tiny):
 
 
 def test_transformer_formats_hold_the_same_weights(tiny):
-    transformer_io = pytest.importorskip("trainer.model.transformer_io")
     a = transformer_io.load_transformer(tiny["transformer_diffusers"], dtype=torch.float32)
     b = transformer_io.load_transformer(tiny["transformer_comfyui"], dtype=torch.float32)
     state_a, state_b = a.state_dict(), b.state_dict()
@@ -81,7 +80,6 @@ def test_transformer_formats_hold_the_same_weights(tiny):
 @pytest.mark.parametrize("layout", ["diffusers", "comfyui"])
 def test_end_to_end_forward(tiny, layout):
     """Prompt, speech and frames through the tiny encoders into one transformer forward."""
-    transformer_io = pytest.importorskip("trainer.model.transformer_io")
     suffix = f"_{layout}"
     text_encoder, tokenizer = load_text_encoder(tiny["text_encoder" + suffix], dtype=torch.float32)
     audio_encoder = load_audio_encoder(tiny["audio_encoder" + suffix])
