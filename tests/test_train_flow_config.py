@@ -89,3 +89,16 @@ def test_config_flat_nested_toml_json(tmp_path):
         TrainConfig.from_dict({"learning_rat": 1})
     with pytest.raises(ValueError, match="optimizer must be one of"):
         TrainConfig.from_dict({"optimizer": "sgd"})
+
+
+def test_mixed_precision_auto_is_bf16_on_cuda_only():
+    from trainer.train.config import TrainConfig
+
+    config = TrainConfig()
+    assert config.mixed_precision == "auto"
+    assert config.uses_bf16_autocast("cuda") and config.uses_bf16_autocast(torch.device("cuda", 1))
+    assert not config.uses_bf16_autocast("cpu") and not config.uses_bf16_autocast(torch.device("cpu"))
+    assert TrainConfig(mixed_precision="bf16").uses_bf16_autocast("cpu")
+    assert not TrainConfig(mixed_precision="no").uses_bf16_autocast("cuda")
+    with pytest.raises(ValueError, match="mixed_precision"):
+        TrainConfig(mixed_precision="fp16").validate()

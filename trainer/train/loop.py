@@ -193,7 +193,7 @@ def add_lora(model: torch.nn.Module, config: TrainConfig) -> dict[str, torch.nn.
         raise ValueError(f"lora_target_modules {lc.lora_target_modules} matched no module of the model")
     for p in params.values():
         p.data = p.data.float()
-    if config.mixed_precision == "bf16":
+    if config.uses_bf16_autocast(config.memory.resolved_device()):
         # autocast already runs the LoRA matmuls in bf16; peft's cast of every LoRA input to
         # the fp32 LoRA dtype would only add two copies of each activation (1.6 GiB at 14B).
         for module in model.modules():
@@ -244,7 +244,7 @@ def _set_rng_state(generator: torch.Generator, state: dict[str, Any], dist: Dist
 
 
 def _autocast(config: TrainConfig, device: torch.device):
-    if config.mixed_precision == "bf16":
+    if config.uses_bf16_autocast(device):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
