@@ -19,6 +19,8 @@ class WanS2VLoadTransformer:
                 "transformer": (
                     comfy_adapter.list_model_files("diffusion_models") + [TINY],
                     {"tooltip": "wan2.2_s2v_14B_bf16.safetensors (or fp8_scaled) from models/diffusion_models. "
+                     "An fp8_scaled file's block weights stay fp8 with their scales (half the RAM); training "
+                     "with base_model_precision fp8 uses them as shipped, no_change/int8 dequantize them. "
                      "The tiny entry builds the built-in tiny random transformer (demo, tests; float32, the "
                      "same weights as the tiny entry of Load Wan S2V Model Bundle)."},
                 ),
@@ -34,15 +36,7 @@ class WanS2VLoadTransformer:
                         "comfyui: ComfyUI's S2V forward (audio alignment, motion RoPE), to match its sampler.",
                     },
                 ),
-            },
-            "optional": {
-                "memory_settings": (
-                    types.MEMORY_SETTINGS,
-                    {"tooltip": "Optional: the Memory Settings the training node uses. With base_model_precision "
-                     "fp8, an fp8_scaled file's e4m3 weights and scales are kept as shipped (no second "
-                     "rounding, no bf16 copy in RAM while loading); without it they are dequantized to dtype."},
-                ),
-            },
+            }
         }
 
     RETURN_TYPES = (types.TRANSFORMER,)
@@ -51,13 +45,12 @@ class WanS2VLoadTransformer:
     CATEGORY = CATEGORY
     DESCRIPTION = "Loads the S2V transformer with strict key checking (any missing or unexpected key is an error)."
 
-    def load(self, transformer: str, dtype: str, numerics: str, memory_settings=None):
+    def load(self, transformer: str, dtype: str, numerics: str):
         """The model, holding its `ModelSource` so that training can reload it in child
         processes (several GPUs). Nothing here keeps a reference: the model lives as long as
         ComfyUI keeps this node's output."""
         import torch
 
-        from ..trainer.memory.quantize import keeps_fp8_on_load
         from ..trainer.model.transformer_io import load_transformer
         from ..trainer.train.launcher import ModelSource, attach_model_source
 
@@ -70,8 +63,9 @@ class WanS2VLoadTransformer:
         # A 14B model does not fit beside ComfyUI's cached models: have ComfyUI drop them first.
         comfy_adapter.free_comfyui_models()
         path = comfy_adapter.model_file_path("diffusion_models", transformer)
-        model = load_transformer(path, dtype=getattr(torch, dtype), device="cpu", numerics=numerics,
-                                 keep_fp8=keeps_fp8_on_load(memory_settings))
+        # An fp8_scaled file stays fp8 (half the RAM while ComfyUI caches this output); the
+        # training node's base_model_precision decides: fp8 as shipped, no_change/int8 dequantize.
+        model = load_transformer(path, dtype=getattr(torch, dtype), device="cpu", numerics=numerics, keep_fp8=True)
         return (attach_model_source(model, ModelSource(str(path), dtype=dtype, numerics=numerics)),)
 
 

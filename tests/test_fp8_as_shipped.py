@@ -5,6 +5,10 @@ Files are written here the way ComfyUI's ``*_fp8_scaled.safetensors`` are laid o
 Wan key names, 2-D Linear weights in float8_e4m3fn with a float32 scalar
 ``<layer>.scale_weight`` (absmax / 448), everything else bf16, and a ``scaled_fp8`` marker.
 
+The loader node always keeps them (the training node's precision decides: fp8 uses them,
+no_change and int8-quanto dequantize them); the training CLI and the launcher's processes
+keep them when the memory config trains in fp8.
+
 Tolerances: in float32 the kept layers compute w = fp8 * scale exactly as the dequantizing
 loader does, so the forward agrees to float32 rounding; under bf16 autocast the scale is
 rounded to bf16 in the forward (one extra rounding): within 1% relative L2.
@@ -179,6 +183,14 @@ def test_int8_and_no_change_from_the_fp8_file(fp8_file):
     setup = apply_memory_config(upcast, MemoryConfig(base_model_precision="no_change"), "cpu")
     assert setup.converted_linears == 0 and not fp8_layers(upcast)
     assert all(p.dtype == torch.bfloat16 for p in upcast.parameters())
+    # no_change on kept fp8 layers (the loader node keeps them): upcast, exactly as the plain load
+    kept = load_transformer(fp8_file, dtype=torch.bfloat16, keep_fp8=True)
+    setup = apply_memory_config(kept, MemoryConfig(base_model_precision="no_change"), "cpu")
+    assert setup.converted_linears == TINY_TARGETS - 1 and not fp8_layers(kept)
+    assert all(type(m) is torch.nn.Linear for _, m in quantizable_linears(kept))
+    expected = upcast.state_dict()
+    for key, value in kept.state_dict().items():
+        assert value.dtype == torch.bfloat16 and torch.equal(value, expected[key]), key
 
     outputs = []
     for keep in (False, True):  # int8 from the dequantized file, and from kept fp8 layers (auto plan)
@@ -297,18 +309,15 @@ NODE_SCRIPT = textwrap.dedent(
     sys.modules[spec.name] = pack
     spec.loader.exec_module(pack)
     from wan_s2v_pack.nodes import model_nodes
-    from wan_s2v_pack.trainer.memory import MemoryConfig
-    node = model_nodes.WanS2VLoadTransformer()
-    count = lambda m: sum(1 for x in m.modules() if type(x).__name__ == "Fp8Linear")
-    (kept,) = node.load(name, "bfloat16", "official", memory_settings=MemoryConfig(base_model_precision="fp8"))
-    (plain,) = node.load(name, "bfloat16", "official")
-    print(json.dumps({"kept": count(kept), "plain": count(plain), "source": kept._wan_s2v_model_source.path}))
+    (model,) = model_nodes.WanS2VLoadTransformer().load(name, "bfloat16", "official")
+    kept = sum(1 for x in model.modules() if type(x).__name__ == "Fp8Linear")
+    print(json.dumps({"kept": kept, "source": model._wan_s2v_model_source.path}))
     """
 )
 
 
 @pytest.mark.comfyui
-def test_loader_node_keeps_fp8_with_fp8_memory_settings(fp8_file):
+def test_loader_node_keeps_fp8(fp8_file):
     comfyui = os.environ.get("COMFYUI_PATH")
     if not comfyui:
         pytest.skip("COMFYUI_PATH is not set: no ComfyUI folder_paths to resolve the model file")
@@ -318,4 +327,4 @@ def test_loader_node_keeps_fp8_with_fp8_memory_settings(fp8_file):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report == {"kept": TINY_TARGETS - 1, "plain": 0, "source": str(fp8_file)}
+    assert report == {"kept": TINY_TARGETS - 1, "source": str(fp8_file)}

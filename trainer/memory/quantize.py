@@ -149,13 +149,25 @@ def quantize_int8_quanto(model: nn.Module) -> int:
     return len(targets)
 
 
+def dequantize_fp8(model: nn.Module) -> int:
+    """Replace every `Fp8Linear` by a plain Linear in its compute dtype (w = fp8 * scale, the
+    values a dequantizing load gives), one layer at a time. Returns the count."""
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, Fp8Linear)]
+    if targets:  # nothing to do is fine with an adapter in place
+        _refuse_adapters(model)
+    for name, layer in targets:
+        _replace(model, name, layer.to_linear())
+    return len(targets)
+
+
 def apply_precision(model: nn.Module, precision: str) -> int:
     """Convert the base weights for `precision` ("no_change", "int8-quanto", "fp8"; NF4/int4 are
-    refused). Returns how many Linear layers were converted. "no_change" keeps the weights as
-    loaded (kept fp8 layers stay fp8)."""
+    refused). Returns how many Linear layers were converted. "no_change" trains on the weights
+    in their compute dtype: layers kept in fp8 by the loader (``keep_fp8``) are dequantized,
+    as a load without it would have given them."""
     precision = normalize_precision(precision)
     if precision == "no_change":
-        return 0
+        return dequantize_fp8(model)
     if precision == "fp8":
         return quantize_fp8(model)
     return quantize_int8_quanto(model)
@@ -203,6 +215,7 @@ __all__ = [
     "FP8_DTYPE",
     "Fp8Linear",
     "apply_precision",
+    "dequantize_fp8",
     "keeps_fp8_on_load",
     "quantizable_linears",
     "quantize_fp8",
