@@ -72,8 +72,9 @@ class ModelSource:
     `path`: a Diffusers folder or a single ComfyUI/original ``.safetensors`` file (what
     `trainer.model.load_transformer` takes), or ``"tiny"`` for the built-in tiny random model
     built with `seed`. `dtype`: "bfloat16", "float16" or "float32" (fp8-scaled files are
-    dequantized to it, unless `load` keeps them for fp8 training). `numerics`: "official" or "comfyui". Memory settings (device, base
-    model precision, offload, checkpointing) travel in `TrainConfig.memory`.
+    dequantized to it, unless `load` keeps them for fp8 training). `numerics`: "official" or
+    "comfyui". Memory settings (device, base model precision, offload, checkpointing) travel
+    in `TrainConfig.memory`.
     """
 
     path: str
