@@ -19,7 +19,6 @@ import statistics
 import tempfile
 
 import torch
-
 from common import build_on_device, environment, print_table, save_json
 
 

@@ -19,7 +19,6 @@ import argparse
 import gc
 
 import torch
-
 from bench_forward import s2v_inputs
 from common import add_bench_lora, build_on_device, environment, print_table, save_json, time_cuda
 
@@ -98,9 +97,9 @@ def main() -> None:
         trainable = params + (crepa.parameters() if use_crepa else [])
         optimizer = torch.optim.AdamW(trainable, lr=1e-4)
 
-        def step():
+        def step(optimizer=optimizer, regularizer=crepa if use_crepa else None):
             loss, _ = compute_losses(model, inputs, sigmas, noise, config, torch.device("cuda"),
-                                     crepa=crepa if use_crepa else None, step=100)
+                                     crepa=regularizer, step=100)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

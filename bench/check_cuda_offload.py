@@ -11,7 +11,6 @@ import copy
 import sys
 
 import torch
-
 from common import REPO  # noqa: F401  (puts the repo on sys.path)
 
 

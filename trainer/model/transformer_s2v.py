@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -26,19 +27,17 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import FeedForward
 from diffusers.models.embeddings import PixArtAlphaTextProjection, TimestepEmbedding
-from dataclasses import dataclass
-
-from diffusers.utils import BaseOutput
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import WanS2VAttention
-from .checkpointing import CHECKPOINT_POLICIES, checkpoint_function
 from .audio_modules import AudioInjector, CausalAudioEncoder
+from .checkpointing import CHECKPOINT_POLICIES, checkpoint_function
 from .framepack import FramePackMotioner
-from .routing import TokenRoute, kept_video_tokens, parse_routes
 from .rope import rope_tables, video_positions
+from .routing import TokenRoute, kept_video_tokens, parse_routes
 
 NUMERICS = ("official", "comfyui")
 DEFAULT_AUDIO_INJECT_LAYERS = (0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39)
@@ -198,7 +197,7 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """Wan 2.2 S2V 14B transformer (defaults are the 14B configuration)."""
 
     _supports_gradient_checkpointing = True
-    _no_split_modules = ["WanS2VTransformerBlock"]
+    _no_split_modules: ClassVar[list[str]] = ["WanS2VTransformerBlock"]
     _keep_in_fp32_modules = None
 
     @register_to_config
@@ -399,12 +398,45 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             raise ValueError(f"latent size {frames}x{height}x{width} is not a multiple of the patch {p_t}x{p_h}x{p_w}")
         grid = (frames // p_t, height // p_h, width // p_w)
         dtype = self.dtype
+        if capture_block is not None and not 0 <= capture_block < len(self.blocks):
+            raise ValueError(f"capture_block {capture_block} is not a block of this model (0..{len(self.blocks) - 1}); "
+                             "lower crepa_block_index")
+
+        audio = None if audio_embeds is None else self._encode_audio(audio_embeds, grid[0], numerics)
+        x, positions, num_video = self._embed_tokens(hidden_states, reference_latents, pose_latents, motion_latents,
+                                                     grid, numerics)
+        rotary = rope_tables(positions.to(x.device), self.config.attention_head_dim, self.config.rope_theta)
+        split = self._timestep_split(
+            num_video, grid[0], x.shape[1], reference_latents is not None, motion_latents is not None, numerics
+        )
+        temb, temb_blocks = self._embed_timestep(timestep, batch, numerics)
+        context = self.condition_embedder.text_embedder(encoder_hidden_states.to(dtype))
+
+        x, captured, captured_mask = self._run_blocks(
+            x, temb_blocks, split, rotary, context, num_video, audio, grid, capture_block
+        )
+        x = x[:, :num_video]
+        shift, scale = (self.scale_shift_table.float().unsqueeze(1) + temb.unsqueeze(2)).unbind(2)
+        x = self.proj_out(_modulate(self.norm_out(x.float()), shift, scale, split).to(dtype))
+        out = self._unpatchify(x, grid)
+        if not return_dict:
+            return (out,) if capture_block is None else (out, captured, captured_mask)
+        return WanS2VTransformerOutput(sample=out, captured_hidden_states=captured, captured_mask=captured_mask)
+
+    def _embed_tokens(
+        self,
+        hidden_states: torch.Tensor,
+        reference_latents: torch.Tensor | None,
+        pose_latents: torch.Tensor | None,
+        motion_latents: torch.Tensor | None,
+        grid: tuple[int, int, int],
+        numerics: str,
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Patch-embed the video (+ pose), reference and FramePack motion latents into one
+        sequence [B, S, C] (video first, each part plus its condition-mask row), with the
+        RoPE positions [S, 3] of every token and the number of video tokens."""
+        dtype = self.dtype
         mask = self.trainable_condition_mask.weight.to(dtype)
-
-        audio = None
-        if audio_embeds is not None:
-            audio = self._encode_audio(audio_embeds, grid[0], numerics)
-
         x = self.patch_embedding(hidden_states.to(dtype))
         if pose_latents is not None:
             x = x + self.condition_embedder.pose_embedder(pose_latents.to(dtype))
@@ -416,35 +448,43 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             ref = self.patch_embedding(reference_latents.to(dtype)).flatten(2).transpose(1, 2)
             tokens.append(ref + mask[1])
             ref_time = 30 if numerics == "official" else max(30, grid[0] + 9)
-            ref_frames = reference_latents.shape[2] // p_t
+            ref_frames = reference_latents.shape[2] // self.config.patch_size[0]
             positions.append(video_positions(ref_frames, grid[1], grid[2], t_start=ref_time))
 
         if motion_latents is not None:
             motion, motion_positions = self.frame_packer(motion_latents.to(dtype), numerics)
             tokens.append(motion + mask[2])
             positions.append(motion_positions)
+        return torch.cat(tokens, dim=1), torch.cat(positions), num_video
 
-        x = torch.cat(tokens, dim=1)
-        rotary = rope_tables(torch.cat(positions).to(x.device), self.config.attention_head_dim, self.config.rope_theta)
-        split = self._timestep_split(
-            num_video, grid[0], x.shape[1], reference_latents is not None, motion_latents is not None, numerics
-        )
-
+    def _embed_timestep(self, timestep: torch.Tensor, batch: int, numerics: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings of (t, 0) per sample: [B, 2, C] for the head and [B, 2, 6, C] for the
+        blocks' modulation, float32 (index 1 = the zero timestep of reference/motion tokens)."""
+        dtype = self.dtype
         timestep = timestep.reshape(-1).expand(batch) if timestep.numel() == 1 else timestep.reshape(batch)
         pair = torch.stack([timestep, torch.zeros_like(timestep)], dim=1).flatten()  # [B * 2]
         sinusoid = sinusoidal_timestep_embedding(pair, self.config.freq_dim, numerics)
         embedder = self.condition_embedder
         temb = embedder.time_embedder(sinusoid.to(dtype)).float()  # [B * 2, C]
         temb_blocks = embedder.time_proj(F.silu(temb).to(dtype)).float().unflatten(1, (6, -1))
-        temb = temb.unflatten(0, (batch, 2))  # [B, 2, C]
-        temb_blocks = temb_blocks.unflatten(0, (batch, 2))  # [B, 2, 6, C]
+        return temb.unflatten(0, (batch, 2)), temb_blocks.unflatten(0, (batch, 2))
 
-        context = embedder.text_embedder(encoder_hidden_states.to(dtype))
-
+    def _run_blocks(
+        self,
+        x: torch.Tensor,
+        temb_blocks: torch.Tensor,
+        split: int,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        context: torch.Tensor,
+        num_video: int,
+        audio: tuple[torch.Tensor, torch.Tensor] | None,
+        grid: tuple[int, int, int],
+        capture_block: int | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The blocks (each with its audio injection, checkpointed as configured), TREAD
+        routes in training, and the capture of block `capture_block`'s video tokens.
+        Returns the sequence [B, S, C] and (captured tokens, their route mask) or Nones."""
         captured = captured_mask = None
-        if capture_block is not None and not 0 <= capture_block < len(self.blocks):
-            raise ValueError(f"capture_block {capture_block} is not a block of this model (0..{len(self.blocks) - 1}); "
-                             "lower crepa_block_index")
         routing = self.training and torch.is_grad_enabled()
         routes = {route.start_layer_idx: route for route in self.token_routes} if routing else {}
         state = (num_video, split, rotary)  # (video tokens, timestep split, RoPE) of the sequence
@@ -461,14 +501,7 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 video = outside[0].index_copy(1, outside[1], x[:, : state[0]])
                 x = torch.cat([video, x[:, state[0] :]], dim=1)
                 state, outside = (num_video, split, rotary), None
-
-        x = x[:, :num_video]
-        shift, scale = (self.scale_shift_table.float().unsqueeze(1) + temb.unsqueeze(2)).unbind(2)
-        x = self.proj_out(_modulate(self.norm_out(x.float()), shift, scale, split).to(dtype))
-        out = self._unpatchify(x, grid)
-        if not return_dict:
-            return (out,) if capture_block is None else (out, captured, captured_mask)
-        return WanS2VTransformerOutput(sample=out, captured_hidden_states=captured, captured_mask=captured_mask)
+        return x, captured, captured_mask
 
     @staticmethod
     def _capture_video(
@@ -542,8 +575,8 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
 __all__ = [
     "DEFAULT_AUDIO_INJECT_LAYERS",
-    "WanS2VTransformerOutput",
     "NUMERICS",
     "TINY_TRANSFORMER_CONFIG",
     "WanS2VTransformer3DModel",
+    "WanS2VTransformerOutput",
 ]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TEACHERS, CrepaConfig
+from .config import CrepaConfig
 
 __all__ = ["CrepaConfig", "CrepaProjector", "crepa_loss", "load_teacher", "teacher_frame_indices", "teacher_tokens"]
 

@@ -24,11 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..distributed import SINGLE, Dist, current as current_dist, shard
+from ..distributed import SINGLE, Dist, shard
+from ..distributed import current as current_dist
 from ..lora.io import save_lora
+from ..memory import apply_memory_config
 from .batching import BatchOrder, collate
 from .checkpoint import checkpoint_root, load_checkpoint, remove_partial, resolve_resume, save_checkpoint
-from ..memory import apply_memory_config
 from .config import TrainConfig
 from .crepa import CrepaRegularizer
 from .flow import add_noise, auto_shift, flow_loss, sample_sigmas, timesteps_from_sigmas, velocity_target
@@ -239,7 +240,7 @@ def _set_rng_state(generator: torch.Generator, state: dict[str, Any], dist: Dist
         torch.cuda.set_rng_state_all(state["cuda"])
     elif "cuda_device" in state:
         torch.cuda.set_rng_state(state["cuda_device"])
-    elif "cuda" in state and state["cuda"]:
+    elif state.get("cuda"):
         torch.cuda.set_rng_state(state["cuda"][min(torch.cuda.current_device(), len(state["cuda"]) - 1)])
 
 
