@@ -328,3 +328,26 @@ def test_loader_node_keeps_fp8(fp8_file):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report == {"kept": TINY_TARGETS - 1, "source": str(fp8_file)}
+
+
+def test_sampler_bundle_keeps_fp8_and_samples_with_a_lora(fp8_file, tmp_path):
+    """Load Wan S2V Model Bundle's loader keeps an fp8 file in fp8; sampling with a LoRA on
+    top runs and the LoRA changes the video."""
+    from sample_helpers import lora_file, reference_image, speech
+
+    from trainer.model.tiny import build_tiny_model_set
+    from trainer.sample import LoraSpec, SamplerConfig, load_model_bundle, sample_s2v
+
+    parts = build_tiny_model_set(tmp_path / "tiny")
+    bundle = load_model_bundle(fp8_file, parts["vae_comfyui"], parts["text_encoder_comfyui"],
+                               parts["audio_encoder_comfyui"], dtype=torch.float32)
+    assert len(fp8_layers(bundle.transformer)) > 0
+    lora = lora_file(bundle.transformer, tmp_path / "lora.safetensors")
+    config = SamplerConfig(prompt="a man talks", width=64, height=64, frames_per_chunk=8, max_chunks=1, steps=2,
+                           seed=3)
+    plain = sample_s2v(bundle, reference_image(), speech(1.0), config, sample_rate=16_000)
+    with_lora = sample_s2v(bundle, reference_image(), speech(1.0), config, sample_rate=16_000,
+                           loras=[LoraSpec(lora, 1.0)])
+    assert torch.isfinite(with_lora.frames).all() and with_lora.frames.shape == plain.frames.shape
+    assert (with_lora.frames - plain.frames).abs().max() > 1e-3
+    assert len(fp8_layers(bundle.transformer)) > 0  # still fp8 after the LoRA came and went

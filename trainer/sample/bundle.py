@@ -111,6 +111,7 @@ def load_model_bundle(
     text_encoder_dtype: str | torch.dtype | None = None,
     tiny: bool = False,
     seed: int = 0,
+    keep_fp8: bool = True,
 ) -> ModelBundle:
     """Load every part from ComfyUI files or Diffusers folders.
 
@@ -121,6 +122,9 @@ def load_model_bundle(
     the official code runs the VAE in float32), the text encoder in `text_encoder_dtype`
     (default `dtype`). Parts load onto `load_device` (CPU by default: the sampler moves each
     to `device` when it runs). `tiny=True` builds the built-in tiny set in memory instead.
+    With `keep_fp8`, a scaled-fp8 transformer file keeps its block and audio-injector Linears
+    in fp8 (half the memory of bf16; each layer dequantizes in its forward, as ComfyUI runs
+    such files); other files load as usual.
     """
     if tiny:
         return build_tiny_bundle(seed=seed, device=device, numerics=numerics)
@@ -140,7 +144,8 @@ def load_model_bundle(
 
     dtype = _dtype(dtype)
     kwargs = {"numerics": numerics} if numerics else {}
-    model = load_transformer(pick(transformer, "transformer"), dtype=dtype, device=load_device, **kwargs).eval()
+    model = load_transformer(pick(transformer, "transformer"), dtype=dtype, device=load_device, keep_fp8=keep_fp8,
+                             **kwargs).eval()
     model.requires_grad_(False)
     vae_model = load_vae(pick(vae, "vae"), dtype=torch.float32, device=load_device)
     text_path = pick(text_encoder, "text_encoder")
