@@ -17,6 +17,7 @@ are left as they are.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -168,7 +169,10 @@ def init_from_env(device: str | torch.device | None = "auto") -> Dist:
     use_cuda = torch.cuda.is_available() and (name == "auto" or name.startswith("cuda"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
+    # Rank 0 alone caches the dataset and renders validation clips while the others wait in a
+    # barrier: a 14B render or a first cache pass can outlast the default 10 minutes.
+    timeout = datetime.timedelta(minutes=float(os.environ.get("WAN_S2V_DIST_TIMEOUT_MIN", "120")))
+    torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout)
     return current()
 
 
