@@ -11,6 +11,7 @@ side) on the 21 latent-aligned pixel frames.
 
     python bench/bench_tread_crepa.py --compile
     python bench/bench_tread_crepa.py --compile --variants plain,plain+host,tread+host
+    python bench/bench_tread_crepa.py --compile --variants plain+host,regions+host   # issue 4 experiment
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ from bench_forward import s2v_inputs
 from common import add_bench_lora, build_on_device, environment, print_table, save_json, time_cuda
 
 TREAD = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}]}
-VARIANTS = {  # name: (offload checkpointed inputs to host, TREAD, CREPA)
-    "plain": (False, False, False),
-    "plain+host": (True, False, False),
-    "tread+host": (True, True, False),
-    "crepa+host": (True, False, True),
-    "tread+crepa+host": (True, True, True),
-    "tread": (False, True, False),
-    "crepa": (False, False, True),
+VARIANTS = {  # name: (offload checkpointed inputs to host, TREAD, CREPA, compiled checkpoint regions)
+    "plain": (False, False, False, False),
+    "plain+host": (True, False, False, False),
+    "tread+host": (True, True, False, False),
+    "crepa+host": (True, False, True, False),
+    "tread+crepa+host": (True, True, True, False),
+    "tread": (False, True, False, False),
+    "crepa": (False, False, True, False),
+    "regions": (False, False, False, True),
+    "regions+host": (True, False, False, True),
 }
 
 
@@ -45,6 +48,7 @@ def giant_teacher(device: str) -> torch.nn.Module:
 
 def main() -> None:
     from trainer.memory import MemoryConfig
+    from trainer.memory.activations import ActivationOffload, offloaded_checkpoint
     from trainer.memory.apply import configure_checkpointing
     from trainer.model.transformer_s2v import WanS2VTransformer3DModel
     from trainer.train.config import CrepaConfig, TrainConfig
@@ -89,8 +93,13 @@ def main() -> None:
 
     rows = []
     for name in args.variants.split(","):
-        host, tread, use_crepa = VARIANTS[name]
+        host, tread, use_crepa, regions = VARIANTS[name]
         configure_checkpointing(model, MemoryConfig(gradient_checkpointing=args.policy, offload_activations=host))
+        if regions:  # the checkpoint inside the compiled graph; the host offload hooks outside it
+            model.configure_gradient_checkpointing(args.policy, compile_regions=True)
+            if host:
+                offload = ActivationOffload()
+                model.set_block_checkpointing([offloaded_checkpoint(run, offload) for run in model.block_checkpointing])
         model.set_token_routes(TREAD if tread else None)
         if use_crepa and crepa is None:
             crepa = CrepaRegularizer(config.crepa, dim, "cuda", torch.bfloat16, teacher=giant_teacher("cuda"))

@@ -103,22 +103,37 @@ class AudioInjector(nn.Module):
             [AdaLayerNorm(embedding_dim=dim, output_dim=2 * dim, chunk_dim=1) for _ in range(count)]
         )
 
+    def parts(self, block_index: int) -> tuple[nn.Module, nn.Module] | None:
+        """(AdaIN layer, attention) of the injector after block `block_index`, or None."""
+        index = self.block_to_injector.get(block_index)
+        return None if index is None else (self.injector_adain_layers[index], self.injector[index])
+
     def forward(
         self, hidden_states: torch.Tensor, block_index: int, audio_local: torch.Tensor, audio_global: torch.Tensor
     ) -> torch.Tensor:
-        """Residual update of the video tokens.
+        """Residual update of the video tokens by the injector after block `block_index`;
+        see `inject`."""
+        return inject_audio(hidden_states, self.parts(block_index), audio_local, audio_global)
 
-        Args:
-            hidden_states: [B, T * N, C] video tokens, frame-major (N tokens per frame).
-            audio_local: [B, T, A, C] audio tokens per latent frame.
-            audio_global: [B, T, 1, C] AdaIN conditioning per latent frame.
 
-        Returns:
-            [B, T * N, C] residual to add to the video tokens.
-        """
-        index = self.block_to_injector[block_index]
-        batch, frames = audio_local.shape[:2]
-        per_frame = hidden_states.unflatten(1, (frames, -1)).flatten(0, 1)  # [B T, N, C]
-        normed = self.injector_adain_layers[index](per_frame, temb=audio_global.flatten(0, 1)[:, 0])
-        residual = self.injector[index](normed, encoder_hidden_states=audio_local.flatten(0, 1))
-        return residual.unflatten(0, (batch, frames)).flatten(1, 2)
+def inject_audio(
+    hidden_states: torch.Tensor, parts: tuple[nn.Module, nn.Module], audio_local: torch.Tensor,
+    audio_global: torch.Tensor,
+) -> torch.Tensor:
+    """Per-frame AdaIN + cross-attention of the video tokens to their frame's audio tokens.
+
+    Args:
+        hidden_states: [B, T * N, C] video tokens, frame-major (N tokens per frame).
+        parts: (AdaIN layer, attention) of one injector (`AudioInjector.parts`).
+        audio_local: [B, T, A, C] audio tokens per latent frame.
+        audio_global: [B, T, 1, C] AdaIN conditioning per latent frame.
+
+    Returns:
+        [B, T * N, C] residual to add to the video tokens.
+    """
+    adain, attention = parts
+    batch, frames = audio_local.shape[:2]
+    per_frame = hidden_states.unflatten(1, (frames, -1)).flatten(0, 1)  # [B T, N, C]
+    normed = adain(per_frame, temb=audio_global.flatten(0, 1)[:, 0])
+    residual = attention(normed, encoder_hidden_states=audio_local.flatten(0, 1))
+    return residual.unflatten(0, (batch, frames)).flatten(1, 2)

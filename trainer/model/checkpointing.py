@@ -46,3 +46,14 @@ def checkpoint_function(policy: str) -> Callable:
         context = functools.partial(create_selective_checkpoint_contexts, _keep_self_attention)
         return functools.partial(checkpoint, use_reentrant=False, context_fn=context)
     raise ValueError(f"unknown checkpoint policy '{policy}' (expected one of {CHECKPOINT_POLICIES})")
+
+
+@functools.cache
+def compiled_checkpoint(policy: str, unit: Callable) -> Callable:
+    """torch.compile of ``checkpoint(unit, *args)`` under `policy`: the compiler sees the
+    checkpointed region whole and chooses (within the policy) what to save and what to
+    recompute in the backward graph. One compiled function per (policy, unit), shared by
+    every block (modules are arguments of `unit`)."""
+    run = checkpoint_function(policy)
+    return torch.compile(functools.partial(run, unit))
+

@@ -33,8 +33,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import WanS2VAttention
-from .audio_modules import AudioInjector, CausalAudioEncoder
-from .checkpointing import CHECKPOINT_POLICIES, checkpoint_function
+from .audio_modules import AudioInjector, CausalAudioEncoder, inject_audio
+from .checkpointing import CHECKPOINT_POLICIES, checkpoint_function, compiled_checkpoint
 from .framepack import FramePackMotioner
 from .rope import rope_tables, video_positions
 from .routing import TokenRoute, kept_video_tokens, parse_routes
@@ -193,6 +193,27 @@ class WanS2VConditionEmbedder(nn.Module):
         self.pose_embedder = nn.Conv3d(pose_dim, dim, kernel_size=patch_size, stride=patch_size)
 
 
+def block_and_audio(
+    block: nn.Module,
+    injector: tuple[nn.Module, nn.Module] | None,
+    x: torch.Tensor,
+    temb: torch.Tensor,
+    split: int,
+    rotary: tuple[torch.Tensor, torch.Tensor],
+    context: torch.Tensor,
+    num_video: int,
+    audio: tuple[torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """`block` on the sequence [B, S, C], then the audio `injector` (AdaIN, attention) on its
+    first `num_video` tokens. Modules are arguments (not looked up by index), so one compiled
+    graph serves every block."""
+    x = block(x, temb, split, rotary, context)
+    if audio is None or injector is None:
+        return x
+    residual = inject_audio(x[:, :num_video], injector, audio[1], audio[0])
+    return torch.cat([x[:, :num_video] + residual, x[:, num_video:]], dim=1)
+
+
 class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """Wan 2.2 S2V 14B transformer (defaults are the 14B configuration)."""
 
@@ -267,7 +288,8 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.token_routes = parse_routes(routes, len(self.blocks))
 
     def configure_gradient_checkpointing(
-        self, policy: str = "full", attention_blocks: int | None = None, interval: int = 1
+        self, policy: str = "full", attention_blocks: int | None = None, interval: int = 1,
+        compile_regions: bool = False,
     ) -> None:
         """Choose how blocks are checkpointed in training.
 
@@ -279,18 +301,38 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 None means all blocks.
             interval: checkpoint every `interval`-th block only (the others keep all their
                 activations).
+            compile_regions: compile each checkpointed block (with its audio injection) as
+                one graph with the checkpoint inside it, so the compiler decides what the
+                backward recomputes and fuses that work into its kernels (instead of
+                re-running the compiled forward). Same gradients as eager; not with block
+                offload. Experimental: `bench/bench_tread_crepa.py` variant "regions+host"
+                measures it against `compile_blocks()`.
         """
         if policy not in CHECKPOINT_POLICIES:
             raise ValueError(f"policy must be one of {CHECKPOINT_POLICIES}, got '{policy}'")
         if interval < 1:
             raise ValueError(f"interval must be >= 1, got {interval}")
         keep = len(self.blocks) if attention_blocks is None else attention_blocks
+        make = self._compiled_region if compile_regions else checkpoint_function
         functions = [
             None if policy == "none" or index % interval
-            else checkpoint_function("attention" if policy == "attention" and index < keep else "full")
+            else make("attention" if policy == "attention" and index < keep else "full")
             for index in range(len(self.blocks))
         ]
         self.set_block_checkpointing(functions)
+
+    def _compiled_region(self, policy: str) -> Callable:
+        """A `run(fn, index, *args)` checkpoint function whose whole region, checkpoint
+        included, is one compiled graph (`fn`, the model's own `_block_and_audio`, is replaced
+        by `block_and_audio` on the block's modules)."""
+        region = compiled_checkpoint(policy, block_and_audio)
+
+        def run(fn: Callable, index: int, *args: Any) -> torch.Tensor:
+            if getattr(self, "_block_offloader", None) is not None:
+                raise ValueError("compile_regions does not work with block offload (the swap runs between regions)")
+            return region(self.blocks[index], self.audio_injector.parts(index), *args)
+
+        return run
 
     @property
     def block_checkpointing(self) -> list[Callable | None]:
@@ -558,11 +600,8 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     ) -> torch.Tensor:
         """Block `index`, then its audio injection into the video tokens (if any). One unit
         for gradient checkpointing, so the injector's activations are not kept either."""
-        x = self.blocks[index](x, temb, split, rotary, context)
-        if audio is None or index not in self.audio_injector.block_to_injector:
-            return x
-        residual = self.audio_injector(x[:, :num_video], index, audio[1], audio[0])
-        return torch.cat([x[:, :num_video] + residual, x[:, num_video:]], dim=1)
+        injector = self.audio_injector.parts(index)
+        return block_and_audio(self.blocks[index], injector, x, temb, split, rotary, context, num_video, audio)
 
     def _unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """[B, T*h*w, p_t*p_h*p_w*C] -> [B, C, T*p_t, h*p_h, w*p_w]."""
