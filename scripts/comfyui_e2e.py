@@ -437,7 +437,7 @@ def check_memory_returns_to_baseline(ctx: E2EContext) -> str:
     """Load a 182 MB transformer file through Load Wan S2V Transformer and sample with it
     (-> native Save Video) RELEASE_RUNS times, each run with other loader and sampler inputs
     (so ComfyUI loads and samples again), freeing with POST /free after each: the server's
-    RSS after runs 2..N stays within RELEASE_TOLERANCE_MB of the RSS after run 1. A model
+    RSS after runs 2..N stays within RELEASE_TOLERANCE_MB of run 1's high-water mark. A model
     or bundle kept alive by the pack would add ~182 MB per run."""
     import torch
 
@@ -466,11 +466,14 @@ def check_memory_returns_to_baseline(ctx: E2EContext) -> str:
             freed.append(_free_and_settle(ctx, pid))
     finally:
         model_file.unlink(missing_ok=True)
-    baseline = freed[0]
+    # Run 1's high-water mark: whether glibc hands freed pages back to the OS after /free is
+    # not ours to decide (one run measured 917 -> 760 MiB, the next ones stayed at 928), but a
+    # model kept per run pushes every later run past it by the model's size.
+    baseline = max(loaded[0], freed[0])
     growth = [mb - baseline for mb in freed[1:]]
     numbers = (f"model file {file_mb:.0f} MiB; RSS idle {idle:.0f} MiB; after each run (outputs cached) "
                f"{', '.join(f'{mb:.0f}' for mb in loaded)} MiB; after /free {', '.join(f'{mb:.0f}' for mb in freed)} "
-               f"MiB; growth after run 1: {', '.join(f'{g:+.1f}' for g in growth)} MiB "
+               f"MiB; growth over run 1's peak: {', '.join(f'{g:+.1f}' for g in growth)} MiB "
                f"(tolerance {RELEASE_TOLERANCE_MB:.0f})")
     if any(g > RELEASE_TOLERANCE_MB for g in growth):
         raise CheckFailed("memory did not return to the baseline after run 1: " + numbers)
