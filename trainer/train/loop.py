@@ -320,8 +320,10 @@ def compute_losses(
     if crepa_weight > 0:
         frames = inputs.get("teacher_frames")
         if frames is None:
-            raise ValueError("CREPA is on but the dataset items carry no 'teacher_frames' "
-                             "(cache the dataset with CREPA enabled)")
+            raise ValueError("CREPA is on but the dataset items carry no 'teacher_frames': turn on "
+                             "'teacher_frames' on the dataset node (teacher_short_side 518 for dinov2_vitg14, 224 "
+                             "for dinov2_vits14), or `dataset cache --teacher-frames`; the training CLI does it "
+                             "by itself for a folder dataset")
         t, h, w = x0.shape[2], x0.shape[3] // 2, x0.shape[4] // 2
         term = crepa.loss(out.captured_hidden_states, out.captured_mask, frames, (t, h, w))
         parts["crepa_loss"] = term.item()
