@@ -1,8 +1,8 @@
 """The training loop itself (`trainer.train.loop.train`) on the full 14B S2V transformer:
 what a user's run costs per step, data loading, logging and the optimizer included.
 
-Random bf16 weights; a synthetic dataset of items with the shapes a cached 832x480x81 clip
-has (latents [16, 21, 60, 104], reference [16, 1, 60, 104], audio [25, 1024, 84], text
+Random bf16 weights; `SyntheticTalkingDataset` items with the shapes a cached 832x480x81
+clip has (latents [16, 21, 60, 104], reference [16, 1, 60, 104], audio [25, 1024, 84], text
 [512, 4096]); LoRA r16 (the loop's defaults), bf16 autocast, AdamW, the memory settings
 given. Step time = the loop's own `step_time` log field, median over the steps after the
 warm-up ones (the first compiles the blocks).
@@ -22,34 +22,11 @@ import torch
 from common import build_on_device, environment, print_table, save_json
 
 
-class FullSizeItems(torch.utils.data.Dataset):
-    """`count` random items with the tensor shapes of one cached 832x480, 81-frame window."""
-
-    def __init__(self, count: int, frames: int = 81, height: int = 480, width: int = 832):
-        t, h, w = (frames - 1) // 4 + 1, height // 8, width // 8
-        g = torch.Generator().manual_seed(0)
-        self.items = [{
-            "latents": torch.randn(16, t, h, w, generator=g),
-            "reference_latents": torch.randn(16, 1, h, w, generator=g),
-            "audio_embeds": torch.randn(25, 1024, 4 * t, generator=g),
-            "text_embeds": torch.randn(512, 4096, generator=g).to(torch.bfloat16),
-            "caption": "a person talks", "source": f"clip{i}", "window_index": 0, "bucket": (height, width),
-        } for i in range(count)]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict:
-        return dict(self.items[index])
-
-    def bucket_of(self, index: int):
-        return self.items[index]["bucket"]
-
-
 def main() -> None:
     from trainer.model.transformer_s2v import WanS2VTransformer3DModel
     from trainer.train.config import TrainConfig
     from trainer.train.loop import train
+    from trainer.train.synthetic import SyntheticTalkingDataset
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--memory", default='{"gradient_checkpointing": "attention", "offload_activations": true}')
@@ -68,7 +45,9 @@ def main() -> None:
             **json.loads(args.memory and '{"memory": ' + args.memory + "}"), **json.loads(args.extra),
         })
         torch.cuda.reset_peak_memory_stats()
-        train(model, FullSizeItems(4), config, on_log=records.append)
+        data = SyntheticTalkingDataset(num_sources=2, windows_per_source=2, latent_frames=21, height=60, width=104,
+                                       audio_dim=1024, text_dim=4096, text_len=512)
+        train(model, data, config, on_log=records.append)
     times = [r["step_time"] for r in records if "step_time" in r][args.warmup:]
     row = {"memory": args.memory, "extra": args.extra, "steps_timed": len(times),
            "median_s": f"{statistics.median(times):.2f}", "min_s": f"{min(times):.2f}",

@@ -57,13 +57,13 @@ def build(base_model, **memory):
     return model, params, setup
 
 
-def loss_and_grads(model, params, seed=1):
+def loss_and_grads(model, params, seed=1, autocast=True):
     x = inputs(seed=seed)
     gen = torch.Generator().manual_seed(seed + 100)
     target = torch.randn(x["hidden_states"].shape, generator=gen)
     for p in params.values():
         p.grad = None
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = model(**x).sample
     loss = torch.nn.functional.mse_loss(out.float(), target)
     loss.backward()
@@ -263,23 +263,16 @@ def test_compiled_checkpoint_regions_match_eager(base_model):
 
     from trainer.memory.activations import ActivationOffload, offloaded_checkpoint
 
-    def fp32_loss_and_grads(model, params):
-        x = inputs(seed=1)
-        target = torch.randn(x["hidden_states"].shape, generator=torch.Generator().manual_seed(101))
-        loss = torch.nn.functional.mse_loss(model(**x).sample.float(), target)
-        loss.backward()
-        return loss.item(), {n: p.grad.detach().clone() for n, p in params.items()}
-
     fp32_model = copy.deepcopy(base_model).float()  # bf16 would differ by the compiler's fusions
     eager, eager_params, _ = build(fp32_model, gradient_checkpointing="attention")
-    expected = fp32_loss_and_grads(eager, eager_params)
+    expected = loss_and_grads(eager, eager_params, autocast=False)
     torch._dynamo.reset()
     counters.clear()
     model, params, _ = build(fp32_model)
     model.configure_gradient_checkpointing("attention", compile_regions=True)
     offload = ActivationOffload(min_bytes=0)
     model.set_block_checkpointing([offloaded_checkpoint(run, offload) for run in model.block_checkpointing])
-    loss, grads = fp32_loss_and_grads(model, params)
+    loss, grads = loss_and_grads(model, params, autocast=False)
     assert loss == pytest.approx(expected[0], rel=1e-5)
     for name, g in grads.items():
         torch.testing.assert_close(g, expected[1][name], rtol=1e-4, atol=1e-6)

@@ -587,21 +587,11 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         # Inside a route exactly the kept video tokens carry the diffusion timestep.
         return routed, (kept, kept, (rotary[0][rows], rotary[1][rows])), (video, keep, route.end_layer_idx)
 
-    def _block_and_audio(
-        self,
-        index: int,
-        x: torch.Tensor,
-        temb: torch.Tensor,
-        split: int,
-        rotary: tuple[torch.Tensor, torch.Tensor],
-        context: torch.Tensor,
-        num_video: int,
-        audio: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> torch.Tensor:
-        """Block `index`, then its audio injection into the video tokens (if any). One unit
-        for gradient checkpointing, so the injector's activations are not kept either."""
-        injector = self.audio_injector.parts(index)
-        return block_and_audio(self.blocks[index], injector, x, temb, split, rotary, context, num_video, audio)
+    def _block_and_audio(self, index: int, *args: Any) -> torch.Tensor:
+        """`block_and_audio` (same further arguments) on block `index` and its injector: one
+        unit for gradient checkpointing and block swap, so the injector's activations are
+        not kept either."""
+        return block_and_audio(self.blocks[index], self.audio_injector.parts(index), *args)
 
     def _unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """[B, T*h*w, p_t*p_h*p_w*C] -> [B, C, T*p_t, h*p_h, w*p_w]."""
