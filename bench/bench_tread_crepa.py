@@ -11,7 +11,13 @@ side) on the 21 latent-aligned pixel frames.
 
     python bench/bench_tread_crepa.py --compile
     python bench/bench_tread_crepa.py --compile --variants plain,plain+host,tread+host
-    python bench/bench_tread_crepa.py --compile --variants plain+host,regions+host   # issue 4 experiment
+    python bench/bench_tread_crepa.py --compile --variants plain+host,regions+host,linears16+host
+
+A variant is "+"-joined parts: plain, tread, crepa, host (saved tensors to pinned host
+memory), regions (compiled checkpoint regions, the loop's CUDA default) and linearsN
+(regions where the first N blocks also keep their linear outputs). "host GiB" is what went
+to host memory per step; a linearsN variant whose predicted host need exceeds the free host
+RAM is skipped.
 """
 
 from __future__ import annotations
@@ -24,17 +30,23 @@ from bench_forward import s2v_inputs
 from common import add_bench_lora, build_on_device, environment, print_table, save_json, time_cuda
 
 TREAD = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}]}
-VARIANTS = {  # name: (offload checkpointed inputs to host, TREAD, CREPA, compiled checkpoint regions)
-    "plain": (False, False, False, False),
-    "plain+host": (True, False, False, False),
-    "tread+host": (True, True, False, False),
-    "crepa+host": (True, False, True, False),
-    "tread+crepa+host": (True, True, True, False),
-    "tread": (False, True, False, False),
-    "crepa": (False, False, True, False),
-    "regions": (False, False, False, True),
-    "regions+host": (True, False, False, True),
-}
+
+
+def parse_variant(name: str) -> dict:
+    parts = name.split("+")
+    linears = next((int(part[len("linears"):]) for part in parts if part.startswith("linears")), 0)
+    known = {"plain", "tread", "crepa", "host", "regions"}
+    unknown = [part for part in parts if part not in known and not part.startswith("linears")]
+    if unknown:
+        raise SystemExit(f"unknown variant part(s) {unknown} in '{name}'")
+    return {"host": "host" in parts, "tread": "tread" in parts, "crepa": "crepa" in parts,
+            "regions": "regions" in parts or linears > 0, "linears": linears}
+
+
+def free_host_gib() -> float:
+    with open("/proc/meminfo") as meminfo:
+        fields = dict(line.split(":", 1) for line in meminfo)
+    return int(fields["MemAvailable"].split()[0]) / 2**20
 
 
 def giant_teacher(device: str) -> torch.nn.Module:
@@ -48,7 +60,6 @@ def giant_teacher(device: str) -> torch.nn.Module:
 
 def main() -> None:
     from trainer.memory import MemoryConfig
-    from trainer.memory.activations import ActivationOffload, offloaded_checkpoint
     from trainer.memory.apply import configure_checkpointing
     from trainer.model.transformer_s2v import WanS2VTransformer3DModel
     from trainer.train.config import CrepaConfig, TrainConfig
@@ -92,14 +103,19 @@ def main() -> None:
     base_gib = torch.cuda.memory_allocated() / 2**30
 
     rows = []
+    host_base = per_linear_block = None  # GiB to host per step: regions alone, and per linears block
+    pinned = 0.0  # the most any variant moved (held by the pinned-memory cache)
     for name in args.variants.split(","):
-        host, tread, use_crepa, regions = VARIANTS[name]
-        configure_checkpointing(model, MemoryConfig(gradient_checkpointing=args.policy, offload_activations=host))
-        if regions:  # the checkpoint inside the compiled graph; the host offload hooks outside it
-            model.configure_gradient_checkpointing(args.policy, compile_regions=True)
-            if host:
-                offload = ActivationOffload()
-                model.set_block_checkpointing([offloaded_checkpoint(run, offload) for run in model.block_checkpointing])
+        v = parse_variant(name)
+        host, tread, use_crepa = v["host"], v["tread"], v["crepa"]
+        if v["linears"] and host and host_base is not None and per_linear_block is not None:
+            need = host_base + per_linear_block * v["linears"]
+            if need - pinned > 0.85 * free_host_gib():  # the pinned cache of earlier variants is reused
+                rows.append({"variant": name, "error": f"skipped: needs ~{need:.0f} GiB host, {free_host_gib():.0f} free"})
+                continue
+        configure_checkpointing(model, MemoryConfig(gradient_checkpointing=args.policy, offload_activations=host,
+                                                    linear_blocks=v["linears"]), compile_regions=v["regions"])
+        offload = getattr(model.block_checkpointing[0], "offload", None)
         model.set_token_routes(TREAD if tread else None)
         if use_crepa and crepa is None:
             crepa = CrepaRegularizer(config.crepa, dim, "cuda", torch.bfloat16, teacher=giant_teacher("cuda"))
@@ -116,12 +132,25 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        if offload is not None:
+            offload.reset_stats()
         try:
             median, samples = time_cuda(step, args.warmup, args.repeats)
             row = {"variant": name, "median_s": f"{median:.2f}", "min_s": f"{min(samples):.2f}",
                    "peak_gib": f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"}
+            if offload is not None:
+                moved = offload.moved_bytes / 2**30 / (args.warmup + args.repeats)
+                row["host_gib"] = f"{moved:.1f}"
+                pinned = max(pinned, moved)
+                if v["regions"] and not tread and not use_crepa:
+                    if v["linears"]:
+                        per_linear_block = (moved - (host_base or 0)) / v["linears"]
+                    else:
+                        host_base = moved
         except torch.OutOfMemoryError as exc:
             row = {"variant": name, "error": "OOM: " + str(exc).splitlines()[0][:120]}
+        except Exception as exc:  # a compiler failure in one variant should not hide the others
+            row = {"variant": name, "error": f"{type(exc).__name__}: " + str(exc).splitlines()[0][:160]}
         row["policy"] = args.policy + (", compiled" if args.compile else ", eager")
         print(row, flush=True)
         rows.append(row)
@@ -134,7 +163,7 @@ def main() -> None:
     title = (f"S2V 14B LoRA r16 step, TREAD / CREPA / host offload, {args.width}x{args.height}x{args.frames} - "
              f"{env['device']}, torch {env['torch']}, {env['date']}, commit {env['commit']} "
              f"(model + LoRA + inputs resident: {base_gib:.1f} GiB)")
-    table = print_table(title, rows, ["variant", "policy", "median_s", "min_s", "vs_plain+host", "peak_gib", "error"])
+    table = print_table(title, rows, ["variant", "policy", "median_s", "min_s", "vs_plain+host", "peak_gib", "host_gib", "error"])
     save_json("bench_tread_crepa.json", {"env": env, "rows": rows, "table": table})
 
 

@@ -1,6 +1,9 @@
 """CUDA-only correctness of the overlapped host offloads (side streams cannot be tested on
 CPU): a small S2V transformer trains one step with and without host offload of the
-checkpointed block inputs, and with block offload; loss and LoRA gradients must match.
+checkpointed block inputs, and with block offload; loss and LoRA gradients must match. The
+compiled checkpoint regions (the loop's CUDA default) offload everything large a block
+saves, a whole block's worth fetched ahead; with `linear_blocks` that includes the linear
+outputs.
 
     python bench/check_cuda_offload.py
 """
@@ -37,7 +40,9 @@ def main() -> int:
 
     def run(memory: dict) -> tuple[float, dict[str, torch.Tensor], int]:
         model = copy.deepcopy(base)
-        setup = apply_memory_config(model, MemoryConfig(**memory), "cuda")
+        memory = dict(memory)
+        regions = memory.pop("compile_regions", False)
+        setup = apply_memory_config(model, MemoryConfig(**memory), "cuda", compile_regions=regions)
         model.requires_grad_(False)
         torch.manual_seed(2)  # the same LoRA init in every run
         model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
@@ -67,7 +72,10 @@ def main() -> int:
     failures = 0
     for memory in ({"gradient_checkpointing": "full", "offload_activations": True},
                    {"gradient_checkpointing": "attention", "offload_activations": True},
-                   {"offload": "blocks", "gradient_checkpointing": "attention", "offload_activations": True}):
+                   {"offload": "blocks", "gradient_checkpointing": "attention", "offload_activations": True},
+                   {"gradient_checkpointing": "attention", "offload_activations": True, "compile_regions": True},
+                   {"gradient_checkpointing": "attention", "offload_activations": True, "compile_regions": True,
+                    "linear_blocks": 4}):
         loss, grads, moved = run(memory)
         worst = max(((g - reference[1][n]).norm() / reference[1][n].norm().clamp_min(1e-12)).item()
                     for n, g in grads.items())

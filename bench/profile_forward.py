@@ -27,9 +27,9 @@ def classify(name: str) -> str:
     return "other"
 
 
-def _train_step(model, inputs, policy: str):
+def _train_step(model, inputs, policy: str, regions: bool):
     params = add_bench_lora(model)
-    model.configure_gradient_checkpointing(policy)
+    model.configure_gradient_checkpointing(policy, compile_regions=regions)
     model.train()
     return lora_train_step(model, params, inputs)
 
@@ -39,13 +39,14 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--train", action="store_true", help="profile a LoRA r16 training step")
     parser.add_argument("--policy", default="attention")
+    parser.add_argument("--regions", action="store_true", help="compiled checkpoint regions (with --train)")
     args = parser.parse_args()
     from trainer.model.transformer_s2v import WanS2VTransformer3DModel
 
     model = build_on_device(lambda: WanS2VTransformer3DModel(), "cuda", torch.bfloat16)
     inputs = s2v_inputs(81, 480, 832, False, "cuda")
     if args.train:
-        run = _train_step(model, inputs, args.policy)
+        run = _train_step(model, inputs, args.policy, args.regions)
     else:
         def run():
             with torch.no_grad():

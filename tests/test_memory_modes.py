@@ -253,15 +253,16 @@ def test_activation_offload_moves_block_inputs_and_keeps_gradients(base_model, r
     assert offload.moved_bytes == 0
 
 
-def test_compiled_checkpoint_regions_match_eager(base_model):
+@pytest.mark.parametrize("linear_blocks", [0, 2])
+def test_compiled_checkpoint_regions_match_eager(base_model, linear_blocks):
     """compile_regions: each checkpointed block (+ its audio injection) is one compiled graph
-    with the checkpoint inside; with the selective "attention" policy and the host-offload
-    hooks outside it, loss and LoRA gradients match eager checkpointing (fp32, so the
-    comparison is not blurred by bf16 rounding), and the compiled region is shared by the
-    blocks (not one graph per block index)."""
+    with the checkpoint inside; with the selective policies ("attention", and "linears" on
+    the first blocks) and the host-offload hooks outside it, loss and LoRA gradients match
+    eager checkpointing (fp32, so the comparison is not blurred by bf16 rounding), and the
+    compiled region is shared by the blocks (not one graph per block index)."""
     from torch._dynamo.utils import counters
 
-    from trainer.memory.activations import ActivationOffload, offloaded_checkpoint
+    from trainer.memory.apply import configure_checkpointing
 
     fp32_model = copy.deepcopy(base_model).float()  # bf16 would differ by the compiler's fusions
     eager, eager_params, _ = build(fp32_model, gradient_checkpointing="attention")
@@ -269,14 +270,46 @@ def test_compiled_checkpoint_regions_match_eager(base_model):
     torch._dynamo.reset()
     counters.clear()
     model, params, _ = build(fp32_model)
-    model.configure_gradient_checkpointing("attention", compile_regions=True)
-    offload = ActivationOffload(min_bytes=0)
-    model.set_block_checkpointing([offloaded_checkpoint(run, offload) for run in model.block_checkpointing])
+    memory = MemoryConfig(gradient_checkpointing="attention", offload_activations=True, linear_blocks=linear_blocks)
+    labels = configure_checkpointing(model, memory, compile_regions=True)
+    assert labels[:3] == ["linears+host"] * linear_blocks + ["attention+host"] * (3 - linear_blocks)
+    offload = model.block_checkpointing[0].offload
+    offload.min_bytes = 0
     loss, grads = loss_and_grads(model, params, autocast=False)
     assert loss == pytest.approx(expected[0], rel=1e-5)
     for name, g in grads.items():
         torch.testing.assert_close(g, expected[1][name], rtol=1e-4, atol=1e-6)
     assert offload.moved_bytes > 0
-    # blocks with and without an audio injector: at most a few graphs for all the blocks
+    # blocks with and without an audio injector (and per policy): a few graphs for all blocks
     graphs = counters["stats"]["unique_graphs"]
-    assert 0 < graphs <= 3, graphs
+    assert 0 < graphs <= 3 + 2 * bool(linear_blocks), graphs
+
+
+def backward_flops_and_grads(model, params, seed=1):
+    """FLOPs of the backward pass (recompute included) and the LoRA gradients (fp32)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = inputs(seed=seed)
+    target = torch.randn(x["hidden_states"].shape, generator=torch.Generator().manual_seed(seed + 100))
+    loss = torch.nn.functional.mse_loss(model(**x).sample.float(), target)
+    with FlopCounterMode(display=False) as counter:
+        loss.backward()
+    return counter.get_total_flops(), {n: p.grad.detach().clone() for n, p in params.items()}
+
+
+def test_linears_policy_recomputes_no_matmul_and_keeps_gradients(base_model):
+    """linear_blocks: those blocks keep their big linear outputs, so the backward pass does
+    fewer matmul FLOPs (nothing of theirs is recomputed but LoRA's cheap up projection);
+    the gradients are the same as with the "attention" policy."""
+    fp32_model = copy.deepcopy(base_model).float()
+    flops, grads = {}, {}
+    for linear_blocks in (0, 2, 4):
+        model, params, setup = build(fp32_model, gradient_checkpointing="attention", linear_blocks=linear_blocks)
+        flops[linear_blocks], grads[linear_blocks] = backward_flops_and_grads(model, params)
+    assert setup.checkpoint_labels == ["linears"] * 4
+    assert flops[4] < flops[2] < flops[0]
+    for linear_blocks in (2, 4):
+        for name, g in grads[linear_blocks].items():
+            torch.testing.assert_close(g, grads[0][name], rtol=1e-5, atol=1e-7)
+    with pytest.raises(MemoryConfigError, match="linear_blocks needs"):
+        MemoryConfig(gradient_checkpointing="full", linear_blocks=2).validate()

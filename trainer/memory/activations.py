@@ -10,11 +10,14 @@ what `torch.autograd.graph.save_on_cpu` does (its copies run on the compute stre
 
 Only tensors of at least `min_bytes` move (the hidden states); the small per-block inputs
 that every block shares (RoPE tables, timestep embeddings, text context) stay put, and a
-tensor saved by several blocks is copied once.
+tensor saved by several blocks is copied once. With compiled checkpoint regions everything
+large a block saves goes this way (its input, its attention output, with the "linears"
+policy its linear outputs); the backward then fetches a whole block's worth ahead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 from dataclasses import dataclass
@@ -31,13 +34,20 @@ class _Saved:
     copied_out: torch.cuda.Event | None = None
     fetched: torch.Tensor | None = None
     fetched_event: torch.cuda.Event | None = None
+    used: bool = False  # handed to the backward once; never fetched again
+
+    @property
+    def nbytes(self) -> int:
+        return self.host.numel() * self.host.element_size()
 
 
 class ActivationOffload:
     """Saved-tensor hooks for the checkpoint calls (see module doc).
 
-    Use ``with offload.hooks(): checkpoint(block, ...)`` for each block. Packs happen in
-    forward order and the backward unpacks them in reverse, the order the prefetch follows.
+    Use ``with offload.hooks(): checkpoint(block, ...)`` for each block. Blocks pack in
+    forward order and the backward unpacks them block by block in reverse; the prefetch
+    follows that order and keeps up to one block's bytes (the most any one `hooks()` context
+    packed) in flight.
     The offloaded tensors are owned by the autograd graph; this object keeps only weak
     references, so a step that never runs its backward leaks nothing. On a CPU model the
     tensors already live in host memory: a copy is still made (the bookkeeping runs the same
@@ -48,11 +58,17 @@ class ActivationOffload:
         self.min_bytes = min_bytes
         self.prefetch = prefetch
         self.moved_bytes = 0  # bytes sent to the host since the last `reset_stats`
+        self.window_bytes = 0  # the most bytes one `hooks()` context packed: the prefetch depth
+        self._context_bytes = 0
         self._order: list[weakref.ref[_Saved]] = []
         self._stream: torch.cuda.Stream | None = None
 
-    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
-        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+    @contextlib.contextmanager
+    def hooks(self):
+        """Saved-tensor hooks for one checkpointed block."""
+        self._context_bytes = 0
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            yield
 
     def reset_stats(self) -> None:
         self.moved_bytes = 0
@@ -71,6 +87,8 @@ class ActivationOffload:
         self._order = [ref for ref in self._order if ref() is not None]
         self._order.append(weakref.ref(saved))
         self.moved_bytes += size
+        self._context_bytes += size
+        self.window_bytes = max(self.window_bytes, self._context_bytes)
         return saved
 
     def _copy_out(self, tensor: torch.Tensor) -> _Saved:
@@ -89,7 +107,7 @@ class ActivationOffload:
     # ------------------------------------------------------------------ backward
     def _fetch(self, saved: _Saved) -> None:
         """Start the host -> device copy of `saved` on the side stream (no wait)."""
-        if saved.fetched is not None or saved.device.type != "cuda":
+        if saved.fetched is not None or saved.used or saved.device.type != "cuda":
             return
         stream = self._side_stream(saved.device)
         with torch.cuda.stream(stream):
@@ -99,12 +117,19 @@ class ActivationOffload:
             saved.fetched_event = torch.cuda.Event()
             saved.fetched_event.record(stream)
 
-    def _previous(self, saved: _Saved) -> _Saved | None:
-        """The tensor packed just before `saved`: the next one the backward needs."""
-        for i in range(len(self._order) - 1, 0, -1):
-            if self._order[i]() is saved:
-                return self._order[i - 1]()
-        return None
+    def _prefetch_before(self, saved: _Saved) -> None:
+        """Fetch the tensors packed before `saved` (the next ones the backward needs), up to
+        `window_bytes` of them not yet handed over."""
+        live = [s for s in (ref() for ref in self._order) if s is not None]
+        self._order = [weakref.ref(s) for s in live]
+        position = next((i for i in range(len(live) - 1, -1, -1) if live[i] is saved), 0)
+        budget = self.window_bytes
+        for earlier in reversed(live[:position]):
+            if budget <= 0:
+                break
+            if not earlier.used:
+                self._fetch(earlier)
+                budget -= earlier.nbytes
 
     def _unpack(self, packed):
         if not isinstance(packed, _Saved):
@@ -116,11 +141,9 @@ class ActivationOffload:
         current.wait_event(packed.fetched_event)
         tensor = packed.fetched
         tensor.record_stream(current)  # allocated on the side stream, used on this one
-        packed.fetched = None  # from here on only the caller holds the device copy
+        packed.fetched, packed.used = None, True  # from here on only the caller holds the device copy
         if self.prefetch:
-            previous = self._previous(packed)
-            if previous is not None:
-                self._fetch(previous)
+            self._prefetch_before(packed)
         return tensor
 
 

@@ -26,18 +26,21 @@ from .offload import BlockOffloader, enable_block_offload
 from .quantize import apply_precision
 
 
-def configure_checkpointing(model: nn.Module, config: MemoryConfig) -> list[str]:
-    """Set the model's per-block checkpoint functions for `config`; returns a per-block label
-    ("none", "full", "attention", each with "+host" when inputs are offloaded)."""
+def configure_checkpointing(model: nn.Module, config: MemoryConfig, compile_regions: bool = False) -> list[str]:
+    """Set the model's per-block checkpoint functions for `config` (as compiled regions when
+    `compile_regions`); returns a per-block label ("none", "full", "attention", "linears",
+    each with "+host" when saved tensors are offloaded)."""
     policy = config.gradient_checkpointing
     blocks = len(model.blocks)
     if policy == "interval":
-        model.configure_gradient_checkpointing("full", interval=config.checkpoint_interval)
+        model.configure_gradient_checkpointing("full", interval=config.checkpoint_interval,
+                                               compile_regions=compile_regions)
     else:
-        model.configure_gradient_checkpointing(policy, attention_blocks=config.attention_blocks)
+        model.configure_gradient_checkpointing(policy, attention_blocks=config.attention_blocks,
+                                               compile_regions=compile_regions, linear_blocks=config.linear_blocks)
     keep = blocks if config.attention_blocks is None else config.attention_blocks
     labels = [
-        "none" if run is None else ("attention" if policy == "attention" and i < keep else "full")
+        "none" if run is None else model._block_policy(policy, i, keep, config.linear_blocks)
         for i, run in enumerate(model.block_checkpointing)
     ]
     if config.offload_activations:
@@ -60,6 +63,7 @@ class MemorySetup:
     checkpoint_labels: list[str] = field(default_factory=list)
     plan_sentence: str | None = None
     offloader: BlockOffloader | None = None
+    compiled_regions: bool = False
 
     def after_lora(self) -> MemorySetup:
         """Install block offload (needs the LoRA in place so it stays on the device)."""
@@ -84,6 +88,8 @@ class MemorySetup:
 
     def describe(self) -> str:
         text = self.config.describe()
+        if self.compiled_regions:
+            text += ", compiled checkpoint regions"
         if self.plan_sentence:
             text = self.plan_sentence + " (" + text + ")"
         return text
@@ -98,10 +104,12 @@ def apply_memory_config(
     width: int = 832,
     frames: int = 81,
     lora_rank: int = 16,
+    compile_regions: bool = False,
 ) -> MemorySetup:
     """Convert, checkpoint and place `model` for training with `config` (see module doc).
 
-    With `config.auto`, the settings come from `plan_memory(config.vram_budget_gib, ...)` for
+    `compile_regions` asks for compiled checkpoint regions (CUDA training); they are used
+    where measured: bf16 weights, no weight offload, checkpointing on. With `config.auto`, the settings come from `plan_memory(config.vram_budget_gib, ...)` for
     the given video size; the chosen plan's sentence is in the result's `plan_sentence`.
     """
     if config is None:
@@ -123,14 +131,22 @@ def apply_memory_config(
     if config.offload == "blocks" and getattr(model, "_hf_hook", None) is not None:
         raise MemoryConfigError(EXCLUSIVE_OFFLOAD_MESSAGE)
     converted = apply_precision(model, config.base_model_precision)
-    labels = configure_checkpointing(model, config)
+    regions = compile_regions and regions_apply(config)
+    labels = configure_checkpointing(model, config, compile_regions=regions)
     model.set_feed_forward_chunk_size(config.resolved_feed_forward_chunk_size())
     if config.offload == "none":
         model.to(device)
     elif config.offload == "model":
         model.to("cpu")
     # offload == "blocks": placement happens in after_lora() (the LoRA must exist first).
-    return MemorySetup(model, config, device, converted, labels, sentence)
+    return MemorySetup(model, config, device, converted, labels, sentence, compiled_regions=regions)
+
+
+def regions_apply(config: MemoryConfig) -> bool:
+    """Whether compiled checkpoint regions serve `config`: the swap of block offload runs
+    between regions, and the quantized Linears were only measured with compiled blocks."""
+    return (config.offload == "none" and config.base_model_precision == "no_change"
+            and config.gradient_checkpointing != "none")
 
 
 __all__ = ["MemorySetup", "apply_memory_config", "configure_checkpointing"]

@@ -43,6 +43,13 @@ class WanS2VAttention(nn.Module):
     Used for self-attention (with RoPE), text cross-attention and the audio injectors.
     """
 
+    #: Give SDPA contiguous [B, H, S, D] queries and keys instead of [B, S, H, D]-strided
+    #: views. Inside a compiled checkpoint region the compiler may lay the RoPE output out
+    #: either way, and the saved cuDNN output then disagrees with the stride the compiled
+    #: backward expects; an explicit layout (written by the fused RoPE kernel) keeps both in
+    #: step. Off elsewhere: the strided views avoid a copy there.
+    contiguous_heads: bool = False
+
     def __init__(self, dim: int, num_heads: int, head_dim: int, eps: float = 1e-6, kv_dim: int | None = None):
         super().__init__()
         inner_dim = num_heads * head_dim
@@ -79,6 +86,9 @@ class WanS2VAttention(nn.Module):
         if rotary is not None:
             q = apply_rope(q, *rotary)
             k = apply_rope(k, *rotary)
-        out = scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.contiguous_heads:
+            q, k = q.contiguous(), k.contiguous()
+        out = scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(batch, seq, -1)
         return self.to_out[0](out)

@@ -519,13 +519,15 @@ def train(
     if config.memory.auto:  # the plan depends on the clip size
         _, frames, lat_h, lat_w = dataset[0]["latents"].shape
         video_shape = dict(height=8 * lat_h, width=8 * lat_w, frames=4 * (frames - 1) + 1)
-    memory = apply_memory_config(model, config.memory, device, lora_rank=config.lora.lora_rank, **video_shape)
+    compiled = config.compile_blocks and device.type == "cuda" and hasattr(model, "compile_blocks")
+    memory = apply_memory_config(model, config.memory, device, lora_rank=config.lora.lora_rank,
+                                 compile_regions=compiled, **video_shape)
     logger.info("memory: %s", memory.describe())
 
     params = add_lora(model, config)
     memory.after_lora()
     model.train()
-    if config.compile_blocks and device.type == "cuda" and hasattr(model, "compile_blocks"):
+    if compiled:
         model.compile_blocks()
     model.set_token_routes(config.tread_config)
     crepa = None
