@@ -9,6 +9,10 @@ warm-up ones (the first compiles the blocks).
 
     python bench/bench_train_loop.py                       # attention kept, inputs to host
     python bench/bench_train_loop.py --memory '{"gradient_checkpointing": "full"}'
+    python bench/bench_train_loop.py --memory '{"gradient_checkpointing": "attention", "offload_activations": true, "linear_blocks": 20}'
+
+"host_gib" is the page-locked host RAM the activation offload holds (exact sizes, reused
+every step); "kept_gib" what stayed on the GPU in the last step because host RAM ran short.
 """
 
 from __future__ import annotations
@@ -52,9 +56,13 @@ def main() -> None:
     row = {"memory": args.memory, "extra": args.extra, "steps_timed": len(times),
            "median_s": f"{statistics.median(times):.2f}", "min_s": f"{min(times):.2f}",
            "peak_gib": f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"}
+    offload = getattr(model.block_checkpointing[0], "offload", None)
+    if offload is not None:
+        row["host_gib"] = f"{offload.pool.held_bytes / 2**30:.1f}"
+        row["kept_gib"] = f"{offload.kept_bytes / 2**30 / args.steps:.1f}"
     title = (f"S2V 14B LoRA r16, trainer.train.loop.train, 832x480x81 - {env['device']}, torch {env['torch']}, "
              f"{env['date']}, commit {env['commit']}")
-    table = print_table(title, [row], ["memory", "extra", "steps_timed", "median_s", "min_s", "peak_gib"])
+    table = print_table(title, [row], ["memory", "extra", "steps_timed", "median_s", "min_s", "peak_gib", "host_gib", "kept_gib"])
     save_json("bench_train_loop.json", {"env": env, "row": row, "records": records, "table": table})
 
 

@@ -313,3 +313,24 @@ def test_linears_policy_recomputes_no_matmul_and_keeps_gradients(base_model):
             torch.testing.assert_close(g, grads[0][name], rtol=1e-5, atol=1e-7)
     with pytest.raises(MemoryConfigError, match="linear_blocks needs"):
         MemoryConfig(gradient_checkpointing="full", linear_blocks=2).validate()
+
+
+def test_host_buffer_pool_reuses_exact_sizes_and_refuses_when_ram_is_short():
+    """The offload's host buffers: exactly the bytes asked for (no power-of-two rounding),
+    the same buffer again for the same size once given back, and None (keep the tensor on
+    the device) when a new buffer would eat into the host RAM reserve."""
+    from trainer.memory.activations import HostBufferPool, _host_view, available_host_bytes
+
+    pool = HostBufferPool(reserve_bytes=0, register=False)
+    first = pool.take(3 * 2**20 + 5)
+    assert first.numel() == 3 * 2**20 + 5 and pool.held_bytes == first.numel()
+    pool.give_back(first)
+    assert pool.take(3 * 2**20 + 5) is first
+    assert pool.take(3 * 2**20 + 5) is not first  # in use: a second buffer
+    assert pool.held_bytes == 2 * (3 * 2**20 + 5)
+    if available_host_bytes() is not None:
+        assert HostBufferPool(reserve_bytes=2**60, register=False).take(1024) is None
+    # a view of the buffer keeps a transposed tensor's strides
+    like = torch.randn(6, 4).t()
+    view = _host_view(HostBufferPool(reserve_bytes=0, register=False).take(like.numel() * 4), like)
+    assert view.shape == like.shape and view.stride() == like.stride()

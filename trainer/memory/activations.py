@@ -25,6 +25,75 @@ from dataclasses import dataclass
 import torch
 
 
+def available_host_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class HostBufferPool:
+    """Page-locked host buffers of exact sizes, reused from step to step.
+
+    torch's pinned-memory cache rounds every allocation up to a power of two (a 0.33 GiB
+    activation takes 0.5 GiB), which at tens of GiB per step is host RAM a machine may not
+    have. Here each buffer is an ordinary allocation of exactly the bytes needed, page-locked
+    with cudaHostRegister once, and handed out again for a tensor of the same size. A new
+    buffer is refused (None) when it would leave less than `reserve_bytes` of host RAM
+    available; the caller then keeps the tensor where it is.
+    """
+
+    def __init__(self, reserve_bytes: int = 8 * 2**30, register: bool = True):
+        self.reserve_bytes = reserve_bytes
+        self.register = register
+        self.held_bytes = 0  # all buffers, free or in use
+        self._free: dict[int, list[torch.Tensor]] = {}
+
+    def take(self, nbytes: int) -> torch.Tensor | None:
+        """A uint8 host buffer of `nbytes` (page-locked when `register`), or None."""
+        free = self._free.get(nbytes)
+        if free:
+            return free.pop()
+        available = available_host_bytes()
+        if available is not None and available - nbytes < self.reserve_bytes:
+            return None
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        if self.register:
+            error = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), nbytes, 0)
+            if int(getattr(error, "value", error)) != 0:
+                return None
+            weakref.finalize(buffer, torch.cuda.cudart().cudaHostUnregister, buffer.data_ptr())
+        self.held_bytes += nbytes
+        return buffer
+
+    def give_back(self, buffer: torch.Tensor) -> None:
+        """Return a buffer for reuse. Safe while a copy from it is still queued: every copy
+        in or out of these buffers runs on one side stream, in order."""
+        self._free.setdefault(buffer.numel(), []).append(buffer)
+
+
+def _host_view(buffer: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`buffer` (uint8, exactly `like`'s bytes) as a tensor of `like`'s dtype, shape and,
+    where `like` is dense, strides (a compiled backward checks the strides it gets back)."""
+    typed = buffer.view(like.dtype)
+    return typed.as_strided(like.shape, like.stride()) if _is_dense(like) else typed.view(like.shape)
+
+
+def _is_dense(tensor: torch.Tensor) -> bool:
+    """Whether `tensor`'s elements fill its memory exactly (a permuted contiguous layout)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(tensor.stride(), tensor.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 @dataclass(eq=False)
 class _Saved:
     """One offloaded tensor: its host copy and, once fetched back, its device copy."""
@@ -54,9 +123,11 @@ class ActivationOffload:
     way, which the tests rely on) when `min_bytes` lets a tensor through.
     """
 
-    def __init__(self, min_bytes: int = 64 * 2**20, prefetch: bool = True):
+    def __init__(self, min_bytes: int = 64 * 2**20, prefetch: bool = True, host_reserve_bytes: int = 8 * 2**30):
         self.min_bytes = min_bytes
         self.prefetch = prefetch
+        self.pool = HostBufferPool(host_reserve_bytes)
+        self.kept_bytes = 0  # bytes left on the device since `reset_stats` (host RAM short)
         self.moved_bytes = 0  # bytes sent to the host since the last `reset_stats`
         self.window_bytes = 0  # the most bytes one `hooks()` context packed: the prefetch depth
         self._context_bytes = 0
@@ -71,7 +142,7 @@ class ActivationOffload:
             yield
 
     def reset_stats(self) -> None:
-        self.moved_bytes = 0
+        self.moved_bytes = self.kept_bytes = 0
 
     def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
         if self._stream is None:
@@ -84,6 +155,9 @@ class ActivationOffload:
         if size < self.min_bytes or tensor.layout != torch.strided:
             return tensor
         saved = self._copy_out(tensor)
+        if saved is None:
+            self.kept_bytes += size
+            return tensor
         self._order = [ref for ref in self._order if ref() is not None]
         self._order.append(weakref.ref(saved))
         self.moved_bytes += size
@@ -91,18 +165,23 @@ class ActivationOffload:
         self.window_bytes = max(self.window_bytes, self._context_bytes)
         return saved
 
-    def _copy_out(self, tensor: torch.Tensor) -> _Saved:
+    def _copy_out(self, tensor: torch.Tensor) -> _Saved | None:
         if tensor.device.type != "cuda":
             return _Saved(host=tensor.detach().clone(), device=tensor.device)
+        buffer = self.pool.take(tensor.numel() * tensor.element_size())
+        if buffer is None:
+            return None
         stream = self._side_stream(tensor.device)
         stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the tensor is computed
         with torch.cuda.stream(stream):
-            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            host = _host_view(buffer, tensor)
             host.copy_(tensor.detach(), non_blocking=True)
             done = torch.cuda.Event()
             done.record(stream)
         tensor.record_stream(stream)  # its memory is reused only once the copy is done
-        return _Saved(host=host, device=tensor.device, copied_out=done)
+        saved = _Saved(host=host, device=tensor.device, copied_out=done)
+        weakref.finalize(saved, self.pool.give_back, buffer)
+        return saved
 
     # ------------------------------------------------------------------ backward
     def _fetch(self, saved: _Saved) -> None:
@@ -161,4 +240,4 @@ def offloaded_checkpoint(run, offload: ActivationOffload):
     return wrapped
 
 
-__all__ = ["ActivationOffload", "offloaded_checkpoint"]
+__all__ = ["ActivationOffload", "HostBufferPool", "available_host_bytes", "offloaded_checkpoint"]
