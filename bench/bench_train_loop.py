@@ -9,7 +9,6 @@ warm-up ones (the first compiles the blocks).
 
     python bench/bench_train_loop.py                       # attention kept, inputs to host
     python bench/bench_train_loop.py --memory '{"gradient_checkpointing": "full"}'
-    python bench/bench_train_loop.py --memory '{"gradient_checkpointing": "attention", "offload_activations": true, "linear_blocks": 20}'
 
 "host_gib" is the page-locked host RAM the activation offload holds (exact sizes, reused
 every step); "kept_gib" what stayed on the GPU in the last step because host RAM ran short.

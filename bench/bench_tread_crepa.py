@@ -11,13 +11,11 @@ side) on the 21 latent-aligned pixel frames.
 
     python bench/bench_tread_crepa.py --compile
     python bench/bench_tread_crepa.py --compile --variants plain,plain+host,tread+host
-    python bench/bench_tread_crepa.py --compile --variants plain+host,regions+host,linears16+host
+    python bench/bench_tread_crepa.py --compile --variants plain+host,regions+host,regions+tread+host
 
 A variant is "+"-joined parts: plain, tread, crepa, host (saved tensors to pinned host
-memory), regions (compiled checkpoint regions, the loop's CUDA default) and linearsN
-(regions where the first N blocks also keep their linear outputs). "host GiB" is what went
-to host memory per step; a linearsN variant whose predicted host need exceeds the free host
-RAM is skipped.
+memory) and regions (compiled checkpoint regions, the loop's CUDA default). "host_gib" is
+what went to host memory per step.
 """
 
 from __future__ import annotations
@@ -32,21 +30,12 @@ from common import add_bench_lora, build_on_device, environment, print_table, sa
 TREAD = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}]}
 
 
-def parse_variant(name: str) -> dict:
-    parts = name.split("+")
-    linears = next((int(part[len("linears"):]) for part in parts if part.startswith("linears")), 0)
-    known = {"plain", "tread", "crepa", "host", "regions"}
-    unknown = [part for part in parts if part not in known and not part.startswith("linears")]
+def parse_variant(name: str) -> dict[str, bool]:
+    parts = set(name.split("+"))
+    unknown = parts - {"plain", "tread", "crepa", "host", "regions"}
     if unknown:
-        raise SystemExit(f"unknown variant part(s) {unknown} in '{name}'")
-    return {"host": "host" in parts, "tread": "tread" in parts, "crepa": "crepa" in parts,
-            "regions": "regions" in parts or linears > 0, "linears": linears}
-
-
-def free_host_gib() -> float:
-    with open("/proc/meminfo") as meminfo:
-        fields = dict(line.split(":", 1) for line in meminfo)
-    return int(fields["MemAvailable"].split()[0]) / 2**20
+        raise SystemExit(f"unknown variant part(s) {sorted(unknown)} in '{name}'")
+    return {part: part in parts for part in ("host", "tread", "crepa", "regions")}
 
 
 def giant_teacher(device: str) -> torch.nn.Module:
@@ -103,18 +92,11 @@ def main() -> None:
     base_gib = torch.cuda.memory_allocated() / 2**30
 
     rows = []
-    host_base = per_linear_block = None  # GiB to host per step: regions alone, and per linears block
-    pinned = 0.0  # the most any variant moved (held by the pinned-memory cache)
     for name in args.variants.split(","):
         v = parse_variant(name)
         host, tread, use_crepa = v["host"], v["tread"], v["crepa"]
-        if v["linears"] and host and host_base is not None and per_linear_block is not None:
-            need = host_base + per_linear_block * v["linears"]
-            if need - pinned > 0.85 * free_host_gib():  # the pinned cache of earlier variants is reused
-                rows.append({"variant": name, "error": f"skipped: needs ~{need:.0f} GiB host, {free_host_gib():.0f} free"})
-                continue
-        configure_checkpointing(model, MemoryConfig(gradient_checkpointing=args.policy, offload_activations=host,
-                                                    linear_blocks=v["linears"]), compile_regions=v["regions"])
+        configure_checkpointing(model, MemoryConfig(gradient_checkpointing=args.policy, offload_activations=host),
+                                compile_regions=v["regions"])
         offload = getattr(model.block_checkpointing[0], "offload", None)
         model.set_token_routes(TREAD if tread else None)
         if use_crepa and crepa is None:
@@ -141,12 +123,6 @@ def main() -> None:
             if offload is not None:
                 moved = offload.moved_bytes / 2**30 / (args.warmup + args.repeats)
                 row["host_gib"] = f"{moved:.1f}"
-                pinned = max(pinned, moved)
-                if v["regions"] and not tread and not use_crepa:
-                    if v["linears"]:
-                        per_linear_block = (moved - (host_base or 0)) / v["linears"]
-                    else:
-                        host_base = moved
         except torch.OutOfMemoryError as exc:
             row = {"variant": name, "error": "OOM: " + str(exc).splitlines()[0][:120]}
         except Exception as exc:  # a compiler failure in one variant should not hide the others

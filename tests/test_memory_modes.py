@@ -229,6 +229,25 @@ def test_checkpoint_labels(base_model):
     assert setup.checkpoint_labels == ["full+host", "none", "full+host", "none"]
     setup = apply_memory_config(model, MemoryConfig(gradient_checkpointing="attention", attention_blocks=1), "cpu")
     assert setup.checkpoint_labels == ["attention", "full", "full", "full"]
+    assert not setup.compiled_regions
+
+
+@pytest.mark.parametrize(("memory", "regions"), [
+    ({"gradient_checkpointing": "attention", "offload_activations": True}, True),
+    ({"gradient_checkpointing": "full"}, True),
+    ({"gradient_checkpointing": "none"}, False),
+    ({"gradient_checkpointing": "attention", "offload": "blocks"}, False),  # the swap runs between regions
+    ({"gradient_checkpointing": "attention", "base_model_precision": "int8-quanto"}, False),
+])
+def test_compiled_regions_only_where_they_apply(base_model, memory, regions):
+    """The loop asks for compiled checkpoint regions on CUDA; they are used for bf16 weights
+    without weight offload and with checkpointing, and the model's self-attention then gives
+    SDPA contiguous heads."""
+    model = copy.deepcopy(base_model)
+    setup = apply_memory_config(model, MemoryConfig(**memory), "cpu", compile_regions=True)
+    assert setup.compiled_regions is regions
+    assert model.blocks[0].attn1.contiguous_heads is regions
+    assert ("compiled checkpoint regions" in setup.describe()) is regions
 
 
 def test_activation_offload_moves_block_inputs_and_keeps_gradients(base_model, reference):
@@ -253,66 +272,41 @@ def test_activation_offload_moves_block_inputs_and_keeps_gradients(base_model, r
     assert offload.moved_bytes == 0
 
 
-@pytest.mark.parametrize("linear_blocks", [0, 2])
-def test_compiled_checkpoint_regions_match_eager(base_model, linear_blocks):
+@pytest.mark.parametrize("tread", [False, True], ids=["plain", "tread"])
+def test_compiled_checkpoint_regions_match_eager(base_model, tread):
     """compile_regions: each checkpointed block (+ its audio injection) is one compiled graph
-    with the checkpoint inside; with the selective policies ("attention", and "linears" on
-    the first blocks) and the host-offload hooks outside it, loss and LoRA gradients match
-    eager checkpointing (fp32, so the comparison is not blurred by bf16 rounding), and the
-    compiled region is shared by the blocks (not one graph per block index)."""
+    with the checkpoint inside; with the selective "attention" policy and the host-offload
+    hooks outside it (which then move everything large a region saves), loss and LoRA
+    gradients match eager checkpointing (fp32, so the comparison is not blurred by bf16
+    rounding), and the compiled region is shared by the blocks (not one graph per block
+    index). With a TREAD route the routed blocks run the same regions on fewer tokens."""
     from torch._dynamo.utils import counters
 
     from trainer.memory.apply import configure_checkpointing
 
     fp32_model = copy.deepcopy(base_model).float()  # bf16 would differ by the compiler's fusions
+    routes = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 1, "end_layer_idx": 2}]} if tread else None
     eager, eager_params, _ = build(fp32_model, gradient_checkpointing="attention")
+    eager.set_token_routes(routes)
+    torch.manual_seed(7)  # the same routed tokens in both runs
     expected = loss_and_grads(eager, eager_params, autocast=False)
     torch._dynamo.reset()
     counters.clear()
     model, params, _ = build(fp32_model)
-    memory = MemoryConfig(gradient_checkpointing="attention", offload_activations=True, linear_blocks=linear_blocks)
-    labels = configure_checkpointing(model, memory, compile_regions=True)
-    assert labels[:3] == ["linears+host"] * linear_blocks + ["attention+host"] * (3 - linear_blocks)
+    memory = MemoryConfig(gradient_checkpointing="attention", offload_activations=True)
+    assert configure_checkpointing(model, memory, compile_regions=True) == ["attention+host"] * 4
+    model.set_token_routes(routes)
     offload = model.block_checkpointing[0].offload
     offload.min_bytes = 0
+    torch.manual_seed(7)
     loss, grads = loss_and_grads(model, params, autocast=False)
     assert loss == pytest.approx(expected[0], rel=1e-5)
     for name, g in grads.items():
         torch.testing.assert_close(g, expected[1][name], rtol=1e-4, atol=1e-6)
     assert offload.moved_bytes > 0
-    # blocks with and without an audio injector (and per policy): a few graphs for all blocks
+    # blocks with and without an audio injector: at most a few graphs for all the blocks
     graphs = counters["stats"]["unique_graphs"]
-    assert 0 < graphs <= 3 + 2 * bool(linear_blocks), graphs
-
-
-def backward_flops_and_grads(model, params, seed=1):
-    """FLOPs of the backward pass (recompute included) and the LoRA gradients (fp32)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x = inputs(seed=seed)
-    target = torch.randn(x["hidden_states"].shape, generator=torch.Generator().manual_seed(seed + 100))
-    loss = torch.nn.functional.mse_loss(model(**x).sample.float(), target)
-    with FlopCounterMode(display=False) as counter:
-        loss.backward()
-    return counter.get_total_flops(), {n: p.grad.detach().clone() for n, p in params.items()}
-
-
-def test_linears_policy_recomputes_no_matmul_and_keeps_gradients(base_model):
-    """linear_blocks: those blocks keep their big linear outputs, so the backward pass does
-    fewer matmul FLOPs (nothing of theirs is recomputed but LoRA's cheap up projection);
-    the gradients are the same as with the "attention" policy."""
-    fp32_model = copy.deepcopy(base_model).float()
-    flops, grads = {}, {}
-    for linear_blocks in (0, 2, 4):
-        model, params, setup = build(fp32_model, gradient_checkpointing="attention", linear_blocks=linear_blocks)
-        flops[linear_blocks], grads[linear_blocks] = backward_flops_and_grads(model, params)
-    assert setup.checkpoint_labels == ["linears"] * 4
-    assert flops[4] < flops[2] < flops[0]
-    for linear_blocks in (2, 4):
-        for name, g in grads[linear_blocks].items():
-            torch.testing.assert_close(g, grads[0][name], rtol=1e-5, atol=1e-7)
-    with pytest.raises(MemoryConfigError, match="linear_blocks needs"):
-        MemoryConfig(gradient_checkpointing="full", linear_blocks=2).validate()
+    assert 0 < graphs <= (5 if tread else 3), graphs
 
 
 def test_host_buffer_pool_reuses_exact_sizes_and_refuses_when_ram_is_short():

@@ -11,8 +11,10 @@ what `torch.autograd.graph.save_on_cpu` does (its copies run on the compute stre
 Only tensors of at least `min_bytes` move (the hidden states); the small per-block inputs
 that every block shares (RoPE tables, timestep embeddings, text context) stay put, and a
 tensor saved by several blocks is copied once. With compiled checkpoint regions everything
-large a block saves goes this way (its input, its attention output, with the "linears"
-policy its linear outputs); the backward then fetches a whole block's worth ahead.
+large a block saves goes this way (its input and its attention output, about 0.95 GB a 14B
+block); the backward then fetches a whole block's worth ahead. Host buffers come from
+`HostBufferPool`: exact sizes, reused every step, and never so many that the host runs out
+(a tensor that finds no room stays on the device).
 """
 
 from __future__ import annotations

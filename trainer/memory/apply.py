@@ -28,8 +28,8 @@ from .quantize import apply_precision
 
 def configure_checkpointing(model: nn.Module, config: MemoryConfig, compile_regions: bool = False) -> list[str]:
     """Set the model's per-block checkpoint functions for `config` (as compiled regions when
-    `compile_regions`); returns a per-block label ("none", "full", "attention", "linears",
-    each with "+host" when saved tensors are offloaded)."""
+    `compile_regions`); returns a per-block label ("none", "full", "attention", each with
+    "+host" when saved tensors are offloaded)."""
     policy = config.gradient_checkpointing
     blocks = len(model.blocks)
     if policy == "interval":
@@ -37,10 +37,10 @@ def configure_checkpointing(model: nn.Module, config: MemoryConfig, compile_regi
                                                compile_regions=compile_regions)
     else:
         model.configure_gradient_checkpointing(policy, attention_blocks=config.attention_blocks,
-                                               compile_regions=compile_regions, linear_blocks=config.linear_blocks)
+                                               compile_regions=compile_regions)
     keep = blocks if config.attention_blocks is None else config.attention_blocks
     labels = [
-        "none" if run is None else model._block_policy(policy, i, keep, config.linear_blocks)
+        "none" if run is None else ("attention" if policy == "attention" and i < keep else "full")
         for i, run in enumerate(model.block_checkpointing)
     ]
     if config.offload_activations:
@@ -109,8 +109,9 @@ def apply_memory_config(
     """Convert, checkpoint and place `model` for training with `config` (see module doc).
 
     `compile_regions` asks for compiled checkpoint regions (CUDA training); they are used
-    where measured: bf16 weights, no weight offload, checkpointing on. With `config.auto`, the settings come from `plan_memory(config.vram_budget_gib, ...)` for
-    the given video size; the chosen plan's sentence is in the result's `plan_sentence`.
+    where measured: bf16 weights, no weight offload, checkpointing on. With `config.auto`,
+    the settings come from `plan_memory(config.vram_budget_gib, ...)` for the given video
+    size; the chosen plan's sentence is in the result's `plan_sentence`.
     """
     if config is None:
         config = MemoryConfig()

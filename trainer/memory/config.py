@@ -79,13 +79,8 @@ class MemoryConfig:
     gradient_checkpointing: str = "full"
     checkpoint_interval: int = 1
     attention_blocks: int | None = None
-    #: With "attention": the first this many blocks also keep the outputs of their large
-    #: linear layers, so their backward recomputes no matmul (about 20 ms less per 14B block
-    #: at 832x480x81 for about 2.6 GB more saved per block; host RAM with
-    #: offload_activations under compiled training).
-    linear_blocks: int = 0
     #: Copy the checkpointed block inputs to pinned host memory and back in the backward pass
-    #: (with compiled training on CUDA: everything large a checkpointed block saves).
+    #: (with compiled checkpoint regions: everything large a checkpointed block saves).
     offload_activations: bool = False
     #: Feed-forward in chunks of this many tokens (each chunk checkpointed). None: the
     #: WAN_FEED_FORWARD_CHUNK_SIZE environment variable if set and
@@ -140,10 +135,6 @@ class MemoryConfig:
             raise MemoryConfigError(f"checkpoint_interval must be >= 1, got {self.checkpoint_interval}")
         if self.attention_blocks is not None and self.attention_blocks < 0:
             raise MemoryConfigError(f"attention_blocks must be >= 0, got {self.attention_blocks}")
-        if self.linear_blocks < 0:
-            raise MemoryConfigError(f"linear_blocks must be >= 0, got {self.linear_blocks}")
-        if self.linear_blocks and self.gradient_checkpointing != "attention":
-            raise MemoryConfigError("linear_blocks needs gradient_checkpointing='attention'")
         if self.prefetch < 0:
             raise MemoryConfigError(f"prefetch must be >= 0, got {self.prefetch}")
         if self.feed_forward_chunk_size is not None and self.feed_forward_chunk_size <= 0:
@@ -202,8 +193,6 @@ class MemoryConfig:
             ckpt += f":{self.checkpoint_interval}"
         if ckpt == "attention" and self.attention_blocks is not None:
             ckpt += f":{self.attention_blocks}"
-        if self.linear_blocks:
-            ckpt += f", linears:{self.linear_blocks}"
         parts.append(f"checkpointing={ckpt}")
         if self.offload_activations:
             parts.append("activations->host")

@@ -5,11 +5,6 @@
   recompute skips the most expensive op (about 0.97 of the 1.84 PFLOP of a 14B forward at
   832x480x81) at the cost of one [B, S, dim] tensor per block. Cross-attention (512 text
   keys) and the audio injectors (5 keys per frame) are cheap and still recomputed.
-- "linears": like "attention", and the block also keeps the outputs of its large linear
-  layers (q/k/v/o, cross-attention q/o, the FFN's up projection), so the backward pass
-  recomputes only elementwise work. About 20 ms less per 14B block at 832x480x81 for
-  about 2.6 GB more saved per block; meant for a few blocks, or with the saved tensors in
-  host memory (`trainer.memory.activations`).
 """
 
 from __future__ import annotations
@@ -21,7 +16,6 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 CHECKPOINT_POLICIES = ("none", "full", "attention")
-BLOCK_POLICIES = ("full", "attention", "linears")  # what one block's checkpoint keeps
 
 
 def _attention_ops() -> set:
@@ -41,32 +35,17 @@ def _keep_self_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _keep_attention_and_linears(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    if op in _ATTENTION_OPS:
-        return _keep_self_attention(ctx, op, *args, **kwargs)
-    if op in _MATMUL_OPS:
-        inner, outer = args[-2].shape[-1], args[-1].shape[-1]  # mm(a, b) / addmm(bias, a, b)
-        # Redoing an output costs `inner` multiply-adds. LoRA's up projection (inner = rank,
-        # outer = dim) is cheap to redo, and keeping its [S, dim] output would double the
-        # saved bytes of every adapted layer.
-        return CheckpointPolicy.MUST_SAVE if 4 * inner >= outer else CheckpointPolicy.PREFER_RECOMPUTE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
 _ATTENTION_OPS = _attention_ops()
-_MATMUL_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
-_SELECTIVE_POLICIES = {"attention": _keep_self_attention, "linears": _keep_attention_and_linears}
 
 
 def checkpoint_function(policy: str) -> Callable:
-    """The `checkpoint(fn, *args)` callable for a block policy ("full", "attention" or
-    "linears")."""
+    """The `checkpoint(fn, *args)` callable for a policy ("full" or "attention")."""
     if policy == "full":
         return functools.partial(checkpoint, use_reentrant=False)
-    if policy in _SELECTIVE_POLICIES:
-        context = functools.partial(create_selective_checkpoint_contexts, _SELECTIVE_POLICIES[policy])
+    if policy == "attention":
+        context = functools.partial(create_selective_checkpoint_contexts, _keep_self_attention)
         return functools.partial(checkpoint, use_reentrant=False, context_fn=context)
-    raise ValueError(f"unknown checkpoint policy '{policy}' (expected one of {BLOCK_POLICIES})")
+    raise ValueError(f"unknown checkpoint policy '{policy}' (expected one of {CHECKPOINT_POLICIES})")
 
 
 @functools.cache
