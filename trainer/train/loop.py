@@ -520,8 +520,11 @@ def train(
         _, frames, lat_h, lat_w = dataset[0]["latents"].shape
         video_shape = dict(height=8 * lat_h, width=8 * lat_w, frames=4 * (frames - 1) + 1)
     compiled = config.compile_blocks and device.type == "cuda" and hasattr(model, "compile_blocks")
+    model.set_token_routes(config.tread_config)
+    # TREAD changes the routed blocks' token count; regions were measured without it
+    regions = compiled and not model.token_routes
     memory = apply_memory_config(model, config.memory, device, lora_rank=config.lora.lora_rank,
-                                 compile_regions=compiled, **video_shape)
+                                 compile_regions=regions, **video_shape)
     logger.info("memory: %s", memory.describe())
 
     params = add_lora(model, config)
@@ -529,7 +532,6 @@ def train(
     model.train()
     if compiled:
         model.compile_blocks()
-    model.set_token_routes(config.tread_config)
     crepa = None
     if config.crepa.crepa_enabled:
         dim = model.config.num_attention_heads * model.config.attention_head_dim
