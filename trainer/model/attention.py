@@ -47,7 +47,8 @@ class WanS2VAttention(nn.Module):
     #: views. Inside a compiled checkpoint region the compiler may lay the RoPE output out
     #: either way, and the saved cuDNN output then disagrees with the stride the compiled
     #: backward expects; an explicit layout (written by the fused RoPE kernel) keeps both in
-    #: step. Off elsewhere: the strided views avoid a copy there.
+    #: step. Only with gradients on (sampling runs no regions); elsewhere the strided views
+    #: avoid a copy.
     contiguous_heads: bool = False
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, eps: float = 1e-6, kv_dim: int | None = None):
@@ -87,7 +88,7 @@ class WanS2VAttention(nn.Module):
             q = apply_rope(q, *rotary)
             k = apply_rope(k, *rotary)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if self.contiguous_heads:
+        if self.contiguous_heads and torch.is_grad_enabled():
             q, k = q.contiguous(), k.contiguous()
         out = scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(batch, seq, -1)
