@@ -13,23 +13,16 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import sys
 import weakref
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
+from pack_helpers import import_pack
 from sample_helpers import lora_file, reference_image, speech
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _nodes():
-    spec = importlib.util.spec_from_file_location(
-        "comfyui_wan_s2v_trainer_release", REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = pack
-    spec.loader.exec_module(pack)
+    import_pack("comfyui_wan_s2v_trainer_release")
     from comfyui_wan_s2v_trainer_release.nodes import comfy_adapter, model_nodes, sample_nodes
 
     # Import the model code here, in no frame that holds a model: on first import bitsandbytes

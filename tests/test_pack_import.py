@@ -7,6 +7,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from pack_helpers import import_pack
+
 REPO = Path(__file__).resolve().parents[1]
 
 IMPORT_AS_COMFYUI = textwrap.dedent(
@@ -42,14 +44,7 @@ def test_import_is_cheap_and_complete():
 
 
 def test_node_classes_follow_the_classic_api():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "comfyui_wan_s2v_trainer_t", REPO / "__init__.py", submodule_search_locations=[str(REPO)]
-    )
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = pack
-    spec.loader.exec_module(pack)
+    pack = import_pack("comfyui_wan_s2v_trainer_t")
     for name, cls in pack.NODE_CLASS_MAPPINGS.items():
         inputs = cls.INPUT_TYPES()
         assert set(inputs) <= {"required", "optional", "hidden"}, name

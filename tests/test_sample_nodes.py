@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from pack_helpers import import_pack
 from sample_helpers import reference_image, speech, write_png, write_wav
 
 from trainer.sample.media import probe_mp4
@@ -17,12 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _sample_nodes():
-    spec = importlib.util.spec_from_file_location(
-        "comfyui_wan_s2v_trainer_s", REPO / "__init__.py", submodule_search_locations=[str(REPO)]
-    )
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = pack
-    spec.loader.exec_module(pack)
+    pack = import_pack("comfyui_wan_s2v_trainer_s")
     from comfyui_wan_s2v_trainer_s.nodes import sample_nodes
 
     return pack, sample_nodes

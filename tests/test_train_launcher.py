@@ -10,13 +10,12 @@ ComfyUI training node launches it, on the tiny transformer file and a cached vid
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from pack_helpers import import_pack
 
 from trainer.data import DatasetConfig, Encoders, build_dataset
 from trainer.data.synthetic import write_video
@@ -34,7 +33,6 @@ from trainer.train.launcher import (
 )
 from trainer.train.loop import train
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
 # One thread per rank: the same arithmetic as the in-process reference, and 2 ranks on 2 cores.
 ENV = {"OMP_NUM_THREADS": "1", "WAN_S2V_TRAIN_THREADS": "1"}
@@ -139,11 +137,7 @@ def test_a_failing_child_raises_with_its_error(setup, tmp_path):
 
 
 def _pack():
-    spec = importlib.util.spec_from_file_location(
-        "comfyui_wan_s2v_trainer_launch", REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = pack
-    spec.loader.exec_module(pack)
+    import_pack("comfyui_wan_s2v_trainer_launch")
     from comfyui_wan_s2v_trainer_launch.nodes import model_nodes
 
     return model_nodes

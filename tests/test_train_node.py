@@ -11,23 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from pack_helpers import import_pack
 
 from trainer.lora.io import load_lora, read_lora_file
 from trainer.model import TINY_TRANSFORMER_CONFIG, WanS2VTransformer3DModel
 from trainer.train.checkpoint import latest_checkpoint, load_checkpoint
 from trainer.train.synthetic import SyntheticTalkingDataset
 
-REPO = Path(__file__).resolve().parents[1]
 PACK = "comfyui_wan_s2v_trainer"
 TINY = "(tiny random test model)"
 
 
 def _pack(module: str = "train_nodes"):
     if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-        package = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = package
-        spec.loader.exec_module(package)
+        import_pack(PACK)
     return importlib.import_module(f"{PACK}.nodes.{module}")
 
 
