@@ -55,7 +55,7 @@ def main() -> None:
     row = {"memory": args.memory, "extra": args.extra, "steps_timed": len(times),
            "median_s": f"{statistics.median(times):.2f}", "min_s": f"{min(times):.2f}",
            "peak_gib": f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"}
-    offload = getattr(model.block_checkpointing[0], "offload", None)
+    offload = next((run.offload for run in model.block_checkpointing if hasattr(run, "offload")), None)
     if offload is not None:
         row["host_gib"] = f"{offload.pool.held_bytes / 2**30:.1f}"
         row["kept_gib"] = f"{offload.kept_bytes / 2**30 / args.steps:.1f}"

@@ -14,8 +14,10 @@ side) on the 21 latent-aligned pixel frames.
     python bench/bench_tread_crepa.py --compile --variants plain+host,regions+host,regions+tread+host
 
 A variant is "+"-joined parts: plain, tread, crepa, host (saved tensors to pinned host
-memory) and regions (compiled checkpoint regions, the loop's CUDA default). "host_gib" is
-what went to host memory per step.
+memory), regions (compiled checkpoint regions, the loop's CUDA default), merged (LoRA layers
+as one matmul with the merged weight, `trainer.lora.merged_linear`) and linearsN (the first
+N blocks also keep their linear outputs, on the GPU). "host_gib" is what went to host
+memory per step.
 """
 
 from __future__ import annotations
@@ -30,12 +32,15 @@ from common import add_bench_lora, build_on_device, environment, print_table, sa
 TREAD = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}]}
 
 
-def parse_variant(name: str) -> dict[str, bool]:
+def parse_variant(name: str) -> dict[str, int]:
     parts = set(name.split("+"))
-    unknown = parts - {"plain", "tread", "crepa", "host", "regions"}
+    linears = next((int(part[len("linears"):]) for part in parts if part.startswith("linears")), 0)
+    unknown = {part for part in parts if not part.startswith("linears")} - {
+        "plain", "tread", "crepa", "host", "regions", "merged"}
     if unknown:
         raise SystemExit(f"unknown variant part(s) {sorted(unknown)} in '{name}'")
-    return {part: part in parts for part in ("host", "tread", "crepa", "regions")}
+    flags = {part: part in parts for part in ("host", "tread", "crepa", "regions", "merged")}
+    return {**flags, "linears": linears}
 
 
 def giant_teacher(device: str) -> torch.nn.Module:
@@ -48,6 +53,7 @@ def giant_teacher(device: str) -> torch.nn.Module:
 
 
 def main() -> None:
+    from trainer.lora.merged_linear import use_merged_lora
     from trainer.memory import MemoryConfig
     from trainer.memory.apply import configure_checkpointing
     from trainer.model.transformer_s2v import WanS2VTransformer3DModel
@@ -95,9 +101,10 @@ def main() -> None:
     for name in args.variants.split(","):
         v = parse_variant(name)
         host, tread, use_crepa = v["host"], v["tread"], v["crepa"]
-        configure_checkpointing(model, MemoryConfig(gradient_checkpointing=args.policy, offload_activations=host),
-                                compile_regions=v["regions"])
-        offload = getattr(model.block_checkpointing[0], "offload", None)
+        memory = MemoryConfig(gradient_checkpointing=args.policy, offload_activations=host, linear_blocks=v["linears"])
+        configure_checkpointing(model, memory, compile_regions=v["regions"])
+        use_merged_lora(model, v["merged"])
+        offload = next((run.offload for run in model.block_checkpointing if hasattr(run, "offload")), None)
         model.set_token_routes(TREAD if tread else None)
         if use_crepa and crepa is None:
             crepa = CrepaRegularizer(config.crepa, dim, "cuda", torch.bfloat16, teacher=giant_teacher("cuda"))

@@ -27,6 +27,24 @@ def classify(name: str) -> str:
     return "other"
 
 
+def print_matmul_shapes(prof) -> None:
+    """GPU time of the matmul ops by input shapes: LoRA-sized ones (a dimension <= 64)
+    apart from the base linears."""
+    per_shape: dict[str, float] = defaultdict(float)
+    lora = base = 0.0
+    for evt in prof.key_averages(group_by_input_shape=True):
+        if evt.key not in ("aten::mm", "aten::addmm", "aten::bmm", "aten::_addmm_activation"):
+            continue
+        secs = evt.device_time_total / 1e6
+        shapes = [s for s in evt.input_shapes if s]
+        small = any(0 < d <= 64 for shape in shapes for d in shape)
+        lora, base = lora + secs * small, base + secs * (not small)
+        per_shape[f"{evt.key} {shapes} x{evt.count}"] += secs
+    print(f"matmul ops: base {base:.3f} s, LoRA-sized {lora:.3f} s")
+    for name, secs in sorted(per_shape.items(), key=lambda kv: -kv[1])[:24]:
+        print(f"  {secs:7.3f} s  {name[:150]}")
+
+
 def _train_step(model, inputs, policy: str, regions: bool):
     params = add_bench_lora(model)
     model.configure_gradient_checkpointing(policy, compile_regions=regions)
@@ -56,7 +74,7 @@ def main() -> None:
     for _ in range(2):
         run()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         run()
         torch.cuda.synchronize()
     per_kernel: dict[str, float] = defaultdict(float)
@@ -69,6 +87,7 @@ def main() -> None:
     print(f"total GPU kernel time {total:.3f} s")
     for name, secs in sorted(per_class.items(), key=lambda kv: -kv[1]):
         print(f"  {name:32s} {secs:7.3f} s")
+    print_matmul_shapes(prof)
     print("top kernels:")
     for name, secs in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:40]:
         print(f"  {secs:7.3f} s  {name[:150]}")

@@ -28,8 +28,9 @@ from .quantize import apply_precision
 
 def configure_checkpointing(model: nn.Module, config: MemoryConfig, compile_regions: bool = False) -> list[str]:
     """Set the model's per-block checkpoint functions for `config` (as compiled regions when
-    `compile_regions`); returns a per-block label ("none", "full", "attention", each with
-    "+host" when saved tensors are offloaded)."""
+    `compile_regions`); returns a per-block label (one of "none", "full", "attention",
+    "linears"; with "+host" when the block's saved tensors are offloaded: every
+    checkpointed block but the "linears" ones, whose point is to keep theirs on the device)."""
     policy = config.gradient_checkpointing
     blocks = len(model.blocks)
     if policy == "interval":
@@ -37,18 +38,19 @@ def configure_checkpointing(model: nn.Module, config: MemoryConfig, compile_regi
                                                compile_regions=compile_regions)
     else:
         model.configure_gradient_checkpointing(policy, attention_blocks=config.attention_blocks,
-                                               compile_regions=compile_regions)
+                                               compile_regions=compile_regions, linear_blocks=config.linear_blocks)
     keep = blocks if config.attention_blocks is None else config.attention_blocks
     labels = [
-        "none" if run is None else ("attention" if policy == "attention" and i < keep else "full")
+        "none" if run is None else model.block_policy(policy, i, keep, config.linear_blocks)
         for i, run in enumerate(model.block_checkpointing)
     ]
     if config.offload_activations:
         offload = ActivationOffload()
-        model.set_block_checkpointing(
-            [None if run is None else offloaded_checkpoint(run, offload) for run in model.block_checkpointing]
-        )
-        labels = [label if label == "none" else label + "+host" for label in labels]
+        model.set_block_checkpointing([
+            run if label in ("none", "linears") else offloaded_checkpoint(run, offload)
+            for run, label in zip(model.block_checkpointing, labels)
+        ])
+        labels = [label if label in ("none", "linears") else label + "+host" for label in labels]
     return labels
 
 

@@ -79,6 +79,11 @@ class MemoryConfig:
     gradient_checkpointing: str = "full"
     checkpoint_interval: int = 1
     attention_blocks: int | None = None
+    #: With "attention": the first this many blocks also keep the outputs of their large
+    #: linear layers on the device (never in host memory), so their backward recomputes no
+    #: large matmul: about 20 ms less per 14B block at 832x480x81 for about 3.5 GB more
+    #: device memory per block (the block's other saved tensors stay on the device too).
+    linear_blocks: int = 0
     #: Copy the checkpointed block inputs to pinned host memory and back in the backward pass
     #: (with compiled checkpoint regions: everything large a checkpointed block saves).
     offload_activations: bool = False
@@ -135,6 +140,10 @@ class MemoryConfig:
             raise MemoryConfigError(f"checkpoint_interval must be >= 1, got {self.checkpoint_interval}")
         if self.attention_blocks is not None and self.attention_blocks < 0:
             raise MemoryConfigError(f"attention_blocks must be >= 0, got {self.attention_blocks}")
+        if self.linear_blocks < 0:
+            raise MemoryConfigError(f"linear_blocks must be >= 0, got {self.linear_blocks}")
+        if self.linear_blocks and self.gradient_checkpointing != "attention":
+            raise MemoryConfigError("linear_blocks needs gradient_checkpointing='attention'")
         if self.prefetch < 0:
             raise MemoryConfigError(f"prefetch must be >= 0, got {self.prefetch}")
         if self.feed_forward_chunk_size is not None and self.feed_forward_chunk_size <= 0:
@@ -193,6 +202,8 @@ class MemoryConfig:
             ckpt += f":{self.checkpoint_interval}"
         if ckpt == "attention" and self.attention_blocks is not None:
             ckpt += f":{self.attention_blocks}"
+        if self.linear_blocks:
+            ckpt += f", linears:{self.linear_blocks}"
         parts.append(f"checkpointing={ckpt}")
         if self.offload_activations:
             parts.append("activations->host")

@@ -289,7 +289,7 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     def configure_gradient_checkpointing(
         self, policy: str = "full", attention_blocks: int | None = None, interval: int = 1,
-        compile_regions: bool = False,
+        compile_regions: bool = False, linear_blocks: int = 0,
     ) -> None:
         """Choose how blocks are checkpointed in training.
 
@@ -307,21 +307,33 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 re-running the whole compiled forward. Same gradients as eager; on the 14B
                 model it is faster and keeps far less (see docs/benchmarks.md). Not with
                 block offload.
+            linear_blocks: with "attention", the first this many blocks also keep their
+                large linear outputs ("linears" in `trainer.model.checkpointing`), so their
+                backward recomputes no large matmul.
         """
         if policy not in CHECKPOINT_POLICIES:
             raise ValueError(f"policy must be one of {CHECKPOINT_POLICIES}, got '{policy}'")
         if interval < 1:
             raise ValueError(f"interval must be >= 1, got {interval}")
+        if linear_blocks and policy != "attention":
+            raise ValueError("linear_blocks needs the 'attention' policy")
         keep = len(self.blocks) if attention_blocks is None else attention_blocks
         make = self._compiled_region if compile_regions else checkpoint_function
         for block in self.blocks:
             block.attn1.contiguous_heads = compile_regions
         functions = [
             None if policy == "none" or index % interval
-            else make("attention" if policy == "attention" and index < keep else "full")
+            else make(self.block_policy(policy, index, keep, linear_blocks))
             for index in range(len(self.blocks))
         ]
         self.set_block_checkpointing(functions)
+
+    @staticmethod
+    def block_policy(policy: str, index: int, attention_blocks: int, linear_blocks: int = 0) -> str:
+        """What checkpointed block `index` keeps under `policy` (one of `BLOCK_POLICIES`)."""
+        if policy != "attention" or index >= max(attention_blocks, linear_blocks):
+            return "full"
+        return "linears" if index < linear_blocks else "attention"
 
     def _compiled_region(self, policy: str) -> Callable:
         """A `run(fn, index, *args)` checkpoint function whose whole region, checkpoint
