@@ -1,7 +1,8 @@
 """Kernel-level breakdown of one compiled 14B S2V forward, or of one LoRA training step
 (where the time goes).
 
-    python bench/profile_forward.py [--eager] [--train [--policy full|attention]]
+    python bench/profile_forward.py [--eager] [--train [--policy full|attention] [--regions]
+                                    [--merged] [--linear-blocks N]]
 """
 
 from __future__ import annotations
@@ -45,9 +46,12 @@ def print_matmul_shapes(prof) -> None:
         print(f"  {secs:7.3f} s  {name[:150]}")
 
 
-def _train_step(model, inputs, policy: str, regions: bool):
+def _train_step(model, inputs, policy: str, regions: bool, merged: bool, linear_blocks: int):
+    from trainer.lora.merged_linear import use_merged_lora
+
     params = add_bench_lora(model)
-    model.configure_gradient_checkpointing(policy, compile_regions=regions)
+    model.configure_gradient_checkpointing(policy, compile_regions=regions, linear_blocks=linear_blocks)
+    use_merged_lora(model, merged)
     model.train()
     return lora_train_step(model, params, inputs)
 
@@ -58,13 +62,15 @@ def main() -> None:
     parser.add_argument("--train", action="store_true", help="profile a LoRA r16 training step")
     parser.add_argument("--policy", default="attention")
     parser.add_argument("--regions", action="store_true", help="compiled checkpoint regions (with --train)")
+    parser.add_argument("--merged", action="store_true", help="merged-weight LoRA layers (with --train)")
+    parser.add_argument("--linear-blocks", type=int, default=0, help="blocks keeping their linear outputs")
     args = parser.parse_args()
     from trainer.model.transformer_s2v import WanS2VTransformer3DModel
 
     model = build_on_device(lambda: WanS2VTransformer3DModel(), "cuda", torch.bfloat16)
     inputs = s2v_inputs(81, 480, 832, False, "cuda")
     if args.train:
-        run = _train_step(model, inputs, args.policy, args.regions)
+        run = _train_step(model, inputs, args.policy, args.regions, args.merged, args.linear_blocks)
     else:
         def run():
             with torch.no_grad():
@@ -78,10 +84,12 @@ def main() -> None:
         run()
         torch.cuda.synchronize()
     per_kernel: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
     per_class: dict[str, float] = defaultdict(float)
     for evt in prof.events():
         if evt.device_type == torch.autograd.DeviceType.CUDA:
             per_kernel[evt.name] += evt.device_time / 1e6
+            calls[evt.name] += 1
             per_class[classify(evt.name)] += evt.device_time / 1e6
     total = sum(per_class.values())
     print(f"total GPU kernel time {total:.3f} s")
@@ -89,8 +97,8 @@ def main() -> None:
         print(f"  {name:32s} {secs:7.3f} s")
     print_matmul_shapes(prof)
     print("top kernels:")
-    for name, secs in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:40]:
-        print(f"  {secs:7.3f} s  {name[:150]}")
+    for name, secs in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:60]:
+        print(f"  {secs:7.3f} s  x{calls[name]:<4d} {name[:150]}")
 
 
 if __name__ == "__main__":
