@@ -14,7 +14,8 @@ side) on the 21 latent-aligned pixel frames.
     python bench/bench_tread_crepa.py --compile --variants plain+host,regions+host,regions+tread+host
 
 A variant is "+"-joined parts: plain, tread, crepa, host (saved tensors to pinned host
-memory), regions (compiled checkpoint regions, the loop's CUDA default), merged (LoRA layers
+memory), regions (compiled checkpoint regions, the loop's CUDA default), tuned (the
+regions compiled with inductor's coordinate-descent tuning), merged (LoRA layers
 as one matmul with the merged weight, `trainer.lora.merged_linear`) and linearsN (the first
 N blocks also keep their linear outputs, on the GPU). "host_gib" is what went to host
 memory per step.
@@ -36,10 +37,10 @@ def parse_variant(name: str) -> dict[str, int]:
     parts = set(name.split("+"))
     linears = next((int(part[len("linears"):]) for part in parts if part.startswith("linears")), 0)
     unknown = {part for part in parts if not part.startswith("linears")} - {
-        "plain", "tread", "crepa", "host", "regions", "merged"}
+        "plain", "tread", "crepa", "host", "regions", "merged", "tuned"}
     if unknown:
         raise SystemExit(f"unknown variant part(s) {sorted(unknown)} in '{name}'")
-    flags = {part: part in parts for part in ("host", "tread", "crepa", "regions", "merged")}
+    flags = {part: part in parts for part in ("host", "tread", "crepa", "regions", "merged", "tuned")}
     return {**flags, "linears": linears}
 
 
@@ -56,6 +57,7 @@ def main() -> None:
     from trainer.lora.merged_linear import use_merged_lora
     from trainer.memory import MemoryConfig
     from trainer.memory.apply import configure_checkpointing
+    from trainer.model.checkpointing import compiled_checkpoint
     from trainer.model.transformer_s2v import WanS2VTransformer3DModel
     from trainer.train.config import CrepaConfig, TrainConfig
     from trainer.train.crepa import CrepaRegularizer
@@ -101,6 +103,10 @@ def main() -> None:
     for name in args.variants.split(","):
         v = parse_variant(name)
         host, tread, use_crepa = v["host"], v["tread"], v["crepa"]
+        if v["tuned"] and not torch._inductor.config.coordinate_descent_tuning:
+            torch._dynamo.reset()
+            compiled_checkpoint.cache_clear()
+            torch._inductor.config.coordinate_descent_tuning = True
         memory = MemoryConfig(gradient_checkpointing=args.policy, offload_activations=host, linear_blocks=v["linears"])
         configure_checkpointing(model, memory, compile_regions=v["regions"])
         use_merged_lora(model, v["merged"])
