@@ -68,7 +68,13 @@ class MemorySetup:
     compiled_regions: bool = False
 
     def after_lora(self) -> MemorySetup:
-        """Install block offload (needs the LoRA in place so it stays on the device)."""
+        """Install block offload (needs the LoRA in place so it stays on the device); with
+        compiled regions, run the LoRA layers as merged-weight matmuls
+        (`trainer.lora.merged_linear`)."""
+        if self.compiled_regions:
+            from ..lora.merged_linear import use_merged_lora
+
+            use_merged_lora(self.model)
         if self.config.offload == "blocks" and self.offloader is None:
             self.offloader = enable_block_offload(
                 self.model, self.device, prefetch=self.config.prefetch, disk_dir=self.config.offload_blocks_to_disk
