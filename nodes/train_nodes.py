@@ -87,6 +87,10 @@ TOOLTIPS = {
     "checkpoint_interval": "interval policy: checkpoint every N-th block.",
     "attention_blocks": "attention policy: only the first N blocks keep their attention output (-1: all).",
     "offload_activations": "Move the checkpointed block inputs to pinned host RAM until the backward pass.",
+    "linear_blocks": "attention policy: the first N blocks also keep their linear-layer outputs on the GPU "
+    "(no matmul recompute; ~3.3 GiB each at 14B 832x480x81: 5 fit an 80 GiB card with offload_activations).",
+    "merged_lora": "CUDA with bf16 weights: run each LoRA layer as one matmul with the merged weight (faster; the "
+    "LoRA is rounded into the bf16 weight as ComfyUI's sampling does).",
     "enable_chunked_feed_forward": "Feed-forward in token chunks, each checkpointed (less peak memory).",
     "feed_forward_chunk_size": "Tokens per feed-forward chunk (0: WAN_FEED_FORWARD_CHUNK_SIZE or 4096).",
     "auto": "Choose offload / checkpointing / chunking automatically for vram_budget_gib.",
@@ -297,6 +301,8 @@ class WanS2VMemorySettings:
                 "offload_blocks_to_disk": ("STRING", {"default": ""}),
                 "auto": ("BOOLEAN", {"default": False}),
                 "vram_budget_gib": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 1.0}),
+                "linear_blocks": ("INT", {"default": 0, "min": 0, "max": 64}),
+                "merged_lora": ("BOOLEAN", {"default": True}),
             },
         })
 

@@ -272,18 +272,22 @@ def test_activation_offload_moves_block_inputs_and_keeps_gradients(base_model, r
     assert offload.moved_bytes == 0
 
 
-@pytest.mark.parametrize("tread", [False, True], ids=["plain", "tread"])
-def test_compiled_checkpoint_regions_match_eager(base_model, tread):
+@pytest.mark.parametrize("variant", ["plain", "tread", "merged+linears"])
+def test_compiled_checkpoint_regions_match_eager(base_model, variant):
     """compile_regions: each checkpointed block (+ its audio injection) is one compiled graph
     with the checkpoint inside; with the selective "attention" policy and the host-offload
     hooks outside it (which then move everything large a region saves), loss and LoRA
     gradients match eager checkpointing (fp32, so the comparison is not blurred by bf16
     rounding), and the compiled region is shared by the blocks (not one graph per block
-    index). With a TREAD route the routed blocks run the same regions on fewer tokens."""
+    index). With a TREAD route the routed blocks run the same regions on fewer tokens; with
+    merged-weight LoRA layers and two "linears" blocks (their saved tensors stay on the
+    device) the gradients are still eager's."""
     from torch._dynamo.utils import counters
 
+    from trainer.lora.merged_linear import use_merged_lora
     from trainer.memory.apply import configure_checkpointing
 
+    tread, merged = variant == "tread", variant == "merged+linears"
     fp32_model = copy.deepcopy(base_model).float()  # bf16 would differ by the compiler's fusions
     routes = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 1, "end_layer_idx": 2}]} if tread else None
     eager, eager_params, _ = build(fp32_model, gradient_checkpointing="attention")
@@ -293,10 +297,14 @@ def test_compiled_checkpoint_regions_match_eager(base_model, tread):
     torch._dynamo.reset()
     counters.clear()
     model, params, _ = build(fp32_model)
-    memory = MemoryConfig(gradient_checkpointing="attention", offload_activations=True)
-    assert configure_checkpointing(model, memory, compile_regions=True) == ["attention+host"] * 4
+    memory = MemoryConfig(gradient_checkpointing="attention", offload_activations=True, linear_blocks=2 * merged)
+    labels = configure_checkpointing(model, memory, compile_regions=True)
+    assert labels == (["linears"] * 2 if merged else ["attention+host"] * 2) + ["attention+host"] * 2
+    assert use_merged_lora(model, merged) == 40  # 4 blocks x 8 + 2 injectors x 4
     model.set_token_routes(routes)
-    offload = model.block_checkpointing[0].offload
+    runs = model.block_checkpointing
+    assert [hasattr(run, "offload") for run in runs] == [label.endswith("+host") for label in labels]
+    offload = runs[-1].offload
     offload.min_bytes = 0
     torch.manual_seed(7)
     loss, grads = loss_and_grads(model, params, autocast=False)
@@ -304,9 +312,17 @@ def test_compiled_checkpoint_regions_match_eager(base_model, tread):
     for name, g in grads.items():
         torch.testing.assert_close(g, expected[1][name], rtol=1e-4, atol=1e-6)
     assert offload.moved_bytes > 0
-    # blocks with and without an audio injector: at most a few graphs for all the blocks
+    # blocks with and without an audio injector (and per block policy): a few graphs for all
     graphs = counters["stats"]["unique_graphs"]
-    assert 0 < graphs <= (5 if tread else 3), graphs
+    assert 0 < graphs <= (5 if tread or merged else 3), graphs
+
+
+def test_linear_blocks_need_the_attention_policy():
+    with pytest.raises(MemoryConfigError, match="linear_blocks needs"):
+        MemoryConfig(gradient_checkpointing="full", linear_blocks=2).validate()
+    with pytest.raises(MemoryConfigError, match="linear_blocks must be >= 0"):
+        MemoryConfig(gradient_checkpointing="attention", linear_blocks=-1).validate()
+    assert "linears:5" in MemoryConfig(gradient_checkpointing="attention", linear_blocks=5).describe()
 
 
 def test_host_buffer_pool_reuses_exact_sizes_and_refuses_when_ram_is_short():

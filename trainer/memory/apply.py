@@ -69,9 +69,9 @@ class MemorySetup:
 
     def after_lora(self) -> MemorySetup:
         """Install block offload (needs the LoRA in place so it stays on the device); with
-        compiled regions, run the LoRA layers as merged-weight matmuls
+        compiled regions and `merged_lora`, run the LoRA layers as merged-weight matmuls
         (`trainer.lora.merged_linear`)."""
-        if self.compiled_regions:
+        if self.compiled_regions and self.config.merged_lora:
             from ..lora.merged_linear import use_merged_lora
 
             use_merged_lora(self.model)
@@ -97,7 +97,7 @@ class MemorySetup:
     def describe(self) -> str:
         text = self.config.describe()
         if self.compiled_regions:
-            text += ", compiled checkpoint regions"
+            text += ", compiled checkpoint regions" + (", merged-weight LoRA" if self.config.merged_lora else "")
         if self.plan_sentence:
             text = self.plan_sentence + " (" + text + ")"
         return text
