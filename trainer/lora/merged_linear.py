@@ -77,7 +77,7 @@ def _merged_forward(layer: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any
     if args or kwargs or layer.disable_adapters or layer.merged or len(adapters) != 1:
         return type(layer).forward(layer, x, *args, **kwargs)
     name = adapters[0]
-    if name not in layer.lora_A or name in layer.lora_variant:
+    if name not in layer.lora_A or name in getattr(layer, "lora_variant", {}):
         return type(layer).forward(layer, x, *args, **kwargs)
     base = layer.base_layer
     return MergedLoraLinear.apply(x, base.weight, base.bias, layer.lora_A[name].weight,
