@@ -2,7 +2,9 @@
 CPU): a small S2V transformer trains one step with and without host offload of the
 checkpointed block inputs, and with block offload; loss and LoRA gradients must match. The
 compiled checkpoint regions (the loop's CUDA default) offload everything large a block
-saves, a whole block's worth fetched ahead.
+saves, a whole block's worth fetched ahead; there the LoRA layers run with merged weights
+(`merged_lora`, bf16 rounding of the LoRA into the weight) unless switched off, and
+"linears" blocks keep their saved tensors on the GPU.
 
     python bench/check_cuda_offload.py
 """
@@ -52,7 +54,7 @@ def main() -> int:
         setup.after_lora()
         model.train()
         moved = 0
-        offload = getattr(model.block_checkpointing[0], "offload", None)
+        offload = next((run.offload for run in model.block_checkpointing if hasattr(run, "offload")), None)
         if offload is not None:
             offload.min_bytes = 0
         for _ in range(2):  # the second step reuses pinned buffers and streams
@@ -72,7 +74,11 @@ def main() -> int:
     for memory in ({"gradient_checkpointing": "full", "offload_activations": True},
                    {"gradient_checkpointing": "attention", "offload_activations": True},
                    {"offload": "blocks", "gradient_checkpointing": "attention", "offload_activations": True},
-                   {"gradient_checkpointing": "attention", "offload_activations": True, "compile_regions": True}):
+                   {"gradient_checkpointing": "attention", "offload_activations": True, "compile_regions": True,
+                    "merged_lora": False},
+                   {"gradient_checkpointing": "attention", "offload_activations": True, "compile_regions": True},
+                   {"gradient_checkpointing": "attention", "offload_activations": True, "compile_regions": True,
+                    "linear_blocks": 2}):
         loss, grads, moved = run(memory)
         worst = max(((g - reference[1][n]).norm() / reference[1][n].norm().clamp_min(1e-12)).item()
                     for n, g in grads.items())
