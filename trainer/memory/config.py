@@ -81,7 +81,7 @@ class MemoryConfig:
     attention_blocks: int | None = None
     #: With "attention": the first this many blocks also keep the outputs of their large
     #: linear layers on the device (never in host memory), so their backward recomputes no
-    #: large matmul: about 20 ms less per 14B block at 832x480x81 for about 3.5 GB more
+    #: large matmul: about 24 ms less per 14B block at 832x480x81 for about 3.3 GiB more
     #: device memory per block (the block's other saved tensors stay on the device too).
     linear_blocks: int = 0
     #: With compiled checkpoint regions (CUDA training, bf16 weights): run each LoRA Linear

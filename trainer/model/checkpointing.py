@@ -7,10 +7,10 @@
   keys) and the audio injectors (5 keys per frame) are cheap and still recomputed.
 - "linears" (one block's policy, chosen with `linear_blocks`): like "attention", and the
   block also keeps the outputs of its large linear layers (q/k/v/o, cross-attention q/o,
-  the FFN's up projection), so its backward recomputes no large matmul: about 20 ms less
-  per 14B block at 832x480x81 for about 2.6 GB more kept per block. Meant for the few blocks
-  that spare device memory can hold (these stay on the device, not in host memory: moving
-  2.6 GB a block over PCIe twice costs what the skipped matmuls save).
+  the FFN's up projection), so its backward recomputes no large matmul: about 24 ms less
+  per 14B block at 832x480x81 for about 3 GB more kept per block (measured with merged-weight
+  LoRA, docs/benchmarks.md). Meant for the few blocks that spare device memory can hold (they
+  stay on the device: moving 3 GB a block over PCIe twice costs what the skipped matmuls save).
 """
 
 from __future__ import annotations
