@@ -9,7 +9,11 @@ The factors for precision and offload come from `bench/bench_memory.py` and
 `bench/bench_tread_crepa.py` (same machine, 2026-11-25).
 
     peak = resident weights + LoRA (+grads, AdamW states) + checkpointed block inputs
-           + kept attention outputs + transient of one block's recompute/backward + margin
+           + kept attention outputs + transient of one block's recompute/backward
+           + "linears" blocks + margin
+
+The estimates predate compiled checkpoint regions, which keep less (attention outputs on
+the host: 40.5 GiB measured against 56 estimated), so on CUDA the plans are conservative.
 """
 
 from __future__ import annotations
@@ -40,6 +44,11 @@ PRECISION_TIME_TOLERANCE = 1.15
 BLOCK_OFFLOAD_TIME = 1.03  # measured 12.75 s (attention:16, inputs to host) vs 12.34 s on the device
 ACTIVATION_OFFLOAD_TIME = 1.005  # measured 11.20 s vs 11.14 s: the side-stream copies hide
 FFN_CHUNK_TIME = 1.07  # measured 13.88 s vs 13.00 s (int8, full checkpointing)
+#: A "linears" block (`MemoryConfig.linear_blocks`) at REFERENCE_TOKENS, measured with
+#: compiled regions + host offload: 5 blocks 57.7 vs 40.5 GiB and 10.72 vs 10.84 s.
+LINEAR_BLOCK_GIB = 3.3
+LINEAR_BLOCK_S = 0.024
+LINEAR_BLOCK_DIALS = (0, 1, 2, 3, 5, 8)
 #: Allocator slack: a fixed part plus a fraction of the budget.
 MARGIN_GIB = 1.0
 MARGIN_FRACTION = 0.05
@@ -135,6 +144,7 @@ def estimate_memory(config: MemoryConfig, *, height: int = 480, width: int = 832
         "weights": weights / GIB, "lora_and_optimizer": lora / GIB, "block_inputs": inputs / GIB,
         "attention_outputs": kept_attention * per_block / GIB, "unckeckpointed_blocks": full_activations / GIB,
         "transient": transient / GIB,
+        "linear_blocks": config.linear_blocks * LINEAR_BLOCK_GIB * scale * width_scale,
     }
     peak = sum(parts.values())
 
@@ -144,6 +154,7 @@ def estimate_memory(config: MemoryConfig, *, height: int = 480, width: int = 832
         time = (checkpointed + uncheckpointed * 0.8) / layers
     else:
         time = 1.0 - (1.0 - STEP_ATTENTION_S / STEP_FULL_S) * kept_attention / max(layers, 1)
+    time -= config.linear_blocks * LINEAR_BLOCK_S / STEP_FULL_S
     time *= PRECISION_TIME[precision]
     if config.offload == "blocks":
         time *= BLOCK_OFFLOAD_TIME * (1.5 if config.offload_blocks_to_disk else 1.0)
@@ -162,11 +173,15 @@ def _candidates(precisions: list[str], layers: int):
                 for activations in (False, True):
                     for chunk in (False, True):
                         policy = "attention" if kept else "full"
-                        yield MemoryConfig(
-                            base_model_precision=precision, offload=offload,
-                            gradient_checkpointing=policy, attention_blocks=None if kept == layers else (kept or None),
-                            offload_activations=activations, enable_chunked_feed_forward=chunk,
-                        )
+                        # linears blocks only where every block keeps its attention (the fast end)
+                        linear_dials = LINEAR_BLOCK_DIALS if kept == layers and offload == "none" else (0,)
+                        for linears in linear_dials:
+                            yield MemoryConfig(
+                                base_model_precision=precision, offload=offload, gradient_checkpointing=policy,
+                                attention_blocks=None if kept == layers else (kept or None),
+                                offload_activations=activations, enable_chunked_feed_forward=chunk,
+                                linear_blocks=min(linears, layers),
+                            )
 
 
 def plan_memory(vram_budget_gib: float, *, height: int = 480, width: int = 832, frames: int = 81,
