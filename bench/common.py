@@ -106,12 +106,12 @@ def add_bench_lora(model: torch.nn.Module, rank: int = 16, peft_cast: bool = Fal
     """
     from peft import LoraConfig
 
+    from trainer.train.loop import disable_lora_input_cast
+
     model.requires_grad_(False)
     model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     if not peft_cast:
-        for module in model.modules():
-            if hasattr(module, "cast_input_dtype_enabled"):
-                module.cast_input_dtype_enabled = False
+        disable_lora_input_cast(model)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()

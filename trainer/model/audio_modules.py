@@ -112,7 +112,7 @@ class AudioInjector(nn.Module):
         self, hidden_states: torch.Tensor, block_index: int, audio_local: torch.Tensor, audio_global: torch.Tensor
     ) -> torch.Tensor:
         """Residual update of the video tokens by the injector after block `block_index`;
-        see `inject`."""
+        see `inject_audio`."""
         return inject_audio(hidden_states, self.parts(block_index), audio_local, audio_global)
 
 
