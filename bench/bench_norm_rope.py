@@ -10,9 +10,8 @@ times the full-width cos table, plus the pair-swapped heads times the signed sin
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from common import environment, print_table, time_cuda
+from torch import nn
 
 
 def rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
