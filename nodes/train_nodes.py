@@ -349,8 +349,14 @@ class WanS2VValidationSettings:
               width, height, num_video_frames, validation_seed, validation_settings=None):
         cases = list(validation_settings.cases) if validation_settings is not None else []
         cases.append(ValidationCaseInput(image, audio, prompt, negative_prompt))
-        return (ValidationSettings(cases, validation_step_interval, num_inference_steps, guidance, width, height,
-                                   num_video_frames, validation_seed),)
+        from ..trainer.train.config import ValidationConfig
+
+        config = ValidationConfig(
+            validation_step_interval=validation_step_interval, validation_num_inference_steps=num_inference_steps,
+            validation_guidance=guidance, validation_resolution=f"{width}x{height}",
+            validation_num_video_frames=num_video_frames, validation_seed=validation_seed,
+        )
+        return (ValidationSettings(cases, config),)
 
 
 class WanS2VTrainLora:

@@ -15,9 +15,12 @@ import hashlib
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import comfy_adapter
+
+if TYPE_CHECKING:
+    from ..trainer.train.config import ValidationConfig
 
 TRAIN_EVENT = "wan_s2v.train"  # web/js/loss_chart.js
 VALIDATION_EVENT = "wan_s2v.validation"  # web/js/validation_preview.js
@@ -45,16 +48,11 @@ class ValidationCaseInput:
 @dataclass
 class ValidationSettings:
     """What the Validation Settings node outputs: the cases (chained nodes add theirs) and
-    the shared render settings of the last node in the chain."""
+    the render settings of the last node in the chain (its `validation_cases` stay empty
+    until `write_validation_inputs` saves the cases' media)."""
 
     cases: list[ValidationCaseInput]
-    validation_step_interval: int = 100
-    num_inference_steps: int = 20
-    guidance: float = 4.5
-    width: int = 832
-    height: int = 480
-    num_video_frames: int = 81
-    seed: int = 42
+    config: ValidationConfig
 
 
 @dataclass
@@ -237,10 +235,10 @@ def _write_wav(audio: dict, path: Path) -> None:
         handle.writeframes(np.ascontiguousarray(pcm).tobytes())
 
 
-def write_validation_inputs(settings: ValidationSettings, out_dir: Path) -> dict[str, Any]:
+def write_validation_inputs(settings: ValidationSettings, out_dir: Path) -> ValidationConfig:
     """Save every case's reference image (PNG) and speech (WAV) under
     `<out_dir>/validation_inputs/` (named by content, so a rerun rewrites nothing) and return
-    the training config's validation keys (the seed's names)."""
+    the validation settings with those files as their cases."""
     folder = out_dir / "validation_inputs"
     cases = []
     for index, case in enumerate(settings.cases):
@@ -254,15 +252,7 @@ def write_validation_inputs(settings: ValidationSettings, out_dir: Path) -> dict
         if case.negative_prompt:
             entry["negative_prompt"] = case.negative_prompt
         cases.append(entry)
-    return {
-        "validation_step_interval": settings.validation_step_interval,
-        "validation_num_inference_steps": settings.num_inference_steps,
-        "validation_guidance": settings.guidance,
-        "validation_resolution": f"{settings.width}x{settings.height}",
-        "validation_num_video_frames": settings.num_video_frames,
-        "validation_seed": settings.seed,
-        "validation_cases": cases,
-    }
+    return dataclasses.replace(settings.config, validation_cases=tuple(cases))
 
 
 def view_entry(path: str | Path) -> dict[str, str]:
@@ -345,15 +335,16 @@ def build_train_config(output_name: str, settings: dict[str, Any], extras: Train
     }
     if extras.tread_settings:
         values["tread_config"] = extras.tread_settings
+    validation = None
     if extras.validation_settings is not None:
         if extras.validation_model is None:
             raise ValueError("validation settings need a validation_model (Load Wan S2V Model Bundle with the "
                              "training transformer connected to its transformer_model input)")
-        values.update(write_validation_inputs(extras.validation_settings, out_dir))
+        validation = write_validation_inputs(extras.validation_settings, out_dir)
     config = TrainConfig.from_dict(values)
     for name, section in (("lora", extras.lora_settings), ("optimizer", extras.optimizer_settings),
                           ("schedule", extras.schedule_settings), ("crepa", extras.crepa_settings),
-                          ("memory", extras.memory_settings)):
+                          ("memory", extras.memory_settings), ("validation", validation)):
         if section is not None:
             setattr(config, name, dataclasses.replace(section))
     config.validate()
