@@ -238,12 +238,16 @@ def test_checkpoint_labels(base_model):
     ({"gradient_checkpointing": "none"}, False),
     ({"gradient_checkpointing": "attention", "offload": "blocks"}, False),  # the swap runs between regions
     ({"gradient_checkpointing": "attention", "base_model_precision": "int8-quanto"}, False),
+    ({"gradient_checkpointing": "attention", "tread": True}, False),  # routed blocks see fewer tokens
 ])
 def test_compiled_regions_only_where_they_apply(base_model, memory, regions):
     """The loop asks for compiled checkpoint regions on CUDA; they are used for bf16 weights
-    without weight offload and with checkpointing, and the model's self-attention then gives
-    SDPA contiguous heads."""
+    without weight offload, with checkpointing and without TREAD routes on the model, and the
+    model's self-attention then gives SDPA contiguous heads."""
     model = copy.deepcopy(base_model)
+    memory = dict(memory)
+    if memory.pop("tread", False):
+        model.set_token_routes({"routes": [{"selection_ratio": 0.5, "start_layer_idx": 1, "end_layer_idx": 2}]})
     setup = apply_memory_config(model, MemoryConfig(**memory), "cpu", compile_regions=True)
     assert setup.compiled_regions is regions
     assert model.blocks[0].attn1.contiguous_heads is regions

@@ -117,7 +117,8 @@ def apply_memory_config(
     """Convert, checkpoint and place `model` for training with `config` (see module doc).
 
     `compile_regions` asks for compiled checkpoint regions (CUDA training); they are used
-    where measured: bf16 weights, no weight offload, checkpointing on. With `config.auto`,
+    where measured: bf16 weights, no weight offload, checkpointing on, no TREAD routes set
+    on the model. With `config.auto`,
     the settings come from `plan_memory(config.vram_budget_gib, ...)` for the given video
     size; the chosen plan's sentence is in the result's `plan_sentence`.
     """
@@ -140,7 +141,7 @@ def apply_memory_config(
     if config.offload == "blocks" and getattr(model, "_hf_hook", None) is not None:
         raise MemoryConfigError(EXCLUSIVE_OFFLOAD_MESSAGE)
     converted = apply_precision(model, config.base_model_precision)
-    regions = compile_regions and regions_apply(config)
+    regions = compile_regions and regions_apply(config, bool(getattr(model, "token_routes", None)))
     labels = configure_checkpointing(model, config, compile_regions=regions)
     model.set_feed_forward_chunk_size(config.resolved_feed_forward_chunk_size())
     if config.offload == "none":
@@ -151,11 +152,13 @@ def apply_memory_config(
     return MemorySetup(model, config, device, converted, labels, sentence, compiled_regions=regions)
 
 
-def regions_apply(config: MemoryConfig) -> bool:
+def regions_apply(config: MemoryConfig, token_routes: bool = False) -> bool:
     """Whether compiled checkpoint regions serve `config`: the swap of block offload runs
-    between regions, and the quantized Linears were only measured with compiled blocks."""
+    between regions, the quantized Linears were only measured with compiled blocks, and
+    TREAD routes (`token_routes`, set on the model before) change the routed blocks' token
+    count, which the regions were not measured with."""
     return (config.offload == "none" and config.base_model_precision == "no_change"
-            and config.gradient_checkpointing != "none")
+            and config.gradient_checkpointing != "none" and not token_routes)
 
 
 __all__ = ["MemorySetup", "apply_memory_config", "configure_checkpointing"]

@@ -525,11 +525,9 @@ def train(
         _, frames, lat_h, lat_w = dataset[0]["latents"].shape
         video_shape = dict(height=8 * lat_h, width=8 * lat_w, frames=4 * (frames - 1) + 1)
     compiled = config.compile_blocks and device.type == "cuda" and hasattr(model, "compile_blocks")
-    model.set_token_routes(config.tread_config)
-    # TREAD changes the routed blocks' token count; regions were measured without it
-    regions = compiled and not model.token_routes
+    model.set_token_routes(config.tread_config)  # before the memory setup: regions depend on the routes
     memory = apply_memory_config(model, config.memory, device, lora_rank=config.lora.lora_rank,
-                                 compile_regions=regions, **video_shape)
+                                 compile_regions=compiled, **video_shape)
     logger.info("memory: %s", memory.describe())
 
     params = add_lora(model, config)
