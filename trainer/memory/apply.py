@@ -118,9 +118,9 @@ def apply_memory_config(
 
     `compile_regions` asks for compiled checkpoint regions (CUDA training); they are used
     where measured: bf16 weights, no weight offload, checkpointing on, no TREAD routes set
-    on the model. With `config.auto`,
-    the settings come from `plan_memory(config.vram_budget_gib, ...)` for the given video
-    size; the chosen plan's sentence is in the result's `plan_sentence`.
+    on the model. With `config.auto`, the settings come from
+    `plan_memory(config.vram_budget_gib, ...)` for the given video size; the chosen plan's
+    sentence is in the result's `plan_sentence`.
     """
     if config is None:
         config = MemoryConfig()

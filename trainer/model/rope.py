@@ -49,6 +49,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     xf = x.float()
     swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
     return (xf * cos[None, :, None, :] + swapped * sin[None, :, None, :]).type_as(x)
+
+
 def grid_positions(
     times: torch.Tensor | np.ndarray | list[float],
     rows: torch.Tensor | np.ndarray | list[float],
