@@ -2,7 +2,10 @@
 (where the time goes).
 
     python bench/profile_forward.py [--eager] [--train [--policy full|attention] [--regions]
-                                    [--merged] [--linear-blocks N]]
+                                    [--merged] [--linear-blocks N] [--host]]
+
+`--host` offloads the checkpointed tensors to page-locked host memory as the loop does
+(needed with `--linear-blocks 5`, which alone exceeds 80 GiB).
 """
 
 from __future__ import annotations
@@ -46,11 +49,14 @@ def print_matmul_shapes(prof) -> None:
         print(f"  {secs:7.3f} s  {name[:150]}")
 
 
-def _train_step(model, inputs, policy: str, regions: bool, merged: bool, linear_blocks: int):
+def _train_step(model, inputs, policy: str, regions: bool, merged: bool, linear_blocks: int, host: bool):
     from trainer.lora.merged_linear import use_merged_lora
+    from trainer.memory import MemoryConfig
+    from trainer.memory.apply import configure_checkpointing
 
     params = add_bench_lora(model)
-    model.configure_gradient_checkpointing(policy, compile_regions=regions, linear_blocks=linear_blocks)
+    memory = MemoryConfig(gradient_checkpointing=policy, offload_activations=host, linear_blocks=linear_blocks)
+    configure_checkpointing(model, memory, compile_regions=regions)
     use_merged_lora(model, merged)
     model.train()
     return lora_train_step(model, params, inputs)
@@ -64,13 +70,14 @@ def main() -> None:
     parser.add_argument("--regions", action="store_true", help="compiled checkpoint regions (with --train)")
     parser.add_argument("--merged", action="store_true", help="merged-weight LoRA layers (with --train)")
     parser.add_argument("--linear-blocks", type=int, default=0, help="blocks keeping their linear outputs")
+    parser.add_argument("--host", action="store_true", help="checkpointed tensors to host memory (with --train)")
     args = parser.parse_args()
     from trainer.model.transformer_s2v import WanS2VTransformer3DModel
 
     model = build_on_device(lambda: WanS2VTransformer3DModel(), "cuda", torch.bfloat16)
     inputs = s2v_inputs(81, 480, 832, False, "cuda")
     if args.train:
-        run = _train_step(model, inputs, args.policy, args.regions, args.merged, args.linear_blocks)
+        run = _train_step(model, inputs, args.policy, args.regions, args.merged, args.linear_blocks, args.host)
     else:
         def run():
             with torch.no_grad():
