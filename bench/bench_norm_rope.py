@@ -3,6 +3,8 @@ RoPE and the contiguous [B, H, S, D] layout the compiled regions give SDPA, comp
 expression. "pairs" splits each interleaved pair and stacks the rotated halves back (the
 model's formulation up to 4b05339); "swap" is `trainer.model.rope.apply_rope` (whole heads
 times the full-width cos table, plus the pair-swapped heads times the signed sin table).
+The RMSNorm weight is trainable here, so the backward also reduces its gradient (the
+model's norms are frozen during LoRA training).
 
     python bench/bench_norm_rope.py
 """
