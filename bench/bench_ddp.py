@@ -48,15 +48,13 @@ def _worker(args) -> None:
             data = SyntheticTalkingDataset(audio_dim=model.config.audio_dim, text_dim=model.config.text_dim,
                                            text_len=64)
         else:
-            from common import build_on_device
+            from common import build_on_device, talking_dataset
 
             from trainer.model.transformer_s2v import WanS2VTransformer3DModel
 
             model = build_on_device(lambda: WanS2VTransformer3DModel(), f"cuda:{torch.cuda.current_device()}",
                                     torch.bfloat16)
-            lat_t, lat_h, lat_w = (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8
-            data = SyntheticTalkingDataset(num_sources=2, windows_per_source=2, latent_frames=lat_t, height=lat_h,
-                                           width=lat_w, audio_dim=1024, text_dim=4096, text_len=512)
+            data = talking_dataset(args.frames, args.height, args.width)
         config = TrainConfig.from_dict(dict(
             output_dir=args.output_dir, max_train_steps=args.warmup + args.steps, train_batch_size=1,
             lora_rank=args.rank, lora_alpha=args.rank, learning_rate=1e-4, checkpoint_step_interval=0,

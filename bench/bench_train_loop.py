@@ -22,14 +22,13 @@ import statistics
 import tempfile
 
 import torch
-from common import build_on_device, environment, print_table, save_json
+from common import build_on_device, environment, print_table, save_json, talking_dataset
 
 
 def main() -> None:
     from trainer.model.transformer_s2v import WanS2VTransformer3DModel
     from trainer.train.config import TrainConfig
     from trainer.train.loop import train
-    from trainer.train.synthetic import SyntheticTalkingDataset
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--memory", default='{"gradient_checkpointing": "attention", "offload_activations": true}')
@@ -48,8 +47,7 @@ def main() -> None:
             **json.loads(args.memory and '{"memory": ' + args.memory + "}"), **json.loads(args.extra),
         })
         torch.cuda.reset_peak_memory_stats()
-        data = SyntheticTalkingDataset(num_sources=2, windows_per_source=2, latent_frames=21, height=60, width=104,
-                                       audio_dim=1024, text_dim=4096, text_len=512)
+        data = talking_dataset()
         train(model, data, config, on_log=records.append)
     times = [r["step_time"] for r in records if "step_time" in r][args.warmup:]
     row = {"memory": args.memory, "extra": args.extra, "steps_timed": len(times),

@@ -98,6 +98,17 @@ def save_json(name: str, payload: dict) -> None:
         Path(out, name).write_text(json.dumps(payload, indent=2))
 
 
+def talking_dataset(frames: int = 81, height: int = 480, width: int = 832):
+    """A `SyntheticTalkingDataset` (two sources of two windows) whose items have the shapes a
+    cached clip of `frames` x `height` x `width` pixels has for the 14B model: latents
+    [16, T, height / 8, width / 8] with T = (frames - 1) / 4 + 1, audio [25, 1024, 4T], text
+    [512, 4096]."""
+    from trainer.train.synthetic import SyntheticTalkingDataset
+
+    return SyntheticTalkingDataset(num_sources=2, windows_per_source=2, latent_frames=(frames - 1) // 4 + 1,
+                                   height=height // 8, width=width // 8, audio_dim=1024, text_dim=4096, text_len=512)
+
+
 def add_bench_lora(model: torch.nn.Module, rank: int = 16, peft_cast: bool = False) -> list[torch.nn.Parameter]:
     """LoRA r=`rank` on q/k/v/o of every attention, frozen base, fp32 LoRA weights.
 

@@ -18,7 +18,7 @@ import tempfile
 import time
 
 import torch
-from common import build_on_device, environment, print_table
+from common import build_on_device, environment, print_table, talking_dataset
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 MEMORY = {"gradient_checkpointing": "attention", "offload_activations": True, "linear_blocks": 5}
@@ -40,7 +40,6 @@ def main() -> None:
     from trainer.model.transformer_s2v import WanS2VTransformer3DModel
     from trainer.train import loop
     from trainer.train.config import TrainConfig
-    from trainer.train.synthetic import SyntheticTalkingDataset
 
     prepare_inputs = loop.prepare_inputs
     loop.prepare_inputs = timed("prepare", prepare_inputs)
@@ -61,8 +60,7 @@ def main() -> None:
     env = environment()
     model = build_on_device(lambda: WanS2VTransformer3DModel(), "cuda", torch.bfloat16)
     records: list[dict] = []
-    data = SyntheticTalkingDataset(num_sources=2, windows_per_source=2, latent_frames=21, height=60, width=104,
-                                   audio_dim=1024, text_dim=4096, text_len=512)
+    data = talking_dataset()
     with tempfile.TemporaryDirectory() as out:
         config = TrainConfig.from_dict({"output_dir": out, "max_train_steps": 5, "mixed_precision": "bf16",
                                         "lora_rank": 16, "lora_alpha": 16, "checkpoint_step_interval": 0,
