@@ -31,10 +31,20 @@ def classify(name: str) -> str:
     return "other"
 
 
+def matmul_flops(op: str, shapes: list[list[int]]) -> float:
+    """FLOPs of one aten matmul call from its recorded input shapes (0 when unknown)."""
+    mats = [s for s in shapes if len(s) >= 2]
+    if len(mats) < 2:
+        return 0.0
+    a, b = mats[-2], mats[-1]
+    batch = a[0] if op == "aten::bmm" else 1
+    return 2.0 * batch * a[-2] * a[-1] * b[-1]
+
+
 def print_matmul_shapes(prof) -> None:
-    """GPU time of the matmul ops by input shapes: LoRA-sized ones (a dimension <= 64)
-    apart from the base linears."""
-    per_shape: dict[str, float] = defaultdict(float)
+    """GPU time and rate of the matmul ops by input shapes: LoRA-sized ones (a dimension
+    <= 64) apart from the base linears."""
+    per_shape: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     lora = base = 0.0
     for evt in prof.key_averages(group_by_input_shape=True):
         if evt.key not in ("aten::mm", "aten::addmm", "aten::bmm", "aten::_addmm_activation"):
@@ -43,10 +53,13 @@ def print_matmul_shapes(prof) -> None:
         shapes = [s for s in evt.input_shapes if s]
         small = any(0 < d <= 64 for shape in shapes for d in shape)
         lora, base = lora + secs * small, base + secs * (not small)
-        per_shape[f"{evt.key} {shapes} x{evt.count}"] += secs
+        entry = per_shape[f"{evt.key} {shapes} x{evt.count}"]
+        entry[0] += secs
+        entry[1] += matmul_flops(evt.key, shapes) * evt.count
     print(f"matmul ops: base {base:.3f} s, LoRA-sized {lora:.3f} s")
-    for name, secs in sorted(per_shape.items(), key=lambda kv: -kv[1])[:24]:
-        print(f"  {secs:7.3f} s  {name[:150]}")
+    for name, (secs, flops) in sorted(per_shape.items(), key=lambda kv: -kv[1][0])[:32]:
+        rate = flops / secs / 1e12 if secs else 0.0
+        print(f"  {secs:7.3f} s  {rate:6.0f} TFLOP/s  {name[:150]}")
 
 
 def _train_step(model, inputs, policy: str, regions: bool, merged: bool, linear_blocks: int, host: bool):
