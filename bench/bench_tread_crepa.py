@@ -17,8 +17,7 @@ A variant is "+"-joined parts: plain, tread, crepa, host (saved tensors to pinne
 memory), regions (compiled checkpoint regions, the loop's CUDA default), tuned (the
 regions compiled with inductor's coordinate-descent tuning), merged (LoRA layers
 as one matmul with the merged weight, `trainer.lora.merged_linear`) and linearsN (the first
-N blocks also keep their linear outputs, on the GPU) and hostlinearsN (the next N blocks
-keep theirs in pinned host memory, with host). "host_gib" is what went to host
+N blocks also keep their linear outputs, on the GPU). "host_gib" is what went to host
 memory per step.
 """
 
@@ -36,15 +35,13 @@ TREAD = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_id
 
 def parse_variant(name: str) -> dict[str, int]:
     parts = set(name.split("+"))
-    counts = {prefix: next((int(part[len(prefix):]) for part in parts
-                            if part.startswith(prefix) and part[len(prefix):].isdigit()), 0)
-              for prefix in ("linears", "hostlinears")}
-    unknown = {part for part in parts if not part.startswith(("linears", "hostlinears"))} - {
+    linears = next((int(part[len("linears"):]) for part in parts if part.startswith("linears")), 0)
+    unknown = {part for part in parts if not part.startswith("linears")} - {
         "plain", "tread", "crepa", "host", "regions", "merged", "tuned"}
     if unknown:
         raise SystemExit(f"unknown variant part(s) {sorted(unknown)} in '{name}'")
     flags = {part: part in parts for part in ("host", "tread", "crepa", "regions", "merged", "tuned")}
-    return {**flags, **counts}
+    return {**flags, "linears": linears}
 
 
 def giant_teacher(device: str) -> torch.nn.Module:
@@ -110,8 +107,7 @@ def main() -> None:
             torch._dynamo.reset()
             compiled_checkpoint.cache_clear()
             torch._inductor.config.coordinate_descent_tuning = True
-        memory = MemoryConfig(gradient_checkpointing=args.policy, offload_activations=host, linear_blocks=v["linears"],
-                              host_linear_blocks=v["hostlinears"])
+        memory = MemoryConfig(gradient_checkpointing=args.policy, offload_activations=host, linear_blocks=v["linears"])
         configure_checkpointing(model, memory, compile_regions=v["regions"])
         use_merged_lora(model, v["merged"])
         offload = next((run.offload for run in model.block_checkpointing if hasattr(run, "offload")), None)

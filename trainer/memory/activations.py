@@ -102,7 +102,6 @@ class _Saved:
 
     host: torch.Tensor
     device: torch.device
-    context: int = 0  # which `hooks()` context (block) packed it
     copied_out: torch.cuda.Event | None = None
     fetched: torch.Tensor | None = None
     fetched_event: torch.cuda.Event | None = None
@@ -118,9 +117,8 @@ class ActivationOffload:
 
     Use ``with offload.hooks(): checkpoint(block, ...)`` for each block. Blocks pack in
     forward order and the backward unpacks them block by block in reverse; the prefetch
-    follows that order and keeps up to the next block's bytes (what the `hooks()` context
-    before the current one packed) in flight, so blocks that save more (host "linears"
-    blocks) are fetched whole without deepening the prefetch of the others.
+    follows that order and keeps up to one block's bytes (the most any one `hooks()` context
+    packed) in flight.
     The offloaded tensors are owned by the autograd graph; this object keeps only weak
     references, so a step that never runs its backward leaks nothing. On a CPU model the
     tensors already live in host memory: a copy is still made (the bookkeeping runs the same
@@ -133,15 +131,15 @@ class ActivationOffload:
         self.pool = HostBufferPool(host_reserve_bytes)
         self.kept_bytes = 0  # bytes left on the device since `reset_stats` (host RAM short)
         self.moved_bytes = 0  # bytes sent to the host since the last `reset_stats`
-        self._context = 0  # the current `hooks()` context; one per checkpointed block call
-        self._context_bytes: dict[int, int] = {}  # bytes each live context packed
+        self.window_bytes = 0  # the most bytes one `hooks()` context packed: the prefetch depth
+        self._context_bytes = 0
         self._order: list[weakref.ref[_Saved]] = []
         self._stream: torch.cuda.Stream | None = None
 
     @contextlib.contextmanager
     def hooks(self):
         """Saved-tensor hooks for one checkpointed block."""
-        self._context += 1
+        self._context_bytes = 0
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             yield
 
@@ -162,11 +160,11 @@ class ActivationOffload:
         if saved is None:
             self.kept_bytes += size
             return tensor
-        saved.context = self._context
         self._order = [ref for ref in self._order if ref() is not None]
         self._order.append(weakref.ref(saved))
         self.moved_bytes += size
-        self._context_bytes[self._context] = self._context_bytes.get(self._context, 0) + size
+        self._context_bytes += size
+        self.window_bytes = max(self.window_bytes, self._context_bytes)
         return saved
 
     def _copy_out(self, tensor: torch.Tensor) -> _Saved | None:
@@ -202,14 +200,11 @@ class ActivationOffload:
 
     def _prefetch_before(self, saved: _Saved) -> None:
         """Fetch the tensors packed before `saved` (the next ones the backward needs), up to
-        the next block's bytes (the context packed before `saved`'s) not yet handed over."""
+        `window_bytes` of them not yet handed over."""
         live = [s for s in (ref() for ref in self._order) if s is not None]
         self._order = [weakref.ref(s) for s in live]
-        contexts = {s.context for s in live}
-        self._context_bytes = {c: n for c, n in self._context_bytes.items() if c in contexts}
         position = next((i for i in range(len(live) - 1, -1, -1) if live[i] is saved), 0)
-        earlier_contexts = [s.context for s in live[:position] if s.context != saved.context]
-        budget = self._context_bytes[max(earlier_contexts)] if earlier_contexts else 0
+        budget = self.window_bytes
         for earlier in reversed(live[:position]):
             if budget <= 0:
                 break

@@ -26,45 +26,31 @@ from .offload import BlockOffloader, enable_block_offload
 from .quantize import apply_precision
 
 
-def linear_block_indices(config: MemoryConfig, blocks: int) -> tuple[list[int], list[int]]:
-    """The "linears" blocks of `config` among `blocks`: the first `linear_blocks` (kept on the
-    device), then `host_linear_blocks` of the blocks after them, every other one first so
-    that each one's copies to and from the host have a plain block's time to finish in."""
-    on_device = list(range(min(config.linear_blocks, blocks)))
-    rest = range(len(on_device), blocks)
-    on_host = (list(rest[::2]) + list(rest[1::2]))[:config.host_linear_blocks]
-    return on_device, sorted(on_host)
-
-
 def configure_checkpointing(model: nn.Module, config: MemoryConfig, compile_regions: bool = False) -> list[str]:
     """Set the model's per-block checkpoint functions for `config` (as compiled regions when
     `compile_regions`); returns a per-block label (one of "none", "full", "attention",
     "linears"; with "+host" when the block's saved tensors are offloaded: every
-    checkpointed block but the `linear_blocks` "linears" ones, whose point is to keep
-    theirs on the device)."""
+    checkpointed block but the "linears" ones, whose point is to keep theirs on the device)."""
     policy = config.gradient_checkpointing
     blocks = len(model.blocks)
-    on_device, on_host = linear_block_indices(config, blocks)
-    linears = set(on_device + on_host)
     if policy == "interval":
         model.configure_gradient_checkpointing("full", interval=config.checkpoint_interval,
                                                compile_regions=compile_regions)
     else:
         model.configure_gradient_checkpointing(policy, attention_blocks=config.attention_blocks,
-                                               compile_regions=compile_regions, linear_blocks=linears)
+                                               compile_regions=compile_regions, linear_blocks=config.linear_blocks)
     keep = blocks if config.attention_blocks is None else config.attention_blocks
     labels = [
-        "none" if run is None else model.block_policy(policy, i, keep, linears)
+        "none" if run is None else model.block_policy(policy, i, keep, config.linear_blocks)
         for i, run in enumerate(model.block_checkpointing)
     ]
     if config.offload_activations:
         offload = ActivationOffload()
-        stay = [label == "none" or i in on_device for i, label in enumerate(labels)]
         model.set_block_checkpointing([
-            run if kept else offloaded_checkpoint(run, offload)
-            for run, kept in zip(model.block_checkpointing, stay)
+            run if label in ("none", "linears") else offloaded_checkpoint(run, offload)
+            for run, label in zip(model.block_checkpointing, labels)
         ])
-        labels = [label if kept else label + "+host" for label, kept in zip(labels, stay)]
+        labels = [label if label in ("none", "linears") else label + "+host" for label in labels]
     return labels
 
 

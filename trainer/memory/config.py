@@ -84,11 +84,6 @@ class MemoryConfig:
     #: large matmul: about 24 ms less per 14B block at 832x480x81 for about 3.3 GiB more
     #: device memory per block (the block's other saved tensors stay on the device too).
     linear_blocks: int = 0
-    #: With "attention" and `offload_activations`: this many blocks after the first
-    #: `linear_blocks` also keep their large linear outputs, in pinned host memory (about
-    #: 4.2 GiB of host RAM per 14B block at 832x480x81, copied out in the forward and back in
-    #: the backward behind compute), so their backward recomputes no large matmul either.
-    host_linear_blocks: int = 0
     #: With compiled checkpoint regions (CUDA training, bf16 weights): run each LoRA Linear
     #: as one matmul with the merged weight W + s B A (`trainer.lora.merged_linear`): the
     #: same gradients as peft's two extra matmuls without their [tokens, dim] traffic (0.19 s
@@ -155,10 +150,6 @@ class MemoryConfig:
             raise MemoryConfigError(f"linear_blocks must be >= 0, got {self.linear_blocks}")
         if self.linear_blocks and self.gradient_checkpointing != "attention":
             raise MemoryConfigError("linear_blocks needs gradient_checkpointing='attention'")
-        if self.host_linear_blocks < 0:
-            raise MemoryConfigError(f"host_linear_blocks must be >= 0, got {self.host_linear_blocks}")
-        if self.host_linear_blocks and (self.gradient_checkpointing != "attention" or not self.offload_activations):
-            raise MemoryConfigError("host_linear_blocks needs gradient_checkpointing='attention' and offload_activations")
         if self.prefetch < 0:
             raise MemoryConfigError(f"prefetch must be >= 0, got {self.prefetch}")
         if self.feed_forward_chunk_size is not None and self.feed_forward_chunk_size <= 0:
@@ -219,8 +210,6 @@ class MemoryConfig:
             ckpt += f":{self.attention_blocks}"
         if self.linear_blocks:
             ckpt += f", linears:{self.linear_blocks}"
-        if self.host_linear_blocks:
-            ckpt += f", host linears:{self.host_linear_blocks}"
         parts.append(f"checkpointing={ckpt}")
         if self.offload_activations:
             parts.append("activations->host")

@@ -17,7 +17,7 @@ Two numerics are available behind `numerics` (config default, overridable per ca
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -289,7 +289,7 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     def configure_gradient_checkpointing(
         self, policy: str = "full", attention_blocks: int | None = None, interval: int = 1,
-        compile_regions: bool = False, linear_blocks: int | Collection[int] = 0,
+        compile_regions: bool = False, linear_blocks: int = 0,
     ) -> None:
         """Choose how blocks are checkpointed in training.
 
@@ -307,9 +307,9 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 re-running the whole compiled forward. Same gradients as eager; on the 14B
                 model it is faster and keeps far less (see docs/benchmarks.md). Not with
                 block offload.
-            linear_blocks: with "attention", the first this many blocks (or the blocks of
-                these indices) also keep their large linear outputs ("linears" in
-                `trainer.model.checkpointing`), so their backward recomputes no large matmul.
+            linear_blocks: with "attention", the first this many blocks also keep their
+                large linear outputs ("linears" in `trainer.model.checkpointing`), so their
+                backward recomputes no large matmul.
         """
         if policy not in CHECKPOINT_POLICIES:
             raise ValueError(f"policy must be one of {CHECKPOINT_POLICIES}, got '{policy}'")
@@ -329,16 +329,11 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.set_block_checkpointing(functions)
 
     @staticmethod
-    def block_policy(policy: str, index: int, attention_blocks: int,
-                     linear_blocks: int | Collection[int] = 0) -> str:
-        """What checkpointed block `index` keeps under `policy` (one of `BLOCK_POLICIES`);
-        `linear_blocks` as in `configure_gradient_checkpointing`."""
-        linears = range(linear_blocks) if isinstance(linear_blocks, int) else linear_blocks
-        if policy != "attention":
+    def block_policy(policy: str, index: int, attention_blocks: int, linear_blocks: int = 0) -> str:
+        """What checkpointed block `index` keeps under `policy` (one of `BLOCK_POLICIES`)."""
+        if policy != "attention" or index >= max(attention_blocks, linear_blocks):
             return "full"
-        if index in linears:
-            return "linears"
-        return "attention" if index < attention_blocks else "full"
+        return "linears" if index < linear_blocks else "attention"
 
     def _compiled_region(self, policy: str) -> Callable:
         """A `run(fn, index, *args)` checkpoint function whose whole region, checkpoint
