@@ -321,6 +321,33 @@ def test_compiled_checkpoint_regions_match_eager(base_model, variant):
     assert 0 < graphs <= (5 if tread or merged else 3), graphs
 
 
+def test_compiled_regions_do_not_recompute_the_ffn_output(base_model):
+    """Inside compiled regions the "attention" policy keeps the FFN's down-projection output
+    where the backward reads it (blocks followed by an audio injector, whose AdaIN backward
+    needs the block output), so no block's backward redoes that matmul (eager checkpointing,
+    which re-runs each block's forward, shows that the count sees such calls)."""
+    from torch.profiler import profile
+
+    from trainer.memory.apply import configure_checkpointing
+
+    config = TINY_TRANSFORMER_CONFIG
+    ffn_down = [[config["num_attention_heads"] * config["attention_head_dim"]], [128, config["ffn_dim"]],
+                [config["ffn_dim"], config["num_attention_heads"] * config["attention_head_dim"]]]
+
+    def ffn_down_calls_in_backward(compile_regions: bool) -> int:
+        torch._dynamo.reset()
+        model, _, _ = build(copy.deepcopy(base_model).float())
+        configure_checkpointing(model, MemoryConfig(gradient_checkpointing="attention"), compile_regions=compile_regions)
+        out = model(**inputs(seed=1)).sample
+        with profile(record_shapes=True) as prof:
+            out.square().mean().backward()
+        return sum(1 for e in prof.events()
+                   if e.name == "aten::addmm" and [list(shape) for shape in e.input_shapes[:3]] == ffn_down)
+
+    assert ffn_down_calls_in_backward(compile_regions=False) > 0
+    assert ffn_down_calls_in_backward(compile_regions=True) == 0
+
+
 def test_linear_blocks_need_the_attention_policy():
     with pytest.raises(MemoryConfigError, match="linear_blocks needs"):
         MemoryConfig(gradient_checkpointing="full", linear_blocks=2).validate()
