@@ -9,6 +9,7 @@ warm-up ones (the first compiles the blocks).
 
     python bench/bench_train_loop.py                       # attention kept, inputs to host
     python bench/bench_train_loop.py --memory '{"gradient_checkpointing": "full"}'
+    python bench/bench_train_loop.py --data random-normal   # the step benchmarks' inputs
 
 "host_gib" is the page-locked host RAM the activation offload holds (exact sizes, reused
 every step); "kept_gib" what stayed on the GPU in the last step because host RAM ran short.
@@ -22,7 +23,7 @@ import statistics
 import tempfile
 
 import torch
-from common import build_on_device, environment, print_table, save_json, talking_dataset
+from common import build_on_device, environment, print_table, random_normal_dataset, save_json, talking_dataset
 
 
 def main() -> None:
@@ -34,6 +35,8 @@ def main() -> None:
     parser.add_argument("--memory", default='{"gradient_checkpointing": "attention", "offload_activations": true}')
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--data", choices=("synthetic", "random-normal"), default="synthetic",
+                        help="the synthetic talking clips, or the same shapes filled with standard-normal values")
     parser.add_argument("--extra", default="{}", help="more TrainConfig keys as JSON (tread_config, ...)")
     args = parser.parse_args()
     env = environment()
@@ -47,10 +50,10 @@ def main() -> None:
             **json.loads(args.memory and '{"memory": ' + args.memory + "}"), **json.loads(args.extra),
         })
         torch.cuda.reset_peak_memory_stats()
-        data = talking_dataset()
+        data = talking_dataset() if args.data == "synthetic" else random_normal_dataset()
         train(model, data, config, on_log=records.append)
     times = [r["step_time"] for r in records if "step_time" in r][args.warmup:]
-    row = {"memory": args.memory, "extra": args.extra, "steps_timed": len(times),
+    row = {"memory": args.memory, "extra": args.extra, "data": args.data, "steps_timed": len(times),
            "median_s": f"{statistics.median(times):.2f}", "min_s": f"{min(times):.2f}",
            "peak_gib": f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"}
     offload = next((run.offload for run in model.block_checkpointing if hasattr(run, "offload")), None)
@@ -59,7 +62,7 @@ def main() -> None:
         row["kept_gib"] = f"{offload.kept_bytes / 2**30 / args.steps:.1f}"
     title = (f"S2V 14B LoRA r16, trainer.train.loop.train, 832x480x81 - {env['device']}, torch {env['torch']}, "
              f"{env['date']}, commit {env['commit']}")
-    table = print_table(title, [row], ["memory", "extra", "steps_timed", "median_s", "min_s", "peak_gib", "host_gib", "kept_gib"])
+    table = print_table(title, [row], ["memory", "extra", "data", "steps_timed", "median_s", "min_s", "peak_gib", "host_gib", "kept_gib"])
     save_json("bench_train_loop.json", {"env": env, "row": row, "records": records, "table": table})
 
 

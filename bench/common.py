@@ -109,6 +109,18 @@ def talking_dataset(frames: int = 81, height: int = 480, width: int = 832):
                                    height=height // 8, width=width // 8, audio_dim=1024, text_dim=4096, text_len=512)
 
 
+def random_normal_dataset(frames: int = 81, height: int = 480, width: int = 832):
+    """`talking_dataset` with every tensor replaced by standard-normal values of its shape
+    (all 512 text rows too): the inputs the step benchmarks and the reference figures use.
+    The GPU's power-limited clock depends on the data, so the two datasets time differently."""
+    data = talking_dataset(frames, height, width)
+    for item in data.items:
+        for key in ("latents", "reference_latents", "audio_embeds", "text_embeds", "motion_latents"):
+            if key in item:
+                item[key] = torch.randn_like(item[key])
+    return data
+
+
 def add_bench_lora(model: torch.nn.Module, rank: int = 16, peft_cast: bool = False) -> list[torch.nn.Parameter]:
     """LoRA r=`rank` on q/k/v/o of every attention, frozen base, fp32 LoRA weights.
 
