@@ -57,11 +57,12 @@ def _keep_attention_and_linears(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 def _keep_attention_and_narrowing(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     """"attention" inside a compiled region: also keep the outputs of matmuls that narrow
-    their input (the FFN's down projection; LoRA's rank-r products, which are tiny). The compiled backward reads the FFN output only in a block followed by an audio
-    injector, whose AdaIN backward needs the block's output; keeping it there spares the
-    recompute the FFN's down matmul (~6 ms a 14B block at 832x480x81). Elsewhere the
-    partitioner saves nothing for it (eager checkpointing would keep it in every block, so it
-    does not use this policy)."""
+    their input (the FFN's down projection; LoRA's rank-r products, which are tiny). The
+    compiled backward reads the FFN output only in a block followed by an audio injector,
+    whose AdaIN backward needs the block's output; keeping it there spares the recompute the
+    FFN's down matmul (~6 ms a 14B block at 832x480x81). Elsewhere the partitioner saves
+    nothing for it (eager checkpointing would keep it in every block, so it does not use
+    this policy)."""
     if op in _MATMUL_OPS and args[-2].shape[-1] > args[-1].shape[-1]:
         return CheckpointPolicy.MUST_SAVE
     return _keep_self_attention(ctx, op, *args, **kwargs)
