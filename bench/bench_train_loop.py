@@ -23,7 +23,15 @@ import statistics
 import tempfile
 
 import torch
-from common import build_on_device, environment, print_table, random_normal_dataset, save_json, talking_dataset
+from common import (
+    activation_offload,
+    build_on_device,
+    environment,
+    print_table,
+    random_normal_dataset,
+    save_json,
+    talking_dataset,
+)
 
 
 def main() -> None:
@@ -56,7 +64,7 @@ def main() -> None:
     row = {"memory": args.memory, "extra": args.extra, "data": args.data, "steps_timed": len(times),
            "median_s": f"{statistics.median(times):.2f}", "min_s": f"{min(times):.2f}",
            "peak_gib": f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"}
-    offload = next((run.offload for run in model.block_checkpointing if hasattr(run, "offload")), None)
+    offload = activation_offload(model)
     if offload is not None:
         row["host_gib"] = f"{offload.pool.held_bytes / 2**30:.1f}"
         row["kept_gib"] = f"{offload.kept_bytes / 2**30 / args.steps:.1f}"

@@ -28,7 +28,15 @@ import gc
 
 import torch
 from bench_forward import s2v_inputs
-from common import add_bench_lora, build_on_device, environment, print_table, save_json, time_cuda
+from common import (
+    activation_offload,
+    add_bench_lora,
+    build_on_device,
+    environment,
+    print_table,
+    save_json,
+    time_cuda,
+)
 
 TREAD = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}]}
 
@@ -110,7 +118,7 @@ def main() -> None:
         memory = MemoryConfig(gradient_checkpointing=args.policy, offload_activations=host, linear_blocks=v["linears"])
         configure_checkpointing(model, memory, compile_regions=v["regions"])
         use_merged_lora(model, v["merged"])
-        offload = next((run.offload for run in model.block_checkpointing if hasattr(run, "offload")), None)
+        offload = activation_offload(model)
         model.set_token_routes(TREAD if tread else None)
         if use_crepa and crepa is None:
             crepa = CrepaRegularizer(config.crepa, dim, "cuda", torch.bfloat16, teacher=giant_teacher("cuda"))

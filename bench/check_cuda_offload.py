@@ -15,7 +15,7 @@ import copy
 import sys
 
 import torch
-from common import REPO  # noqa: F401  (puts the repo on sys.path)
+from common import activation_offload  # also puts the repo on sys.path
 
 
 def main() -> int:
@@ -54,7 +54,7 @@ def main() -> int:
         setup.after_lora()
         model.train()
         moved = 0
-        offload = next((run.offload for run in model.block_checkpointing if hasattr(run, "offload")), None)
+        offload = activation_offload(model)
         if offload is not None:
             offload.min_bytes = 0
         for _ in range(2):  # the second step reuses pinned buffers and streams

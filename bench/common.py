@@ -98,6 +98,12 @@ def save_json(name: str, payload: dict) -> None:
         Path(out, name).write_text(json.dumps(payload, indent=2))
 
 
+def activation_offload(model: torch.nn.Module):
+    """The `ActivationOffload` shared by the model's host-offloaded checkpoint calls, or None
+    (`trainer.memory.apply.configure_checkpointing` leaves some blocks, or all, without one)."""
+    return next((run.offload for run in model.block_checkpointing if hasattr(run, "offload")), None)
+
+
 def talking_dataset(frames: int = 81, height: int = 480, width: int = 832):
     """A `SyntheticTalkingDataset` (two sources of two windows) whose items have the shapes a
     cached clip of `frames` x `height` x `width` pixels has for the 14B model: latents
