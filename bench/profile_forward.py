@@ -33,9 +33,8 @@ def classify(name: str) -> str:
 
 def matmul_flops(op: str, shapes: list[list[int]]) -> float:
     """FLOPs of one aten matmul call from its recorded input shapes (0 when unknown)."""
-    mats = [s for s in shapes if len(s) >= 2]
-    if op in ("aten::addmm", "aten::_addmm_activation"):
-        mats = shapes[1:]  # the first input is the bias, 1-D or 2-D
+    # addmm's first input is the bias (1-D or 2-D); the two matrices come next
+    mats = shapes[1:] if op in ("aten::addmm", "aten::_addmm_activation") else shapes
     if len(mats) < 2:
         return 0.0
     a, b = mats[0], mats[1]
