@@ -148,7 +148,7 @@ def main() -> None:
     rows.append({"model": "SimpleTuner 4.10.1 S2V (reported, H100)", "median_s": SIMPLETUNER["time_s"],
                  "peak_gib": SIMPLETUNER["peak_gib"]})
     title = (f"S2V 14B forward, {args.width}x{args.height}x{args.frames}, batch 1, bf16 - "
-             f"{env['device']}, torch {env['torch']}, {env['date']}, commit {env['commit']}")
+             f"{env['device']}, torch {env['torch']}, attention {env['attention']}, {env['date']}, commit {env['commit']}")
     table = print_table(title, rows, ["model", "tokens", "median_s", "min_s", "peak_gib", "weights_gib"])
     save_json("bench_forward.json", {"env": env, "rows": rows, "table": table})
 

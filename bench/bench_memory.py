@@ -168,7 +168,7 @@ def main() -> None:
         save_json("bench_memory.json", {"env": env, "budget_gib": args.budget_gib, "rows": rows})
     cap = f", capped at {args.budget_gib:g} GiB" if args.budget_gib else ""
     title = (f"S2V 14B LoRA r{args.rank} step, memory modes, {args.width}x{args.height}x{args.frames}{cap} - "
-             f"{env['device']}, torch {env['torch']}, {env['date']}, commit {env['commit']}")
+             f"{env['device']}, torch {env['torch']}, attention {env['attention']}, {env['date']}, commit {env['commit']}")
     table = print_table(title, rows, ["mode", "settings", "median_s", "peak_gib", "reserved_gib", "resident_gib",
                                       "weights_gib", "setup_s", "error"])
     save_json("bench_memory.json", {"env": env, "budget_gib": args.budget_gib, "rows": rows, "table": table})

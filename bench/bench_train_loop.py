@@ -68,7 +68,7 @@ def main() -> None:
     if offload is not None:
         row["host_gib"] = f"{offload.pool.held_bytes / 2**30:.1f}"
         row["kept_gib"] = f"{offload.kept_bytes / 2**30 / args.steps:.1f}"
-    title = (f"S2V 14B LoRA r16, trainer.train.loop.train, 832x480x81 - {env['device']}, torch {env['torch']}, "
+    title = (f"S2V 14B LoRA r16, trainer.train.loop.train, 832x480x81 - {env['device']}, torch {env['torch']}, attention {env['attention']}, "
              f"{env['date']}, commit {env['commit']}")
     table = print_table(title, [row], ["memory", "extra", "data", "steps_timed", "median_s", "min_s", "peak_gib", "host_gib", "kept_gib"])
     save_json("bench_train_loop.json", {"env": env, "row": row, "records": records, "table": table})

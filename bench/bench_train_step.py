@@ -80,7 +80,7 @@ def main() -> None:
     rows.append({"variant": "SimpleTuner 4.10.1 (performance.md, H100)", "median_s": SIMPLETUNER["time_s"],
                  "peak_gib": SIMPLETUNER["peak_gib"]})
     title = (f"S2V 14B LoRA r16 train step, {args.width}x{args.height}x{args.frames}, batch 1 - "
-             f"{env['device']}, torch {env['torch']}, {env['date']}, commit {env['commit']}")
+             f"{env['device']}, torch {env['torch']}, attention {env['attention']}, {env['date']}, commit {env['commit']}")
     table = print_table(title, rows, ["variant", "median_s", "min_s", "peak_gib", "lora_params"])
     save_json("bench_train_step.json", {"env": env, "rows": rows, "table": table})
 

@@ -158,7 +158,7 @@ def main() -> None:
         if plain and "median_s" in row:
             row["vs_plain+host"] = f"{float(row['median_s']) / plain:.2f}x"
     title = (f"S2V 14B LoRA r16 step, TREAD / CREPA / host offload, {args.width}x{args.height}x{args.frames} - "
-             f"{env['device']}, torch {env['torch']}, {env['date']}, commit {env['commit']} "
+             f"{env['device']}, torch {env['torch']}, attention {env['attention']}, {env['date']}, commit {env['commit']} "
              f"(model + LoRA + inputs resident: {base_gib:.1f} GiB)")
     table = print_table(title, rows, ["variant", "policy", "median_s", "min_s", "vs_plain+host", "peak_gib", "host_gib", "error"])
     save_json("bench_tread_crepa.json", {"env": env, "rows": rows, "table": table})

@@ -79,7 +79,17 @@ def environment() -> dict:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
         "torch": torch.__version__,
         "commit": commit,
+        "attention": attention_kernel(),
     }
+
+
+def attention_kernel() -> str:
+    """The attention kernel the transformer's attention picks on this machine."""
+    from trainer.model import flash4
+    from trainer.model.attention import attention_backend
+
+    use_fa4 = attention_backend() != "sdpa" and flash4.is_installed() and torch.cuda.is_available()
+    return "flash-attn-4" if use_fa4 and flash4._device_supported(torch.device("cuda")) else "sdpa"
 
 
 def print_table(title: str, rows: list[dict], columns: list[str]) -> str:

@@ -1,18 +1,26 @@
-"""Attention of the S2V transformer: q/k/v/o with biases, RMS q/k norm across heads, SDPA.
+"""Attention of the S2V transformer: q/k/v/o with biases, RMS q/k norm across heads.
 
-The SDPA backend matters by 5x in training on Hopper (cuDNN forward+backward is far faster
-than flash there), so the backend order is chosen explicitly per device.
+The attention kernel matters: on Hopper torch's SDPA runs cuDNN's kernel about 5x faster in
+training than its flash kernel, so the SDPA backend order is chosen explicitly per device;
+FlashAttention-4 (optional `flash-attn-4` package, `trainer.model.flash4`) is ~15% faster
+still and is used when installed, unless `ATTENTION_BACKEND_ENV` says "sdpa".
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import flash4
 from .rope import apply_rope
+
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash-attn-4")
+#: Environment variable that picks the attention kernel: one of `ATTENTION_BACKENDS`.
+ATTENTION_BACKEND_ENV = "WAN_ATTENTION_BACKEND"
 
 
 @functools.cache
@@ -24,6 +32,32 @@ def _backend_priority(device_type: str, major: int) -> list:
     if device_type == "cuda":
         return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
     return []
+
+
+@functools.cache
+def attention_backend() -> str:
+    """The backend `ATTENTION_BACKEND_ENV` asks for ("auto" when unset)."""
+    name = os.environ.get(ATTENTION_BACKEND_ENV, "auto").strip().lower()
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"{ATTENTION_BACKEND_ENV} must be one of {ATTENTION_BACKENDS}, got {name!r}")
+    if name == "flash-attn-4" and not flash4.is_installed():
+        raise ImportError(f"{ATTENTION_BACKEND_ENV}=flash-attn-4 but the flash-attn-4 package is not "
+                          "importable: pip install flash-attn-4 (its cu13 extra for a CUDA 13 torch)")
+    return name
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contiguous_heads: bool = False) -> torch.Tensor:
+    """Softmax attention over [B, S, H, D] queries, keys and values; returns [B, S_q, H, D].
+
+    FlashAttention-4 where it runs (and is not turned off), else SDPA; `contiguous_heads`
+    gives SDPA contiguous [B, H, S, D] queries and keys (see `WanS2VAttention`).
+    """
+    if attention_backend() != "sdpa" and flash4.supports(q, k):
+        return flash4.flash4_attention(q, k, v)[0]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if contiguous_heads:
+        q, k = q.contiguous(), k.contiguous()
+    return scaled_dot_product_attention(q, k, v).transpose(1, 2)
 
 
 def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -87,9 +121,5 @@ class WanS2VAttention(nn.Module):
         if rotary is not None:
             q = apply_rope(q, *rotary)
             k = apply_rope(k, *rotary)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if self.contiguous_heads and torch.is_grad_enabled():
-            q, k = q.contiguous(), k.contiguous()
-        out = scaled_dot_product_attention(q, k, v)
-        out = out.transpose(1, 2).reshape(batch, seq, -1)
-        return self.to_out[0](out)
+        out = attention(q, k, v, contiguous_heads=self.contiguous_heads and torch.is_grad_enabled())
+        return self.to_out[0](out.reshape(batch, seq, -1))

@@ -23,11 +23,14 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from . import flash4
+
 CHECKPOINT_POLICIES = ("none", "full", "attention")
 BLOCK_POLICIES = ("full", "attention", "linears")  # what one block's checkpoint keeps
 
 
-def _attention_ops() -> set:
+def _attention_ops() -> dict:
+    """Attention ops -> the dimension of their (query, key) arguments that counts tokens."""
     aten = torch.ops.aten
     names = (
         "_scaled_dot_product_cudnn_attention",
@@ -35,11 +38,13 @@ def _attention_ops() -> set:
         "_scaled_dot_product_efficient_attention",
         "_scaled_dot_product_flash_attention_for_cpu",
     )
-    return {getattr(aten, name).default for name in names if hasattr(aten, name)}
+    sdpa = {getattr(aten, name).default: -2 for name in names if hasattr(aten, name)}  # [B, H, S, D]
+    return {**sdpa, flash4.FORWARD_OP: 1}  # [B, S, H, D]
 
 
 def _keep_self_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    if op in _ATTENTION_OPS and args[0].shape[-2] == args[1].shape[-2]:  # as many keys as queries
+    token_dim = _ATTENTION_OPS.get(op)
+    if token_dim is not None and args[0].shape[token_dim] == args[1].shape[token_dim]:  # as many keys as queries
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
