@@ -10,6 +10,7 @@ have run.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import sys
 
@@ -27,6 +28,7 @@ def main() -> int:
     forward_calls = [0]
     kernel = fa4._flash_attn_fwd
 
+    @functools.wraps(kernel)  # shares the kernel's compile cache, kept as a function attribute
     def counted(*args, **kwargs):
         forward_calls[0] += 1
         return kernel(*args, **kwargs)
@@ -52,6 +54,7 @@ def main() -> int:
     def run(backend: str, memory: dict) -> tuple[float, dict[str, torch.Tensor]]:
         os.environ[attention.ATTENTION_BACKEND_ENV] = backend
         attention.attention_backend.cache_clear()
+        attention._FLASH4_ENABLED.clear()
         checkpointing.compiled_checkpoint.cache_clear()
         torch._dynamo.reset()
         model = copy.deepcopy(base)

@@ -85,11 +85,9 @@ def environment() -> dict:
 
 def attention_kernel() -> str:
     """The attention kernel the transformer's attention picks on this machine."""
-    from trainer.model import flash4
-    from trainer.model.attention import attention_backend
+    from trainer.model.attention import _flash4_enabled
 
-    use_fa4 = attention_backend() != "sdpa" and flash4.is_installed() and torch.cuda.is_available()
-    return "flash-attn-4" if use_fa4 and flash4._device_supported(torch.device("cuda")) else "sdpa"
+    return "flash-attn-4" if torch.cuda.is_available() and _flash4_enabled(torch.device("cuda")) else "sdpa"
 
 
 def print_table(title: str, rows: list[dict], columns: list[str]) -> str:

@@ -46,13 +46,25 @@ def attention_backend() -> str:
     return name
 
 
+_FLASH4_ENABLED: dict[torch.device, bool] = {}
+
+
+@torch.compiler.assume_constant_result  # compiled code takes the answer instead of tracing the checks
+def _flash4_enabled(device: torch.device) -> bool:
+    """Whether attention on `device` runs FlashAttention-4."""
+    if device not in _FLASH4_ENABLED:
+        _FLASH4_ENABLED[device] = (attention_backend() != "sdpa" and flash4.device_supported(device)
+                                   and flash4.is_installed())
+    return _FLASH4_ENABLED[device]
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contiguous_heads: bool = False) -> torch.Tensor:
     """Softmax attention over [B, S, H, D] queries, keys and values; returns [B, S_q, H, D].
 
     FlashAttention-4 where it runs (and is not turned off), else SDPA; `contiguous_heads`
     gives SDPA contiguous [B, H, S, D] queries and keys (see `WanS2VAttention`).
     """
-    if attention_backend() != "sdpa" and flash4.supports(q, k):
+    if _flash4_enabled(q.device) and flash4.supports(q, k):
         return flash4.flash4_attention(q, k, v)[0]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if contiguous_heads:

@@ -28,21 +28,15 @@ def is_installed() -> bool:
     return True
 
 
-@functools.cache
-def _device_supported(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device)[0] in _MAJORS
+def device_supported(device: torch.device) -> bool:
+    """Whether `device` is a GPU with FlashAttention-4 kernels."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in _MAJORS
 
 
 def supports(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether `flash4_attention` can run on these [B, S, H, D] queries and keys."""
-    return (
-        q.is_cuda
-        and q.dtype in (torch.bfloat16, torch.float16)
-        and q.shape[-1] % 8 == 0
-        and q.shape[-2] == k.shape[-2]
-        and _device_supported(q.device)
-        and is_installed()
-    )
+    """Whether `flash4_attention` takes these [B, S, H, D] queries and keys (on a device
+    where `device_supported`)."""
+    return q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] % 8 == 0 and q.shape[-2] == k.shape[-2]
 
 
 def _registered() -> bool:
