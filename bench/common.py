@@ -84,10 +84,10 @@ def environment() -> dict:
 
 
 def attention_kernel() -> str:
-    """The attention kernel the transformer's attention picks on this machine."""
-    from trainer.model.attention import _flash4_enabled
+    """The attention kernel the transformer picks on this machine."""
+    from trainer.model.attention import describe_attention_kernel
 
-    return "flash-attn-4" if torch.cuda.is_available() and _flash4_enabled(torch.device("cuda")) else "sdpa"
+    return describe_attention_kernel(torch.device("cuda" if torch.cuda.is_available() else "cpu")).split(";")[0]
 
 
 def print_table(title: str, rows: list[dict], columns: list[str]) -> str:

@@ -12,8 +12,13 @@ ops are defined whether or not the package is installed; `supports` says when th
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
+
+# The CuTe DSL warns at every kernel compile about an argument FlashAttention-4 passes as a
+# compile-time value: nothing for a user to act on.
+warnings.filterwarnings("ignore", message=r"Argument aux_data .* cannot be converted to a JitArgument")
 
 #: Compute capabilities (major) with a FlashAttention-4 kernel: Hopper, Blackwell.
 _MAJORS = (9, 10, 11)

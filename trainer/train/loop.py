@@ -28,6 +28,7 @@ from ..distributed import SINGLE, Dist, shard
 from ..distributed import current as current_dist
 from ..lora.io import save_lora
 from ..memory import apply_memory_config
+from ..model.attention import describe_attention_kernel
 from .batching import BatchOrder, collate
 from .checkpoint import checkpoint_root, load_checkpoint, remove_partial, resolve_resume, save_checkpoint
 from .config import TrainConfig
@@ -529,6 +530,7 @@ def train(
     memory = apply_memory_config(model, config.memory, device, lora_rank=config.lora.lora_rank,
                                  compile_regions=compiled, **video_shape)
     logger.info("memory: %s", memory.describe())
+    logger.info("attention: %s", describe_attention_kernel(device))
 
     params = add_lora(model, config)
     memory.after_lora()
