@@ -1,8 +1,8 @@
 """CUDA-only correctness of the FlashAttention-4 attention path (`trainer.model.flash4`; needs
 the flash-attn-4 package and a Hopper or Blackwell GPU): a small S2V transformer with the
-real head size (128) trains two steps with FlashAttention-4 and with SDPA (cuDNN), eager and
-in compiled checkpoint regions; loss and LoRA gradients must match, and FlashAttention-4 must
-have run.
+real head size (128) trains two steps with FlashAttention-4 and with SDPA (cuDNN), eager,
+in compiled checkpoint regions and with a TREAD route; loss and LoRA gradients must match,
+and FlashAttention-4 must have run.
 
     python bench/check_flash4.py
 """
@@ -60,6 +60,7 @@ def main() -> int:
         model = copy.deepcopy(base)
         memory = dict(memory)
         regions = memory.pop("compile_regions", False)
+        model.set_token_routes(memory.pop("tread", None))
         setup = apply_memory_config(model, MemoryConfig(**memory), "cuda", compile_regions=regions)
         model.requires_grad_(False)
         torch.manual_seed(2)
@@ -86,7 +87,9 @@ def main() -> int:
     failures = 0
     for memory in ({"gradient_checkpointing": "attention"},
                    {"gradient_checkpointing": "attention", "offload_activations": True, "compile_regions": True,
-                    "linear_blocks": 1}):
+                    "linear_blocks": 1},
+                   {"gradient_checkpointing": "attention", "offload_activations": True, "compile_regions": True,
+                    "tread": [{"selection_ratio": 0.5, "start_layer_idx": 1, "end_layer_idx": 2}]}):
         reference = run("sdpa", memory)
         forward_calls[0] = 0
         loss, grads = run("flash-attn-4", memory)
