@@ -66,3 +66,13 @@ def test_flash4_ops_declare_the_shapes_the_kernels_return():
     assert (out.shape, out.dtype) == (q.shape, torch.bfloat16)
     assert (lse.shape, lse.dtype) == ((2, 4, 300), torch.float32)
     assert [t.shape for t in (dq, dk, dv)] == [q.shape, kv.shape, kv.shape]
+
+
+def test_flash4_takes_only_half_precision_heads_it_has_kernels_for():
+    q = torch.empty(1, 8, 4, 128, dtype=torch.bfloat16)
+    assert flash4.supports(q, q)
+    assert not flash4.supports(q.float(), q.float())  # fp32 runs SDPA
+    assert not flash4.supports(q, torch.empty(1, 8, 2, 128, dtype=torch.bfloat16))  # grouped heads
+    wide = torch.empty(1, 8, 4, 512, dtype=torch.bfloat16)
+    assert not flash4.supports(wide, wide)
+    assert not flash4.device_supported(torch.device("cpu"))

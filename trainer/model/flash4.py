@@ -6,7 +6,8 @@ tensors, the layout the transformer's projections produce, so no transposes eith
 
 The kernels are wrapped as custom ops so that torch.compile sees one opaque node per call and
 selective checkpointing can keep the forward's outputs (`trainer.model.checkpointing`). The
-ops are defined whether or not the package is installed; `supports` says when they may run.
+ops are defined whether or not the package is installed; `device_supported` and `supports`
+say when they may run.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def device_supported(device: torch.device) -> bool:
 def supports(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether `flash4_attention` takes these [B, S, H, D] queries and keys (on a device
     where `device_supported`)."""
-    return q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] % 8 == 0 and q.shape[-2] == k.shape[-2]
+    head_dim = q.shape[-1]
+    return q.dtype in (torch.bfloat16, torch.float16) and head_dim % 8 == 0 and head_dim <= 256 and q.shape[-2] == k.shape[-2]
 
 
 def _registered() -> bool:
