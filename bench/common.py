@@ -10,8 +10,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -170,3 +170,71 @@ def lora_train_step(model: torch.nn.Module, params: list[torch.nn.Parameter], in
         return loss
 
     return step
+
+
+def small_training_case(base: torch.nn.Module, frames: int, size: int) -> tuple[dict, torch.Tensor]:
+    """CUDA inputs and a target for a small S2V transformer `base`: `frames` latent frames of
+    size x size (16 channels), 512 text tokens, 4 audio features per frame."""
+    c = base.config
+    gen = torch.Generator().manual_seed(1)
+    inputs = {
+        "hidden_states": torch.randn(1, 16, frames, size, size, generator=gen),
+        "timestep": torch.tensor([700.0]),
+        "encoder_hidden_states": torch.randn(1, 512, c.text_dim, generator=gen),
+        "audio_embeds": torch.randn(1, 25, c.audio_dim, 4 * frames, generator=gen),
+        "reference_latents": torch.randn(1, 16, 1, size, size, generator=gen),
+    }
+    target = torch.randn(inputs["hidden_states"].shape, generator=gen)
+    return {k: v.cuda() for k, v in inputs.items()}, target.cuda()
+
+
+def train_two_lora_steps(base: torch.nn.Module, memory: dict, inputs: dict,
+                         target: torch.Tensor) -> tuple[float, dict[str, torch.Tensor], int]:
+    """Train a copy of `base` with a seeded r4 LoRA for two steps (the second reuses pinned
+    buffers and streams) under `memory` (MemoryConfig keys, plus "compile_regions" and
+    "tread" routes); returns the last loss, the LoRA gradients and the bytes the last step
+    moved to host memory."""
+    import copy
+
+    from peft import LoraConfig
+
+    from trainer.memory import MemoryConfig, apply_memory_config
+
+    model = copy.deepcopy(base)
+    memory = dict(memory)
+    regions = memory.pop("compile_regions", False)
+    model.set_token_routes(memory.pop("tread", None))
+    setup = apply_memory_config(model, MemoryConfig(**memory), "cuda", compile_regions=regions)
+    model.requires_grad_(False)
+    torch.manual_seed(2)  # the same LoRA init in every run
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for p in params.values():
+        p.data = p.data.float()
+    setup.after_lora()
+    model.train()
+    moved = 0
+    offload = activation_offload(model)
+    if offload is not None:
+        offload.min_bytes = 0
+    for _ in range(2):
+        for p in params.values():
+            p.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(**inputs).sample
+        loss = torch.nn.functional.mse_loss(out.float(), target)
+        loss.backward()
+        if offload is not None:
+            moved, offload.moved_bytes = offload.moved_bytes, 0
+    torch.cuda.synchronize()
+    return loss.item(), {n: p.grad.clone() for n, p in params.items()}, moved
+
+
+def matches_reference(loss: float, grads: dict[str, torch.Tensor],
+                      reference: tuple[float, dict[str, torch.Tensor], ...]) -> tuple[bool, float]:
+    """Whether a run's loss is within 1e-3 (relative) of the reference run's and every named
+    gradient within 2e-2 (relative L2); with the worst gradient error."""
+    ref_loss, ref_grads = reference[0], reference[1]
+    worst = max(((g - ref_grads[n]).norm() / ref_grads[n].norm().clamp_min(1e-12)).item() for n, g in grads.items())
+    return abs(loss - ref_loss) <= 1e-3 * abs(ref_loss) and worst < 2e-2, worst
