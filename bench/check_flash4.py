@@ -43,8 +43,7 @@ def main() -> int:
 
     def run(backend: str, memory: dict) -> tuple[float, dict[str, torch.Tensor]]:
         os.environ[attention.ATTENTION_BACKEND_ENV] = backend
-        attention.attention_backend.cache_clear()
-        attention._FLASH4_ENABLED.clear()
+        attention.reset_attention_backend()
         checkpointing.compiled_checkpoint.cache_clear()
         torch._dynamo.reset()
         loss, grads, _ = train_two_lora_steps(base, memory, inputs, target)
@@ -54,7 +53,8 @@ def main() -> int:
     for memory in ({"gradient_checkpointing": "attention"},
                    {"gradient_checkpointing": "attention", "offload_activations": True, "compile_regions": True,
                     "linear_blocks": 1},
-                   {"gradient_checkpointing": "attention", "offload_activations": True, "compile_regions": True,
+                   # no compiled regions with TREAD routes (`regions_apply`)
+                   {"gradient_checkpointing": "attention", "offload_activations": True,
                     "tread": [{"selection_ratio": 0.5, "start_layer_idx": 1, "end_layer_idx": 2}]}):
         reference = run("sdpa", memory)
         forward_calls[0] = 0

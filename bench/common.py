@@ -85,9 +85,9 @@ def environment() -> dict:
 
 def attention_kernel() -> str:
     """The attention kernel the transformer picks on this machine."""
-    from trainer.model.attention import describe_attention_kernel
+    from trainer.model.attention import flash4_enabled
 
-    return describe_attention_kernel(torch.device("cuda" if torch.cuda.is_available() else "cpu")).split(";")[0]
+    return "FlashAttention-4" if torch.cuda.is_available() and flash4_enabled(torch.device("cuda")) else "SDPA"
 
 
 def print_table(title: str, rows: list[dict], columns: list[str]) -> str:

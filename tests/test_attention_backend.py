@@ -15,12 +15,10 @@ from trainer.model import attention, checkpointing, flash4
 def backend_env(monkeypatch):
     def use(value: str):
         monkeypatch.setenv(attention.ATTENTION_BACKEND_ENV, value)
-        attention.attention_backend.cache_clear()
-        attention._FLASH4_ENABLED.clear()
+        attention.reset_attention_backend()
 
     yield use
-    attention.attention_backend.cache_clear()
-    attention._FLASH4_ENABLED.clear()
+    attention.reset_attention_backend()
 
 
 def test_cpu_attention_runs_sdpa_on_bshd_tensors(backend_env):

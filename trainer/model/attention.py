@@ -50,7 +50,7 @@ _FLASH4_ENABLED: dict[torch.device, bool] = {}
 
 
 @torch.compiler.assume_constant_result  # compiled code takes the answer instead of tracing the checks
-def _flash4_enabled(device: torch.device) -> bool:
+def flash4_enabled(device: torch.device) -> bool:
     """Whether attention on `device` runs FlashAttention-4."""
     if device not in _FLASH4_ENABLED:
         _FLASH4_ENABLED[device] = (attention_backend() != "sdpa" and flash4.device_supported(device)
@@ -58,9 +58,16 @@ def _flash4_enabled(device: torch.device) -> bool:
     return _FLASH4_ENABLED[device]
 
 
+def reset_attention_backend() -> None:
+    """Forget the kernel choices, so that the next attention call reads
+    `ATTENTION_BACKEND_ENV` again (compiled code keeps the choice it was traced with)."""
+    attention_backend.cache_clear()
+    _FLASH4_ENABLED.clear()
+
+
 def describe_attention_kernel(device: torch.device) -> str:
     """The attention kernel used on `device`, for logs (with a hint where a faster one exists)."""
-    if _flash4_enabled(device):
+    if flash4_enabled(device):
         return "FlashAttention-4"
     if device.type != "cuda":
         return "SDPA"
@@ -75,7 +82,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contiguous_head
     FlashAttention-4 where it runs (and is not turned off), else SDPA; `contiguous_heads`
     gives SDPA contiguous [B, H, S, D] queries and keys (see `WanS2VAttention`).
     """
-    if _flash4_enabled(q.device) and flash4.supports(q, k):
+    if flash4_enabled(q.device) and flash4.supports(q, k):
         return flash4.flash4_attention(q, k, v)[0]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if contiguous_heads:
