@@ -73,3 +73,37 @@ def test_training_settings_nodes_are_exported_with_plain_names():
     }
     assert {k: report["names"].get(k) for k in expected} == expected
     assert (REPO / report["web"] / "validation_preview.js").is_file()
+
+
+MISSING_PACKAGE = textwrap.dedent(
+    f"""
+    import importlib.util, json, sys
+    sys.modules["diffusers"] = None  # as if ComfyUI's Python lacked it
+    spec = importlib.util.spec_from_file_location(
+        "comfyui_wan_s2v_trainer", {str(REPO / "__init__.py")!r},
+        submodule_search_locations=[{str(REPO)!r}])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = pack
+    spec.loader.exec_module(pack)
+    inputs = {{name: cls.INPUT_TYPES() for name, cls in pack.NODE_CLASS_MAPPINGS.items()}}
+    loader = pack.NODE_CLASS_MAPPINGS["WanS2VLoadTransformer"]()
+    try:
+        loader.load("(tiny random test model)", "float32", "official")
+        error = None
+    except Exception as exc:
+        error = [type(exc).__name__, str(exc)]
+    print(json.dumps({{"nodes": len(inputs), "error": error}}))
+    """
+)
+
+
+def test_a_missing_package_registers_the_nodes_and_fails_the_node_in_one_line():
+    result = subprocess.run([sys.executable, "-c", MISSING_PACKAGE], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    import json
+
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["nodes"] == len(load_pack_report()["nodes"])
+    kind, message = report["error"]
+    assert kind == "MissingPackageError" and "\n" not in message
+    assert "'diffusers'" in message and "requirements.txt" in message

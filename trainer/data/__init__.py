@@ -38,21 +38,29 @@ skip report), media.py (PyAV decode, 16 fps resampling, 16 kHz audio), cache.py 
 shards + manifest, atomic), `Encoders` (lazy VAE / UMT5 / wav2vec2, released after caching).
 """
 
-from .cache import CacheStore
+import importlib
+from typing import Any
+
 from .config import DatasetConfig, DatasetConfigError
-from .dataset import (
-    BucketBatchSampler,
-    CacheMissingError,
-    S2VDataset,
-    build_dataset,
-    collate,
-    load_window,
-    open_cached_dataset,
-    window_audio_features,
-)
-from .discovery import Clip, ScanResult, Skip, scan_folder
-from .encoders import Encoders
-from .media import MediaError
+
+# Everything but the config loads on first use: the dataset node's input list reads the
+# config's option lists, and must work before PyAV, safetensors or diffusers are installed.
+_LAZY = {
+    "CacheStore": ".cache",
+    "BucketBatchSampler": ".dataset", "CacheMissingError": ".dataset", "S2VDataset": ".dataset",
+    "build_dataset": ".dataset", "collate": ".dataset", "load_window": ".dataset",
+    "open_cached_dataset": ".dataset", "window_audio_features": ".dataset",
+    "Clip": ".discovery", "ScanResult": ".discovery", "Skip": ".discovery", "scan_folder": ".discovery",
+    "Encoders": ".encoders",
+    "MediaError": ".media",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name], __name__), name)
+
 
 __all__ = [
     "BucketBatchSampler",

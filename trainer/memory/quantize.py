@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..dependencies import import_optional
 from .config import normalize_precision
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -132,10 +133,8 @@ def quantize_int8_quanto(model: nn.Module) -> int:
     (the float weights are dropped). An `Fp8Linear` (a kept scaled-fp8 weight) is dequantized
     to its compute dtype first, one layer at a time. Returns the count."""
     _refuse_adapters(model)
-    try:
-        from optimum.quanto import QLinear, qint8
-    except ImportError as exc:  # pragma: no cover - environment dependent
-        raise ImportError('base_model_precision "int8-quanto" needs optimum-quanto: pip install "optimum-quanto>=0.2.7"') from exc
+    quanto = import_optional("optimum.quanto", 'base_model_precision "int8-quanto"')
+    QLinear, qint8 = quanto.QLinear, quanto.qint8
     targets = list(quantizable_linears(model))
     for name, linear in targets:
         if isinstance(linear, QLinear):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..dependencies import MissingPackageError, missing_package_message
 from . import flash4
 from .rope import apply_rope
 
@@ -41,8 +42,8 @@ def attention_backend() -> str:
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"{ATTENTION_BACKEND_ENV} must be one of {ATTENTION_BACKENDS}, got {name!r}")
     if name == "flash-attn-4" and not flash4.is_installed():
-        raise ImportError(f"{ATTENTION_BACKEND_ENV}=flash-attn-4 but the flash-attn-4 package is not "
-                          "importable: pip install flash-attn-4 (its cu13 extra for a CUDA 13 torch)")
+        raise MissingPackageError(missing_package_message("flash_attn", f"{ATTENTION_BACKEND_ENV}=flash-attn-4")
+                                  + " (its cu13 extra under a CUDA 13 torch)")
     return name
 
 

@@ -19,12 +19,11 @@ from __future__ import annotations
 import html
 import logging
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5TokenizerFast, UMT5Config, UMT5EncoderModel
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
 
 from ..io_utils import atomic_files_into, atomic_folder
 from .safetensors_reader import SafetensorsFile
@@ -42,6 +41,7 @@ from .single_file import (
     state_dict_for_saving,
     transformers_dtype_kwargs,
 )
+from .spiece import t5_tokenizer_from_spiece
 
 logger = logging.getLogger(__name__)
 
@@ -61,23 +61,19 @@ UMT5_XXL_DEFAULTS = {
 # ----------------------------------------------------------------------------- tokenizer
 
 
-def _tokenizer_from_spiece(spiece: bytes) -> PreTrainedTokenizerBase:
-    """T5 tokenizer from a serialized SentencePiece model (no extra sentinel tokens)."""
-    with tempfile.TemporaryDirectory() as folder:
-        Path(folder, "spiece.model").write_bytes(spiece)
-        return T5TokenizerFast.from_pretrained(folder, extra_ids=0)
-
-
 def load_tokenizer(path: PathLike) -> PreTrainedTokenizerBase:
-    """Tokenizer from a folder (tokenizer.json / tokenizer_config.json / spiece.model) or a
-    `spiece.model` file."""
+    """Tokenizer from a folder (tokenizer.json, spiece.model or tokenizer_config.json, in that
+    order of preference) or a `spiece.model` file."""
     path = Path(path)
     if path.is_file():
-        return _tokenizer_from_spiece(path.read_bytes())
-    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+        return t5_tokenizer_from_spiece(path.read_bytes())
+    if (path / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(str(path))
     if (path / "spiece.model").is_file():
-        return _tokenizer_from_spiece((path / "spiece.model").read_bytes())
+        # read without transformers' conversion, which needs the protobuf package
+        return t5_tokenizer_from_spiece((path / "spiece.model").read_bytes())
+    if (path / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(path))
     raise FileNotFoundError(f"{path}: no tokenizer.json, tokenizer_config.json or spiece.model")
 
 
@@ -198,7 +194,7 @@ def _single_file_tokenizer(path: Path, tokenizer_path: PathLike | None) -> PreTr
         return load_tokenizer(tokenizer_path)
     spiece = _embedded_spiece(path)
     if spiece is not None:
-        return _tokenizer_from_spiece(spiece)
+        return t5_tokenizer_from_spiece(spiece)
     beside = _tokenizer_beside(path)
     if beside is not None:
         return load_tokenizer(beside)

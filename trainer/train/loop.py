@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..dependencies import import_optional
 from ..distributed import SINGLE, Dist, shard
 from ..distributed import current as current_dist
 from ..lora.io import save_lora
@@ -101,20 +102,14 @@ def build_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> to
     if name == "lion":
         return Lion(params, lr=o.learning_rate, betas=betas, weight_decay=o.adam_weight_decay)
     if name in ("adamw8bit", "lion8bit_paged"):
-        try:
-            import bitsandbytes as bnb
-        except ImportError as exc:
-            raise ImportError(f"optimizer '{name}' needs bitsandbytes: pip install bitsandbytes") from exc
+        bnb = import_optional("bitsandbytes", f"the optimizer '{name}'")
         if name == "adamw8bit":
             return bnb.optim.AdamW8bit(params, lr=o.learning_rate, betas=betas, eps=o.adam_epsilon,
                                        weight_decay=o.adam_weight_decay)
         return bnb.optim.PagedLion8bit(params, lr=o.learning_rate, betas=betas, weight_decay=o.adam_weight_decay)
     if name == "prodigy":
-        try:
-            from prodigyopt import Prodigy
-        except ImportError as exc:
-            raise ImportError("optimizer 'prodigy' needs prodigyopt: pip install prodigyopt") from exc
-        return Prodigy(params, lr=o.learning_rate, betas=betas, weight_decay=o.adam_weight_decay)
+        prodigyopt = import_optional("prodigyopt", "the optimizer 'prodigy'")
+        return prodigyopt.Prodigy(params, lr=o.learning_rate, betas=betas, weight_decay=o.adam_weight_decay)
     raise ValueError(f"unknown optimizer {name!r}")
 
 
