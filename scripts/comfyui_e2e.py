@@ -288,7 +288,7 @@ def check_tiny_demo_workflow(ctx: E2EContext) -> str:
     train_id = next(k for k, v in api.items() if v["class_type"] == "WanS2VTrainLora")
     train_inputs = api[train_id]["inputs"]
     steps = int(train_inputs["max_train_steps"])
-    lora_file = ctx.server.comfyui / "models" / "loras" / f"{train_inputs['output_name']}.safetensors"
+    lora_file = ctx.server.models_dir / "loras" / f"{train_inputs['output_name']}.safetensors"
     if lora_file.exists():
         lora_file.unlink()  # left by an earlier run: must be written again
     started = time.monotonic()
@@ -445,7 +445,7 @@ def check_memory_returns_to_baseline(ctx: E2EContext) -> str:
     if server_proc is None:
         raise CheckFailed("no server process to measure")
     pid = server_proc.pid
-    model_file = ctx.server.comfyui / "models" / "diffusion_models" / RELEASE_MODEL_FILE
+    model_file = ctx.server.models_dir / "diffusion_models" / RELEASE_MODEL_FILE
     model_file.parent.mkdir(parents=True, exist_ok=True)
     s2v = _repo_import("trainer.model.transformer_s2v")
     io = _repo_import("trainer.model.transformer_io")

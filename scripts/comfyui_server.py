@@ -8,14 +8,21 @@ hand::
 
 What `ComfyUIServer.start()` does:
 
-1. links the repository root into `<comfyui>/custom_nodes/comfyui-wan-s2v-trainer` (symlink);
-2. if `torchvision` does not import next to the installed torch (PyPI's torchvision and
+1. with `isolate=True` (the default) gives the server a temporary base directory
+   (`--base-directory`: its own models, custom_nodes, input, output, temp and user folders,
+   all removed on `stop()`) and links the repository root into its `custom_nodes/` only, so
+   the given ComfyUI checkout is left exactly as it was (packs installed there are not
+   loaded); with `isolate=False` the link goes into `<comfyui>/custom_nodes/` and is removed
+   again on `stop()` when this server created it;
+2. checks that the interpreter that will run ComfyUI has ComfyUI's requirements (it is
+   `--python`, else COMFYUI_PYTHON, else a venv inside the checkout, else this one) and fails
+   in one line naming what is missing otherwise;
+3. if `torchvision` does not import next to the installed torch (PyPI's torchvision and
    torchaudio are CUDA builds, torch here is a CPU build), builds the CUDA symbol stub from
    `scripts/comfyui_stub/` into a cache folder outside the repository and preloads it
    (test server only: the pack never relies on it);
-3. starts `main.py --cpu` on a free local port, by default with its own input, output, temp
-   and user folders in a temporary directory so that concurrent servers do not collide;
-4. polls `/object_info` until the server answers (with a deadline), then fails with the log
+4. starts `main.py --cpu` on a free local port;
+5. polls `/object_info` until the server answers (with a deadline), then fails with the log
    excerpt if the log says that this pack failed to import.
 
 Only the standard library is required; `websocket-client` is used for `wait_for` when it is
@@ -146,8 +153,41 @@ def resolve_python(comfyui: Path, python: str | None = None) -> str:
     return sys.executable
 
 
+def comfyui_python(comfyui: str | os.PathLike[str], python: str | None = None) -> str:
+    """The interpreter for ComfyUI (see `resolve_python`), checked to have its requirements."""
+    root = resolve_comfyui_path(comfyui)
+    chosen = resolve_python(root, python)
+    check_comfyui_python(root, chosen)
+    return chosen
+
+
+#: ComfyUI requirement name -> import name, where they differ.
+_IMPORT_NAMES = {"pyyaml": "yaml", "pillow": "PIL", "sqlalchemy": "sqlalchemy", "pydantic-settings": "pydantic_settings"}
+
+
+def check_comfyui_python(comfyui: Path, python: str) -> None:
+    """Fail in one line when `python` lacks packages of ComfyUI's requirements.txt (torch and
+    its companions are left to the CUDA-stub probe, ComfyUI's front-end packages to ComfyUI)."""
+    names = []
+    for line in (comfyui / "requirements.txt").read_text().splitlines():
+        name = line.split("#")[0].strip().split(";")[0]
+        name = name.replace(">", "=").replace("<", "=").replace("~", "=").split("=")[0].strip().lower()
+        if name and not name.startswith(("torch", "comfyui")):
+            names.append(_IMPORT_NAMES.get(name, name.replace("-", "_")))
+    code = ("import importlib.util, sys; "
+            "print(' '.join(n for n in sys.argv[1:] if importlib.util.find_spec(n) is None))")
+    proc = subprocess.run([python, "-c", code, *names], check=False, capture_output=True, text=True)
+    missing = proc.stdout.split()
+    if proc.returncode != 0 or missing:
+        raise ComfyUIError(
+            f"{python} lacks ComfyUI's requirements ({', '.join(missing) or proc.stderr.strip()[-200:]}): "
+            "set COMFYUI_PYTHON (or --python) to the interpreter ComfyUI's requirements are installed in"
+        )
+
+
 def link_pack(comfyui: Path, pack_root: Path = REPO_ROOT, name: str = PACK_LINK_NAME) -> Path:
-    """Symlink `pack_root` as `<comfyui>/custom_nodes/<name>`; returns the link path.
+    """Symlink `pack_root` as `<base>/custom_nodes/<name>` (`comfyui` is the checkout or a
+    base directory); returns the link path.
 
     An existing link to another folder is replaced (e.g. a CI clone elsewhere); a real
     folder of that name is left alone and is an error.
@@ -384,10 +424,10 @@ class ComfyUIServer:
     """A ComfyUI server process with this pack linked in.
 
     Use as a context manager (`with ComfyUIServer(path) as server: ...`) or call
-    `start()` / `stop()`. `isolate=True` gives the server its own input/output/temp/user
-    folders (and database) in a temporary directory, removed on `stop()` unless
-    `keep_run_dir`; models still come from the ComfyUI checkout (or `extra_args`, e.g.
-    `["--extra-model-paths-config", yaml]`).
+    `start()` / `stop()`. `isolate=True` runs the server on a temporary base directory (its
+    own models/custom_nodes/input/output/temp/user folders and database), removed on
+    `stop()` unless `keep_run_dir`; more model folders can come through `extra_args`, e.g.
+    `["--extra-model-paths-config", yaml]`. `isolate=False` uses the checkout's folders.
     """
 
     def __init__(
@@ -429,6 +469,7 @@ class ComfyUIServer:
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: Any = None
         self._events: _EventStream | None = None
+        self._remove_link_on_stop = False
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -453,9 +494,7 @@ class ComfyUIServer:
         if self.isolate:
             assert self.run_dir is not None
             cmd += [
-                "--input-directory", str(self.run_dir / "input"),
-                "--output-directory", str(self.run_dir / "output"),
-                "--temp-directory", str(self.run_dir / "temp"),
+                "--base-directory", str(self.run_dir),
                 "--user-directory", str(self.run_dir / "user"),
                 "--database-url", f"sqlite:///{self.run_dir / 'user' / 'comfyui.db'}",
             ]  # fmt: skip
@@ -473,14 +512,19 @@ class ComfyUIServer:
         """Link the pack, start the server and wait until it answers; see the module doc."""
         if self._proc is not None:
             raise ComfyUIError("server already started")
-        self.pack_link = link_pack(self.comfyui, self.pack_root, self.link_name)
+        check_comfyui_python(self.comfyui, self.python)
         self.preload = resolve_preload(self.python, self.cuda_stub, self.stub_cache)
         if self.port is None:
             self.port = free_port(self.host)
         self.run_dir = Path(tempfile.mkdtemp(prefix="comfyui-e2e-"))
         if self.isolate:
-            for sub in ("input", "output", "temp", "user"):
+            for sub in ("models", "custom_nodes", "input", "output", "temp", "user"):
                 (self.run_dir / sub).mkdir()
+            self.pack_link = link_pack(self.run_dir, self.pack_root, self.link_name)
+        else:
+            created = not (self.comfyui / "custom_nodes" / self.link_name).is_symlink()
+            self.pack_link = link_pack(self.comfyui, self.pack_root, self.link_name)
+            self._remove_link_on_stop = created
         self.log_path = self.run_dir / "server.log"
         self._log_file = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self._proc = subprocess.Popen(
@@ -546,6 +590,9 @@ class ComfyUIServer:
             self._log_file = None
         if self.log_path is not None and self.log_path.is_file():
             self._final_log = self.log_path.read_text(errors="replace")
+        if self._remove_link_on_stop and self.pack_link.is_symlink():
+            self.pack_link.unlink()
+            self._remove_link_on_stop = False
         if self.run_dir is not None and not self.keep_run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             self.run_dir = None
@@ -571,12 +618,21 @@ class ComfyUIServer:
     # -- folders -------------------------------------------------------------------------
 
     @property
+    def base_dir(self) -> Path:
+        """The folder holding models/, input/, output/ ... for this server."""
+        return self.run_dir if self.isolate and self.run_dir else self.comfyui
+
+    @property
+    def models_dir(self) -> Path:
+        return self.base_dir / "models"
+
+    @property
     def input_dir(self) -> Path:
-        return self.run_dir / "input" if self.isolate and self.run_dir else self.comfyui / "input"
+        return self.base_dir / "input"
 
     @property
     def output_dir(self) -> Path:
-        return self.run_dir / "output" if self.isolate and self.run_dir else self.comfyui / "output"
+        return self.base_dir / "output"
 
     # -- HTTP API ------------------------------------------------------------------------
 

@@ -321,8 +321,11 @@ def test_loader_node_keeps_fp8(fp8_file):
     comfyui = os.environ.get("COMFYUI_PATH")
     if not comfyui:
         pytest.skip("COMFYUI_PATH is not set: no ComfyUI folder_paths to resolve the model file")
+    import comfyui_server  # scripts/
+
     result = subprocess.run(
-        [sys.executable, "-c", NODE_SCRIPT, comfyui, str(REPO), str(fp8_file.parent), fp8_file.name],
+        [comfyui_server.comfyui_python(comfyui), "-c", NODE_SCRIPT, comfyui, str(REPO), str(fp8_file.parent),
+         fp8_file.name],
         check=False, cwd=fp8_file.parent, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]

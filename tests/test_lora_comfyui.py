@@ -83,7 +83,7 @@ def test_comfyui_lora_loader_applies_every_key(tmp_path):
     torch.save(convert_state_dict_to_original(merged), tmp_path / "merged.pt")
 
     root = comfyui_server.resolve_comfyui_path(comfyui)
-    python = comfyui_server.resolve_python(root)
+    python = comfyui_server.comfyui_python(root)
     env = dict(os.environ)
     preload = comfyui_server.resolve_preload(python)
     if preload:

@@ -124,9 +124,9 @@ def test_video_output_is_a_native_comfyui_video_in_comfyui(tmp_path):
     comfyui = os.environ.get("COMFYUI_PATH")
     if not comfyui:
         pytest.skip("COMFYUI_PATH is not set")
-    venv = Path(comfyui) / ".venv" / "bin" / "python"
-    python = str(venv) if venv.exists() else sys.executable
-    result = subprocess.run([python, "-c", VIDEO_SCRIPT, comfyui, str(REPO), str(tmp_path)], capture_output=True,
+    import comfyui_server  # scripts/
+
+    result = subprocess.run([comfyui_server.comfyui_python(comfyui), "-c", VIDEO_SCRIPT, comfyui, str(REPO), str(tmp_path)], capture_output=True,
                             text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
