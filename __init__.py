@@ -4,7 +4,12 @@ Importing this module must stay cheap: the node classes only declare their input
 outputs; torch, diffusers and the model code are imported inside the node functions.
 """
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+if __package__:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+else:
+    # Imported as a plain file, not as a pack: pytest does this with the repository root
+    # when the checkout's folder name is not a Python identifier (comfyui-wan-s2v-trainer).
+    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
 
 WEB_DIRECTORY = "./web/js"
 

@@ -107,3 +107,15 @@ def test_a_missing_package_registers_the_nodes_and_fails_the_node_in_one_line():
     kind, message = report["error"]
     assert kind == "MissingPackageError" and "\n" not in message
     assert "'diffusers'" in message and "requirements.txt" in message
+
+
+def test_the_tests_run_in_a_checkout_named_like_the_pack(tmp_path):
+    """`python -m pytest` in a clone named comfyui-wan-s2v-trainer (not a Python identifier):
+    pytest imports the root `__init__.py` as a plain file there."""
+    import shutil
+
+    clone = tmp_path / "comfyui-wan-s2v-trainer"
+    shutil.copytree(REPO, clone, ignore=shutil.ignore_patterns(".git", "output", "__pycache__", ".pytest_cache"))
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             "tests/test_dependencies.py"], cwd=clone, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
