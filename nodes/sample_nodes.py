@@ -239,7 +239,7 @@ class WanS2VSampler:
 
 
 def _next_path(subfolder: str, prefix: str):
-    out = comfy_adapter.output_directory() / subfolder
+    out = comfy_adapter.confine_path(subfolder, [comfy_adapter.output_directory()], "video folder")
     out.mkdir(parents=True, exist_ok=True)
     index = 1 + max((int(p.stem.rsplit("_", 1)[-1]) for p in out.glob(f"{prefix}_*.mp4")
                      if p.stem.rsplit("_", 1)[-1].isdigit()), default=0)
