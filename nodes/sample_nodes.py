@@ -218,7 +218,7 @@ class WanS2VSampler:
         config = SamplerConfig(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
                                frames_per_chunk=frames_per_chunk, max_chunks=max_chunks, steps=steps,
                                guidance=guidance, shift=shift, seed=seed, scheduler=scheduler, cfg_mode=cfg_mode,
-                               offload=offload)
+                               offload=offload).validate()
         bar = {"bar": None}
 
         def progress(step, total, _preview):
