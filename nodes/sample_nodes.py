@@ -117,10 +117,12 @@ class WanS2VLoadLoRA:
 
     def load(self, lora_name, strength, loras=None):
         from ..trainer.lora.io import read_lora_file
+        from ..trainer.sample.config import check_strength
         from ..trainer.sample.lora import LoraSpec
 
+        strength = check_strength(strength, f"strength of LoRA '{lora_name}'")  # before reading the file
         path = comfy_adapter.model_file_path("loras", lora_name)
-        spec = LoraSpec(read_lora_file(path), float(strength), name=lora_name)
+        spec = LoraSpec(read_lora_file(path), strength, name=lora_name)
         return (_lora_list(loras) + [spec],)
 
 
