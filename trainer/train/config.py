@@ -407,8 +407,7 @@ class TrainConfig:
         }
         for index, case in enumerate(self.validation.validation_cases):
             if isinstance(case, dict):
-                named.update({f"validation_cases[{index}].{key}": case.get(key) for key in ("reference_image", "audio")
-                              if isinstance(case.get(key), (str, os.PathLike))})
+                named.update({f"validation_cases[{index}].{key}": case.get(key) for key in ("reference_image", "audio")})
         return {key: str(value) for key, value in named.items()
                 if isinstance(value, (str, os.PathLike)) and str(value).strip() and str(value) != "tiny"}
 
