@@ -36,20 +36,54 @@ def list_model_files(kind: str) -> list[str]:
 
 
 def model_file_path(kind: str, name: str) -> Path:
-    """Absolute path of a file listed by `list_model_files`; errors if it is not there."""
+    """Resolved path of a file listed by `list_model_files`; errors if it is not there or
+    resolves (a symlink) outside `allowed_roots`."""
+    from ..trainer.paths import OutsideAllowedFoldersError, confine
+
     fp = _folder_paths()
     if fp is None:
         raise FileNotFoundError(f"ComfyUI is not available to resolve {kind}/{name}")
     path = fp.get_full_path(kind, name)
     if path is None:
         raise FileNotFoundError(f"'{name}' is not in ComfyUI's {kind} folders")
-    return Path(path)
+    try:
+        return confine(path, allowed_roots(), what=f"{kind} file")
+    except OutsideAllowedFoldersError as error:
+        raise OutsideAllowedFoldersError(f"{error}; to use a file there, add its folder to ComfyUI's "
+                                         "extra_model_paths.yaml or to WAN_S2V_TRAINER_ROOTS") from None
 
 
 def extra_model_roots() -> list[Path]:
     """Additional roots a user allows for model folders (os.pathsep-separated env var)."""
     value = os.environ.get("WAN_S2V_TRAINER_ROOTS", "")
     return [Path(p).resolve() for p in value.split(os.pathsep) if p]
+
+
+def models_directory() -> Path:
+    fp = _folder_paths()
+    if fp is None:
+        return Path(os.environ.get("WAN_S2V_MODELS_DIR", "models")).resolve()
+    return Path(fp.models_dir).resolve()
+
+
+def allowed_roots() -> list[Path]:
+    """Every folder the pack may read or write (symlinks resolved): ComfyUI's input, output,
+    temp and models folders, every model folder it is configured with (extra_model_paths.yaml
+    included), and the roots of WAN_S2V_TRAINER_ROOTS. Without ComfyUI: the WAN_S2V_INPUT_DIR,
+    WAN_S2V_OUTPUT_DIR, WAN_S2V_MODELS_DIR and WAN_S2V_LORAS_DIR folders (default input/,
+    output/, models/, models/loras) and WAN_S2V_TRAINER_ROOTS."""
+    from ..trainer.paths import resolve_roots
+
+    fp = _folder_paths()
+    roots: list[str | Path] = [input_directory(), output_directory(), models_directory()]
+    if fp is None:
+        roots.append(os.environ.get("WAN_S2V_LORAS_DIR", "models/loras"))
+    else:
+        roots.append(fp.get_temp_directory())
+        for kind, (paths, _extensions) in fp.folder_names_and_paths.items():
+            if kind != "custom_nodes":  # code, not data
+                roots += paths
+    return list(resolve_roots([*roots, *extra_model_roots()]))
 
 
 def input_directory() -> Path:
@@ -77,23 +111,13 @@ def model_folder_roots(kind: str) -> list[Path]:
         return []
 
 
-def confine_path(user_path: str, allowed_roots: list[Path]) -> Path:
-    """Resolve `user_path` and require it to lie inside one of `allowed_roots`.
+def confine_path(user_path: str | os.PathLike, roots: list[Path], what: str = "") -> Path:
+    """`user_path` resolved (symlinks followed) when it lies inside one of `roots`, else
+    `PermissionError` naming it and the roots (`trainer.paths.confine`); a relative path is
+    taken relative to the first root, an empty one is a `ValueError`."""
+    from ..trainer.paths import confine
 
-    Relative paths are taken relative to the first root. Symlinks are resolved first, so a
-    link that points outside the roots is refused as well.
-    """
-    if not allowed_roots:
-        raise PermissionError("no allowed folder is configured for this path")
-    raw = Path(user_path).expanduser()
-    candidate = raw if raw.is_absolute() else allowed_roots[0] / raw
-    resolved = candidate.resolve()
-    for root in allowed_roots:
-        root = root.resolve()
-        if resolved == root or root in resolved.parents:
-            return resolved
-    roots = ", ".join(str(r) for r in allowed_roots)
-    raise PermissionError(f"'{user_path}' is outside the allowed folders ({roots})")
+    return confine(user_path, roots, base=roots[0] if roots else None, what=what)
 
 
 class Progress:

@@ -12,18 +12,27 @@ DEMO_MEDIA = "(demo media)"
 DEMO_MEDIA_FOLDER = "wan_s2v_demo_media"
 
 
-def _demo_media(root) -> str:
+def _demo_media(input_dir) -> str:
     """Write two short synthetic talking videos (pattern + chirp, with captions) into
-    `<input>/wan_s2v_demo_media` once; returns that folder."""
-    from ..trainer.data.synthetic import write_video
+    `<input>/wan_s2v_demo_media` where they are missing or differ; returns that folder (which
+    must resolve inside the input folder). A symlink in place of one of these files is
+    replaced by the real file, never written through."""
+    import uuid
 
-    folder = root / DEMO_MEDIA_FOLDER
+    from ..trainer.data.synthetic import write_video
+    from ..trainer.io_utils import atomic_write
+
+    folder = comfy_adapter.confine_path(DEMO_MEDIA_FOLDER, [input_dir], what="demo media folder")
     for index, (duration, caption) in enumerate([(1.5, "a person talks calmly"), (2.0, "a person speaks fast")]):
-        video = folder / f"demo_talk_{index}.mp4"
-        if not video.is_file():
-            tmp = write_video(folder / f".demo_talk_{index}.tmp.mp4", fps=25, duration=duration, size=(96, 64))
+        video, text = folder / f"demo_talk_{index}.mp4", folder / f"demo_talk_{index}.txt"
+        if video.is_symlink() or not video.is_file():
+            # a fresh name (never an existing link); the rename replaces a link, not its target
+            tmp = write_video(folder / f".demo_talk_{index}.{uuid.uuid4().hex[:8]}.tmp.mp4", fps=25,
+                              duration=duration, size=(96, 64))
             tmp.replace(video)
-        video.with_suffix(".txt").write_text(caption)
+        if text.is_symlink() or not text.is_file() or text.read_text(encoding="utf-8") != caption:
+            with atomic_write(text) as tmp:
+                tmp.write_text(caption, encoding="utf-8")
     return str(folder)
 
 
@@ -107,21 +116,25 @@ class WanS2VDataset:
 
         roots = [comfy_adapter.input_directory(), *comfy_adapter.extra_model_roots()]
 
-        def confine(path: str) -> str:
-            return str(comfy_adapter.confine_path(path, roots)) if path else ""
+        def confine(path: str, what: str) -> str:
+            return str(comfy_adapter.confine_path(path, roots, what))
 
-        source = _demo_media(roots[0]) if folder.strip() == DEMO_MEDIA else confine(folder)
-        cache_dir = comfy_adapter.output_directory() / "wan_s2v_cache" / (
-            f"{source.rstrip('/').split('/')[-1]}-{hashlib.sha256(source.encode()).hexdigest()[:8]}")
+        source = _demo_media(roots[0]) if folder.strip() == DEMO_MEDIA else confine(folder, "dataset folder")
+        cache_dir = comfy_adapter.confine_path(
+            f"wan_s2v_cache/{source.rstrip('/').split('/')[-1]}-{hashlib.sha256(source.encode()).hexdigest()[:8]}",
+            [comfy_adapter.output_directory()], "dataset cache folder")
         config = DatasetConfig(
             folder=source, recursive=recursive, caption_strategy=caption_strategy, instance_prompt=instance_prompt,
-            audio_source="folder" if audio_folder else "video", audio_folder=confine(audio_folder),
-            reference_mode=reference_mode, reference_folder=confine(reference_folder), reference_seed=reference_seed,
+            audio_source="folder" if audio_folder else "video",
+            audio_folder=confine(audio_folder, "audio_folder") if audio_folder else "", reference_mode=reference_mode,
+            reference_folder=confine(reference_folder, "reference_folder") if reference_folder else "",
+            reference_seed=reference_seed,
             num_frames=num_frames, window_stride=window_stride, max_windows_per_video=max_windows_per_video,
             resolution=resolution, resolution_type=resolution_type, minimum_image_size=minimum_image_size,
             maximum_image_size=maximum_image_size, crop=crop, allow_zero_audio=allow_zero_audio,
             cache_dir=str(cache_dir), offload_during_startup=offload_during_startup, teacher_frames=teacher_frames,
             teacher_short_side=teacher_short_side, motion_context=motion_context,
+            allowed_roots=tuple(str(root) for root in comfy_adapter.allowed_roots()),
         ).validate()
         scan = scan_folder(config)
         if not scan.clips:
@@ -139,7 +152,11 @@ class WanS2VDataset:
 
         from ..trainer.data import Encoders
 
-        tiny = Encoders.tiny(cache_dir.parent / "_tiny_models") if TINY in (vae, text_encoder, audio_encoder) else None
+        tiny = None
+        if TINY in (vae, text_encoder, audio_encoder):
+            folder = comfy_adapter.confine_path(cache_dir.parent / "_tiny_models", [comfy_adapter.output_directory()],
+                                                "tiny model folder")
+            tiny = Encoders.tiny(folder)
         device = "cuda" if torch.cuda.is_available() else "cpu"
 
         def pick(choice, kind, tiny_path):

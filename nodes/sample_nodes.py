@@ -117,10 +117,12 @@ class WanS2VLoadLoRA:
 
     def load(self, lora_name, strength, loras=None):
         from ..trainer.lora.io import read_lora_file
+        from ..trainer.sample.config import check_strength
         from ..trainer.sample.lora import LoraSpec
 
+        strength = check_strength(strength, f"strength of LoRA '{lora_name}'")  # before reading the file
         path = comfy_adapter.model_file_path("loras", lora_name)
-        spec = LoraSpec(read_lora_file(path), float(strength), name=lora_name)
+        spec = LoraSpec(read_lora_file(path), strength, name=lora_name)
         return (_lora_list(loras) + [spec],)
 
 
@@ -218,7 +220,7 @@ class WanS2VSampler:
         config = SamplerConfig(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
                                frames_per_chunk=frames_per_chunk, max_chunks=max_chunks, steps=steps,
                                guidance=guidance, shift=shift, seed=seed, scheduler=scheduler, cfg_mode=cfg_mode,
-                               offload=offload)
+                               offload=offload).validate()
         bar = {"bar": None}
 
         def progress(step, total, _preview):
@@ -239,7 +241,7 @@ class WanS2VSampler:
 
 
 def _next_path(subfolder: str, prefix: str):
-    out = comfy_adapter.output_directory() / subfolder
+    out = comfy_adapter.confine_path(subfolder, [comfy_adapter.output_directory()], "video folder")
     out.mkdir(parents=True, exist_ok=True)
     index = 1 + max((int(p.stem.rsplit("_", 1)[-1]) for p in out.glob(f"{prefix}_*.mp4")
                      if p.stem.rsplit("_", 1)[-1].isdigit()), default=0)

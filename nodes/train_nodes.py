@@ -356,6 +356,7 @@ class WanS2VValidationSettings:
             validation_guidance=guidance, validation_resolution=f"{width}x{height}",
             validation_num_video_frames=num_video_frames, validation_seed=validation_seed,
         )
+        config.validate()
         return (ValidationSettings(cases, config),)
 
 

@@ -125,13 +125,7 @@ def dinov2_roots() -> list[Path]:
     """Folders a CREPA teacher may come from: ComfyUI's `dinov2` model folder kind when a
     user registered it (extra_model_paths.yaml), else `<ComfyUI>/models/dinov2`; plus the
     roots of WAN_S2V_TRAINER_ROOTS."""
-    import os
-
-    roots = comfy_adapter.model_folder_roots("dinov2")
-    if not roots:
-        fp = comfy_adapter._folder_paths()  # models_dir has no accessor in the adapter yet
-        models = Path(fp.models_dir) if fp is not None else Path(os.environ.get("WAN_S2V_MODELS_DIR", "models"))
-        roots = [(models / "dinov2").resolve()]
+    roots = comfy_adapter.model_folder_roots("dinov2") or [comfy_adapter.models_directory() / "dinov2"]
     return roots + comfy_adapter.extra_model_roots()
 
 
@@ -140,7 +134,8 @@ def tiny_teacher_folder() -> Path:
     teacher for the tiny demo and tests, never for real training."""
     from ..trainer.io_utils import atomic_folder
 
-    folder = comfy_adapter.output_directory() / "wan_s2v_cache" / "_tiny_dinov2"  # beside the tiny encoders
+    folder = comfy_adapter.confine_path("wan_s2v_cache/_tiny_dinov2", [comfy_adapter.output_directory()],
+                                        "tiny teacher folder")  # beside the tiny encoders
     if not (folder / "config.json").is_file():
         import torch
         from transformers import Dinov2Config, Dinov2Model
@@ -239,7 +234,8 @@ def write_validation_inputs(settings: ValidationSettings, out_dir: Path) -> Vali
     """Save every case's reference image (PNG) and speech (WAV) under
     `<out_dir>/validation_inputs/` (named by content, so a rerun rewrites nothing) and return
     the validation settings with those files as their cases."""
-    folder = out_dir / "validation_inputs"
+    folder = comfy_adapter.confine_path(out_dir / "validation_inputs", comfy_adapter.allowed_roots(),
+                                        "validation inputs folder")
     cases = []
     for index, case in enumerate(settings.cases):
         image_path = folder / f"case{index}_reference.png"
@@ -324,9 +320,11 @@ def build_train_config(output_name: str, settings: dict[str, Any], extras: Train
 
     if not output_name or any(c in output_name for c in "/\\") or output_name.startswith("."):
         raise ValueError(f"output_name must be a plain name, got {output_name!r}")
-    out_dir = comfy_adapter.confine_path(f"{RUNS_FOLDER}/{output_name}", [comfy_adapter.output_directory()])
+    out_dir = comfy_adapter.confine_path(f"{RUNS_FOLDER}/{output_name}", [comfy_adapter.output_directory()],
+                                         "run folder")
     values = {
         **settings,
+        "allowed_roots": tuple(str(root) for root in comfy_adapter.allowed_roots()),
         "output_dir": str(out_dir),
         "output_name": output_name,
         "eval_step_interval": extras.eval_step_interval if extras.eval_dataset is not None else 0,
@@ -435,7 +433,7 @@ def run_training_node(transformer, dataset, output_name: str, settings: dict[str
         state, alphas, steps, stopped = lora.state, lora.alphas, launch.global_step, launch.stopped
         losses = [loss for _, loss in launch.loss_history]
     if save_to == "loras" and path is not None:
-        target = comfy_adapter.confine_path(f"{output_name}.safetensors", _loras_root())
+        target = comfy_adapter.confine_path(f"{output_name}.safetensors", _loras_root(), "LoRA file")
         with atomic_write(target) as tmp:
             shutil.copyfile(path, tmp)
         path = target

@@ -351,7 +351,7 @@ def test_compiled_regions_do_not_recompute_the_ffn_output(base_model):
 def test_linear_blocks_need_the_attention_policy():
     with pytest.raises(MemoryConfigError, match="linear_blocks needs"):
         MemoryConfig(gradient_checkpointing="full", linear_blocks=2).validate()
-    with pytest.raises(MemoryConfigError, match="linear_blocks must be >= 0"):
+    with pytest.raises(MemoryConfigError, match="linear_blocks must be an integer >= 0"):
         MemoryConfig(gradient_checkpointing="attention", linear_blocks=-1).validate()
     assert "linears:5" in MemoryConfig(gradient_checkpointing="attention", linear_blocks=5).describe()
 

@@ -50,11 +50,15 @@ def _check_formats(paths: dict[str, Path], seed: int) -> torch.nn.Module:
 
 def _write_media(folder: Path) -> list[Path]:
     from .data.synthetic import write_video
+    from .paths import confine
 
+    folder.mkdir(parents=True, exist_ok=True)
     videos = []
     for index, (duration, caption) in enumerate([(2.0, "a person talks calmly"), (2.5, "a person speaks fast")]):
-        video = write_video(folder / f"talk_{index}.mp4", fps=25, duration=duration, size=DEMO_SIZE)
-        video.with_suffix(".txt").write_text(caption)
+        # never written through a link that leads out of the folder
+        video = confine(folder / f"talk_{index}.mp4", [folder], what="demo video")
+        write_video(video, fps=25, duration=duration, size=DEMO_SIZE)
+        confine(video.with_suffix(".txt"), [folder], what="demo caption").write_text(caption)
         videos.append(video)
     return videos
 

@@ -10,9 +10,10 @@ CREPA teacher frames, only adds shards). A shard is written with `trainer.io_uti
 every `save_interval` seconds while shards are written (it lists every shard, so rewriting it
 per shard would cost O(shards^2) on a large dataset) and by `flush()`; a crash loses at most
 the entries of the last interval, whose shards are then encoded again. On open, temporary files of an
-interrupted run are deleted, and manifest entries whose file is missing, has another size or
-an unreadable header are dropped (re-encoded); files the manifest does not list are never
-trusted.
+interrupted run are deleted, and manifest entries whose file is missing, has another size,
+an unreadable header or resolves outside the cache folder (a symlink) are dropped
+(re-encoded); files the manifest does not list are never trusted. Shards and the manifest are
+read and written only inside the cache folder (`trainer.paths.confine`).
 
 An entry may also record `match` (the hash of its spec without the encoder identity) and
 `encoder` (a short hash of that identity), so that the shards of a known window can be found
@@ -34,6 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from ..io_utils import atomic_write
+from ..paths import confine
 
 MANIFEST = "manifest.json"
 VERSION = 1
@@ -56,7 +58,7 @@ class CacheStore:
     save_interval: float = 2.0
 
     def __init__(self, root: str | Path):
-        self.root = Path(root).expanduser()
+        self.root = Path(root).expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.repaired: list[str] = []
         self.entries: dict[str, dict[str, Any]] = {}
@@ -74,7 +76,7 @@ class CacheStore:
                 if tmp.is_file():
                     tmp.unlink(missing_ok=True)
                     self.repaired.append(f"removed partial file {tmp.name}")
-        path = self.root / MANIFEST
+        path = self._file(MANIFEST)
         if path.is_file():
             try:
                 data = json.loads(path.read_text())
@@ -88,9 +90,13 @@ class CacheStore:
                 del self.entries[key]
                 self.repaired.append(f"dropped incomplete shard {entry.get('file')}")
 
+    def _file(self, relative: str) -> Path:
+        """`root / relative` resolved; `OutsideAllowedFoldersError` when it leads out of the cache."""
+        return confine(self.root / relative, [self.root], what="cache file")
+
     def _valid(self, entry: dict[str, Any]) -> bool:
-        file = self.root / entry.get("file", "")
         try:
+            file = self._file(entry.get("file", ""))
             if not file.is_file() or file.stat().st_size != entry.get("bytes"):
                 return False
             with safe_open(str(file), framework="pt") as handle:
@@ -100,7 +106,7 @@ class CacheStore:
 
     def _save_manifest(self) -> None:
         data = {"version": VERSION, "entries": self.entries, "hashes": self.hashes}
-        _atomic_write(self.root / MANIFEST, json.dumps(data, indent=1, sort_keys=True).encode())
+        _atomic_write(self._file(MANIFEST), json.dumps(data, indent=1, sort_keys=True).encode())
         self._saved_at, self._dirty = time.monotonic(), False
 
     # ------------------------------------------------------------------ content hashes
@@ -128,13 +134,13 @@ class CacheStore:
         return key in self.entries
 
     def path(self, key: str) -> Path:
-        return self.root / self.entries[key]["file"]
+        return self._file(self.entries[key]["file"])
 
     def put(self, key: str, tensors: dict[str, torch.Tensor], info: dict[str, Any] | None = None) -> None:
         kind = key.split("-", 1)[0]
         relative = f"{kind}/{key}.safetensors"
         data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-        _atomic_write(self.root / relative, data)
+        _atomic_write(self._file(relative), data)
         self.written[kind] += 1
         self.entries[key] = {"file": relative, "bytes": len(data), "tensors": sorted(tensors), **(info or {})}
         self._by_match, self._dirty = None, True

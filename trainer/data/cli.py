@@ -10,7 +10,7 @@ from .config import AUDIO_SOURCES, CAPTION_STRATEGIES, REFERENCE_MODES, RESOLUTI
 
 _CHOICES = {"caption_strategy": CAPTION_STRATEGIES, "resolution_type": RESOLUTION_TYPES,
             "audio_source": AUDIO_SOURCES, "reference_mode": REFERENCE_MODES}
-_SKIP = {"folder", "extra", "cache_dir"}
+_SKIP = {"folder", "extra", "cache_dir", "allowed_roots"}
 _HELP = {
     "teacher_frames": "cache CREPA teacher frames (pixel frame 4k per latent frame k, uint8; costs disk)",
     "teacher_short_side": "short side of the cached teacher frames in px, never above the source's "

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from ..checks import check_number
+from ..paths import resolve_roots
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 AUDIO_EXTENSIONS = (".wav", ".mp3", ".flac", ".ogg", ".m4a")
@@ -69,6 +73,11 @@ class DatasetConfig:
     # Continuation: cache the VAE latents of the 73 frames before each window (windows that
     # start at frame >= 73) and give those items `motion_latents` [16, 19, h, w].
     motion_context: bool = False
+    #: Folders every file the dataset reads or writes must resolve inside (symlinks followed):
+    #: a video, caption, audio or reference file that links elsewhere is skipped with the
+    #: reason. Empty: folder, audio_folder, reference_folder and cache_dir themselves. The
+    #: dataset node sets ComfyUI's folders.
+    allowed_roots: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ validation
@@ -90,17 +99,26 @@ class DatasetConfig:
             fail(f"reference_mode must be one of {REFERENCE_MODES}, got {self.reference_mode!r}")
         if self.reference_mode == "image" and not self.reference_folder:
             fail("reference_mode 'image' needs reference_folder")
-        if self.num_frames < 1 or (self.num_frames - 1) % 4 != 0:
+        check_number("num_frames", self.num_frames, 1, integer=True, error=DatasetConfigError)
+        if (self.num_frames - 1) % 4 != 0:
             fail(f"num_frames must be 4k+1 (1, 5, ..., 81), got {self.num_frames}")
-        if self.window_stride < 0 or self.max_windows_per_video < 0:
-            fail("window_stride and max_windows_per_video must be >= 0")
-        if not self.resolution or self.resolution <= 0:
-            fail(f"resolution must be > 0, got {self.resolution}")
+        for name in ("window_stride", "max_windows_per_video"):
+            check_number(name, getattr(self, name), 0, integer=True, hint="(0 = off)", error=DatasetConfigError)
+        check_number("reference_seed", self.reference_seed, integer=True, error=DatasetConfigError)
+        check_number("resolution", self.resolution, 0, low_open=True, error=DatasetConfigError)
+        for name in ("minimum_image_size", "maximum_image_size"):
+            check_number(name, getattr(self, name), 0, hint="(0 = off)", error=DatasetConfigError)
         if self.maximum_image_size and self.maximum_image_size < self.minimum_image_size:
             fail("maximum_image_size is smaller than minimum_image_size")
-        if self.teacher_short_side < 14:
-            fail(f"teacher_short_side must be >= 14 (one DINOv2 patch), got {self.teacher_short_side}")
+        check_number("aspect_bucket_rounding", self.aspect_bucket_rounding, 0, integer=True, error=DatasetConfigError)
+        check_number("teacher_short_side", self.teacher_short_side, 14, integer=True, hint="(one DINOv2 patch)",
+                     error=DatasetConfigError)
         return self
+
+    def roots(self) -> tuple[Path, ...]:
+        """The folders every file of the dataset must resolve inside (see `allowed_roots`)."""
+        return resolve_roots(self.allowed_roots or (self.folder, self.audio_folder, self.reference_folder,
+                                                    self.cache_dir))
 
     # ------------------------------------------------------------------ derived
     @property

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..paths import confine
 from .cache import CacheStore, stable_hash
 from .config import MOTION_FRAMES, SAMPLE_RATE, DatasetConfig
 from .discovery import Clip, ScanResult, Skip, scan_folder
@@ -289,7 +290,7 @@ def build_dataset(config: DatasetConfig, encoders: Encoders, scan: ScanResult | 
     scan = scan or scan_folder(config)
     if not config.cache_dir:
         raise ValueError("cache_dir is not set")
-    store = CacheStore(config.cache_dir)
+    store = CacheStore(confine(config.cache_dir, config.roots(), what="cache_dir"))
     windows = [(clip, index, start, _specs(store, config, clip, start))
                for clip in scan.clips for index, start in enumerate(clip.starts)]
     store.flush()  # memoised content hashes

@@ -7,6 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..paths import confine, is_inside
 from .buckets import bucket_for, image_size
 from .config import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, TARGET_FPS, VIDEO_EXTENSIONS, DatasetConfig
 from .media import MediaError, VideoInfo, probe_audio, probe_video
@@ -50,6 +51,7 @@ class ScanResult:
 
     def report(self) -> str:
         cfg = self.config
+        root = Path(cfg.folder).expanduser().resolve()
         lines = [f"S2V dataset: {cfg.folder}",
                  f"{len(self.clips)} usable clip(s), {self.num_windows} window(s) of {cfg.num_frames} frames at "
                  f"{TARGET_FPS} fps (stride {cfg.stride}), {len(self.skips)} skipped"]
@@ -57,7 +59,6 @@ class ScanResult:
             lines.append("buckets (h x w: windows): " + ", ".join(
                 f"{h}x{w}: {n}" for (h, w), n in sorted(self.bucket_counts().items())))
             lines.append("clips:")
-            root = Path(cfg.folder)
             for clip in self.clips:
                 extra = " [zero audio]" if clip.zero_audio else ""
                 lines.append(f"  {_rel(clip.video, root)}: {clip.info.duration:.2f} s @ {clip.info.fps:.3f} fps, "
@@ -66,7 +67,7 @@ class ScanResult:
         if self.skips:
             lines.append("skipped:")
             for skip in self.skips:
-                lines.append(f"  {_rel(skip.path, Path(cfg.folder))}: {skip.reason}")
+                lines.append(f"  {_rel(skip.path, root)}: {skip.reason}")
         return "\n".join(lines)
 
 
@@ -90,6 +91,16 @@ def _by_stem(folder: Path, extensions: tuple[str, ...], recursive: bool) -> dict
     return found
 
 
+def confined_file(path: Path, roots: tuple[Path, ...], what: str) -> Path:
+    """`path` resolved when it lies inside `roots`; else MediaError with the skip reason (a
+    symlink to a file elsewhere is never read)."""
+    resolved = path.resolve()
+    if not is_inside(resolved, roots):
+        raise MediaError(f"{what} {path.name} resolves to {resolved}, outside the allowed folders "
+                         f"({', '.join(str(root) for root in roots)}); not read")
+    return resolved
+
+
 def caption_for(video: Path, config: DatasetConfig) -> str:
     """The caption of a video; raises MediaError with the skip reason when there is none."""
     if config.caption_strategy == "instance_prompt":
@@ -99,6 +110,7 @@ def caption_for(video: Path, config: DatasetConfig) -> str:
     text_file = video.with_suffix(".txt")
     if not text_file.is_file():
         raise MediaError(f"no caption ({text_file.name} not found, caption_strategy 'textfile')")
+    text_file = confined_file(text_file, config.roots(), "caption file")
     try:
         caption = text_file.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as error:
@@ -117,23 +129,27 @@ def window_starts(frames_16fps: int, config: DatasetConfig) -> list[int]:
 
 def scan_folder(config: DatasetConfig) -> ScanResult:
     """Find every usable clip under `config.folder` and the reason for every unusable file.
-    Reads only; nothing in the folder is modified."""
+    Reads only; nothing in the folder is modified. The folders and every file used must
+    resolve inside `config.roots()`: a file that links elsewhere is skipped with the reason,
+    and clips hold the resolved paths."""
     config.validate()
-    folder = Path(config.folder).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"dataset folder not found: {folder}")
+    roots = config.roots()
+
+    def existing_folder(path: str, what: str) -> Path:
+        folder = confine(path, roots, what=what)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{what} not found: {path}")
+        return folder
+
+    folder = existing_folder(config.folder, "dataset folder")
     result = ScanResult(config)
     audio_files = reference_files = None
     if config.audio_source == "folder":
-        audio_folder = Path(config.audio_folder).expanduser()
-        if not audio_folder.is_dir():
-            raise FileNotFoundError(f"audio folder not found: {audio_folder}")
-        audio_files = _by_stem(audio_folder, AUDIO_EXTENSIONS, config.recursive)
+        audio_files = _by_stem(existing_folder(config.audio_folder, "audio folder"), AUDIO_EXTENSIONS,
+                               config.recursive)
     if config.reference_mode == "image":
-        reference_folder = Path(config.reference_folder).expanduser()
-        if not reference_folder.is_dir():
-            raise FileNotFoundError(f"reference folder not found: {reference_folder}")
-        reference_files = _by_stem(reference_folder, IMAGE_EXTENSIONS, config.recursive)
+        reference_files = _by_stem(existing_folder(config.reference_folder, "reference folder"), IMAGE_EXTENSIONS,
+                                   config.recursive)
 
     for video in _files(folder, VIDEO_EXTENSIONS, config.recursive):
         try:
@@ -143,10 +159,11 @@ def scan_folder(config: DatasetConfig) -> ScanResult:
     return result
 
 
-def _clip(video: Path, config: DatasetConfig, audio_files: dict[str, Path] | None,
+def _clip(found: Path, config: DatasetConfig, audio_files: dict[str, Path] | None,
           reference_files: dict[str, Path] | None) -> Clip:
+    video = confined_file(found, config.roots(), "video")
     info = probe_video(video)
-    caption = caption_for(video, config)
+    caption = caption_for(found, config)  # beside the name found (a link's own name)
     if config.minimum_image_size and image_size(info.width, info.height, config) < config.minimum_image_size:
         raise MediaError(f"smaller than minimum_image_size ({info.width}x{info.height} < {config.minimum_image_size} "
                          f"{'px' if config.resolution_type == 'pixel_area' else 'MP'})")
@@ -157,12 +174,13 @@ def _clip(video: Path, config: DatasetConfig, audio_files: dict[str, Path] | Non
     audio: Path | None = None
     zero_audio = False
     if audio_files is not None:
-        audio = audio_files.get(video.stem)
+        audio = audio_files.get(found.stem)
         if audio is None:
             if not config.allow_zero_audio:
-                raise MediaError(f"audio file missing (no {video.stem}.{{wav,mp3,flac,ogg,m4a}} in {config.audio_folder})")
+                raise MediaError(f"audio file missing (no {found.stem}.{{wav,mp3,flac,ogg,m4a}} in {config.audio_folder})")
             zero_audio = True
         else:
+            audio = confined_file(audio, config.roots(), "audio file")
             try:
                 audio_duration = probe_audio(audio)
             except MediaError as error:
@@ -176,8 +194,9 @@ def _clip(video: Path, config: DatasetConfig, audio_files: dict[str, Path] | Non
         zero_audio = True
     reference = None
     if reference_files is not None:
-        reference = reference_files.get(video.stem)
+        reference = reference_files.get(found.stem)
         if reference is None:
-            raise MediaError(f"reference image missing (no {video.stem}.{{png,jpg,...}} in {config.reference_folder})")
+            raise MediaError(f"reference image missing (no {found.stem}.{{png,jpg,...}} in {config.reference_folder})")
+        reference = confined_file(reference, config.roots(), "reference image")
     return Clip(video, caption, info, bucket_for(info.width, info.height, config), window_starts(frames, config),
                 audio, zero_audio, reference)

@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from ..checks import check_number
+
 PRECISIONS = ("no_change", "int8-quanto", "fp8")
 #: Accepted spellings -> canonical name.
 PRECISION_ALIASES = {
@@ -142,18 +144,20 @@ class MemoryConfig:
             raise MemoryConfigError(
                 f"gradient_checkpointing must be one of {CHECKPOINT_POLICIES}, got {self.gradient_checkpointing!r}"
             )
-        if self.checkpoint_interval < 1:
-            raise MemoryConfigError(f"checkpoint_interval must be >= 1, got {self.checkpoint_interval}")
-        if self.attention_blocks is not None and self.attention_blocks < 0:
-            raise MemoryConfigError(f"attention_blocks must be >= 0, got {self.attention_blocks}")
-        if self.linear_blocks < 0:
-            raise MemoryConfigError(f"linear_blocks must be >= 0, got {self.linear_blocks}")
+        check_number("checkpoint_interval", self.checkpoint_interval, 1, integer=True, error=MemoryConfigError)
+        if self.attention_blocks is not None:
+            check_number("attention_blocks", self.attention_blocks, 0, integer=True, hint="(or None: all)",
+                         error=MemoryConfigError)
+        check_number("linear_blocks", self.linear_blocks, 0, integer=True, error=MemoryConfigError)
         if self.linear_blocks and self.gradient_checkpointing != "attention":
             raise MemoryConfigError("linear_blocks needs gradient_checkpointing='attention'")
-        if self.prefetch < 0:
-            raise MemoryConfigError(f"prefetch must be >= 0, got {self.prefetch}")
-        if self.feed_forward_chunk_size is not None and self.feed_forward_chunk_size <= 0:
-            raise MemoryConfigError(f"feed_forward_chunk_size must be positive, got {self.feed_forward_chunk_size}")
+        check_number("prefetch", self.prefetch, 0, integer=True, error=MemoryConfigError)
+        if self.feed_forward_chunk_size is not None:
+            check_number("feed_forward_chunk_size", self.feed_forward_chunk_size, 1, integer=True,
+                         hint="(or None: the default)", error=MemoryConfigError)
+        if self.vram_budget_gib is not None:
+            check_number("vram_budget_gib", self.vram_budget_gib, 0, low_open=True, hint="(or None: not set)",
+                         error=MemoryConfigError)
         if self.offload_blocks_to_disk and self.offload != "blocks":
             raise MemoryConfigError("offload_blocks_to_disk needs offload='blocks'")
         if self.offload == "blocks":
@@ -168,7 +172,7 @@ class MemoryConfig:
                 )
         if self.offload_activations and self.gradient_checkpointing == "none":
             raise MemoryConfigError("offload_activations needs gradient checkpointing")
-        if self.auto and (self.vram_budget_gib is None or self.vram_budget_gib <= 0):
+        if self.auto and self.vram_budget_gib is None:
             raise MemoryConfigError("auto needs a positive vram_budget_gib")
         return self
 

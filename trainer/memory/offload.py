@@ -129,8 +129,11 @@ class BlockOffloader:
         if self.disk_dir is not None:
             from safetensors.torch import safe_open, save_file
 
+            from ..paths import confine
+
             self.disk_dir.mkdir(parents=True, exist_ok=True)
-            path = self.disk_dir / "block_offload.safetensors"
+            # a link in place of the file must not lead the write out of the folder
+            path = confine(self.disk_dir / "block_offload.safetensors", [self.disk_dir], what="offload file")
             save_file(disk_tensors, str(path))
             disk_tensors.clear()
             self._disk = safe_open(str(path), framework="pt", device="cpu")

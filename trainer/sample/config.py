@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..checks import check_number
+
 #: The official S2V negative prompt (wan/configs/wan_s2v_14B.py `sample_neg_prompt`), used when
 #: the negative prompt is left empty, as the official pipeline does.
 DEFAULT_NEGATIVE_PROMPT = (
@@ -24,6 +26,12 @@ NUMERICS_CHOICES = ("model", "official", "comfyui")
 
 class SamplerConfigError(ValueError):
     """An invalid sampler setting."""
+
+
+def check_strength(strength: Any, name: str = "LoRA strength") -> float:
+    """A LoRA strength as a float; any finite number (0 = off, negative inverts the LoRA)."""
+    check_number(name, strength, error=SamplerConfigError)
+    return float(strength)
 
 
 def snap_size(width: int, height: int, multiple: int = SIZE_MULTIPLE) -> tuple[int, int, str | None]:
@@ -81,22 +89,23 @@ class SamplerConfig:
         def fail(message: str) -> None:
             raise SamplerConfigError(message)
 
-        if self.frames_per_chunk < 4 or self.frames_per_chunk % 4:
+        check_number("frames_per_chunk", self.frames_per_chunk, 4, integer=True, error=SamplerConfigError)
+        if self.frames_per_chunk % 4:
             fail(f"frames_per_chunk must be a multiple of 4 (official 80), got {self.frames_per_chunk}")
-        if self.steps < 1:
-            fail(f"steps must be >= 1, got {self.steps}")
-        if self.max_chunks < 0:
-            fail(f"max_chunks must be >= 0 (0 = from the audio length), got {self.max_chunks}")
+        check_number("steps", self.steps, 1, integer=True, error=SamplerConfigError)
+        check_number("max_chunks", self.max_chunks, 0, integer=True, hint="(0 = from the audio length)",
+                     error=SamplerConfigError)
+        check_number("width", self.width, 1, integer=True, error=SamplerConfigError)
+        check_number("height", self.height, 1, integer=True, error=SamplerConfigError)
+        check_number("guidance", self.guidance, 0, hint="(<= 1: no CFG)", error=SamplerConfigError)
+        check_number("shift", self.shift, 0, hint="(0 = automatic)", error=SamplerConfigError)
+        check_number("seed", self.seed, integer=True, error=SamplerConfigError)
         if self.scheduler not in SCHEDULERS:
             fail(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
         if self.cfg_mode not in CFG_MODES:
             fail(f"cfg_mode must be one of {CFG_MODES}, got {self.cfg_mode!r}")
         if self.numerics not in NUMERICS_CHOICES:
             fail(f"numerics must be one of {NUMERICS_CHOICES}, got {self.numerics!r}")
-        if self.shift < 0:
-            fail(f"shift must be >= 0 (0 = automatic), got {self.shift}")
-        if self.width < 1 or self.height < 1:
-            fail(f"width and height must be positive, got {self.width}x{self.height}")
         if self.fps != FPS:
             fail(f"S2V generates at {FPS} fps; got fps={self.fps}")
         return self

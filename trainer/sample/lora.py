@@ -33,6 +33,11 @@ class LoraSpec:
     name: str = ""
     alphas: Mapping[str, float] | None = None
 
+    def __post_init__(self) -> None:
+        from .config import check_strength
+
+        self.strength = check_strength(self.strength, f"strength of LoRA '{self.label}'")
+
     @property
     def label(self) -> str:
         if self.name:

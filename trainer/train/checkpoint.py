@@ -39,15 +39,21 @@ def checkpoint_root(output_dir: str | os.PathLike) -> Path:
     return Path(output_dir) / CHECKPOINT_DIR
 
 
+def _owned(entry: Path) -> bool:
+    """A real folder of the checkpoints folder, not a symlink to a folder elsewhere: the only
+    kind that is listed, resumed from or deleted."""
+    return entry.is_dir() and not entry.is_symlink()
+
+
 def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints under `root`, oldest first."""
+    """Complete checkpoints under `root`, oldest first (symlinks are ignored)."""
     root = Path(root)
     if not root.is_dir():
         return []
     found = []
     for entry in root.iterdir():
         match = _NAME.match(entry.name)
-        if match and entry.is_dir() and (entry / STATE_JSON).is_file():
+        if match and _owned(entry) and (entry / STATE_JSON).is_file():
             found.append((int(match.group(1)), entry))
     return sorted(found)
 
@@ -79,7 +85,7 @@ def remove_partial(root: str | os.PathLike) -> list[Path]:
     removed = []
     if root.is_dir():
         for entry in root.iterdir():
-            if _TMP.match(entry.name):
+            if _TMP.match(entry.name) and _owned(entry):
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry)
     return removed

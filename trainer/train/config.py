@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..checks import check_number
 from ..memory.config import MemoryConfig
+from ..paths import confine, resolve_roots
 
 #: q/k/v/o of self-attention (attn1), cross-attention (attn2) and the audio injectors.
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
@@ -45,12 +47,9 @@ class LoraConfig:
     lora_init: str = "default"
 
     def validate(self) -> None:
-        if self.lora_rank < 1:
-            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
-        if self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        check_number("lora_rank", self.lora_rank, 1, integer=True)
+        check_number("lora_alpha", self.lora_alpha, 0, low_open=True)
+        check_number("lora_dropout", self.lora_dropout, 0, 1, high_open=True)
         if not self.lora_target_modules:
             raise ValueError("lora_target_modules is empty")
         if self.lora_init not in ("default", "gaussian"):
@@ -76,10 +75,16 @@ class OptimizerConfig:
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.grad_clip_mode not in CLIP_MODES:
             raise ValueError(f"grad_clip_mode must be one of {CLIP_MODES}, got {self.grad_clip_mode!r}")
+        check_number("learning_rate", self.learning_rate, 0, low_open=True)
+        check_number("adam_beta1", self.adam_beta1, 0, 1, high_open=True)
+        check_number("adam_beta2", self.adam_beta2, 0, 1, high_open=True)
+        check_number("adam_epsilon", self.adam_epsilon, 0)
+        check_number("adam_weight_decay", self.adam_weight_decay, 0)
+        # a clipping bound of 0 would zero every gradient it applies to
+        check_number("max_grad_norm", self.max_grad_norm, 0, low_open=self.grad_clip_mode == "norm")
+        check_number("max_grad_value", self.max_grad_value, 0, low_open=self.grad_clip_mode == "value")
 
 
 @dataclass
@@ -95,8 +100,10 @@ class ScheduleConfig:
     def validate(self) -> None:
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}")
-        if self.lr_warmup_steps < 0:
-            raise ValueError("lr_warmup_steps must be >= 0")
+        check_number("lr_warmup_steps", self.lr_warmup_steps, 0, integer=True)
+        check_number("lr_num_cycles", self.lr_num_cycles, 0)
+        check_number("lr_power", self.lr_power, 0)
+        check_number("lr_end", self.lr_end, 0)
 
 
 #: DINOv2 teachers for CREPA: (input short side in px, patch size).
@@ -122,8 +129,13 @@ class CrepaConfig:
     def validate(self) -> None:
         if self.crepa_teacher not in TEACHERS:
             raise ValueError(f"crepa_teacher must be one of {sorted(TEACHERS)}, got {self.crepa_teacher!r}")
-        if self.crepa_lambda < 0 or self.crepa_adjacent_distance < 0 or self.crepa_adjacent_tau <= 0:
-            raise ValueError("crepa_lambda and crepa_adjacent_distance must be >= 0, crepa_adjacent_tau > 0")
+        check_number("crepa_lambda", self.crepa_lambda, 0)
+        check_number("crepa_block_index", self.crepa_block_index, 0, integer=True)
+        check_number("crepa_adjacent_distance", self.crepa_adjacent_distance, 0, integer=True)
+        check_number("crepa_adjacent_tau", self.crepa_adjacent_tau, 0, low_open=True)
+        check_number("crepa_warmup_steps", self.crepa_warmup_steps, 0, integer=True)
+        if self.crepa_cutoff_step is not None:
+            check_number("crepa_cutoff_step", self.crepa_cutoff_step, 0, integer=True, hint="(or None: never)")
         if self.crepa_enabled and not self.crepa_teacher_path:
             raise ValueError(
                 "CREPA needs a DINOv2 teacher on disk: set crepa_teacher_path to a transformers Dinov2 folder "
@@ -214,17 +226,12 @@ class ValidationConfig:
         return 4 * math.ceil((self.validation_num_video_frames + FIRST_CHUNK_DROP) / 4)
 
     def validate(self) -> None:
-        checks = [
-            (self.validation_step_interval >= 0, "validation_step_interval must be >= 0 (0 = never)"),
-            (self.validation_num_inference_steps >= 1, "validation_num_inference_steps must be >= 1"),
-            (self.validation_guidance >= 0, "validation_guidance must be >= 0 (<= 1 = no CFG)"),
-            (self.validation_num_video_frames >= 1, "validation_num_video_frames must be >= 1"),
-            (self.validation_seed is None or isinstance(self.validation_seed, int),
-             "validation_seed must be an int or None"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        check_number("validation_step_interval", self.validation_step_interval, 0, integer=True, hint="(0 = never)")
+        check_number("validation_num_inference_steps", self.validation_num_inference_steps, 1, integer=True)
+        check_number("validation_guidance", self.validation_guidance, 0, hint="(<= 1 = no CFG)")
+        check_number("validation_num_video_frames", self.validation_num_video_frames, 1, integer=True)
+        if self.validation_seed is not None:
+            check_number("validation_seed", self.validation_seed, integer=True, hint="(or None)")
         self.size()
         if not isinstance(self.validation_cases, (list, tuple)):
             raise ValueError("validation_cases must be a list of {reference_image, audio, prompt, ...} tables")
@@ -310,6 +317,11 @@ class TrainConfig:
     vae_path: str | None = None
     text_encoder_path: str | None = None
     audio_encoder_path: str | None = None
+    #: Folders every file of the run must resolve inside (symlinks followed): the files and
+    #: folders named here, checkpoints, logs, LoRA files, validation media. Empty: the files
+    #: and folders this config names (`named_paths`, output_dir among them), so that a link
+    #: inside them cannot lead elsewhere. The training node sets ComfyUI's folders.
+    allowed_roots: tuple[str, ...] = ()
 
     # --- length and batching
     max_train_steps: int = 1000
@@ -375,6 +387,38 @@ class TrainConfig:
             return str(getattr(device, "type", device)).split(":")[0] == "cuda"
         return self.mixed_precision == "bf16"
 
+    def named_paths(self) -> dict[str, str]:
+        """The files and folders this config names, by setting (the built-in "tiny" models,
+        the "synthetic" datasets and "latest" are no paths)."""
+        options = self.dataset_options or {}
+        named = {
+            "output_dir": self.output_dir,
+            "model_path": self.model_path,
+            "dataset": None if str(self.dataset).startswith("synthetic") else self.dataset,
+            "eval_dataset": None if str(self.eval_dataset).startswith("synthetic") else self.eval_dataset,
+            "vae_path": self.vae_path,
+            "text_encoder_path": self.text_encoder_path,
+            "audio_encoder_path": self.audio_encoder_path,
+            "resume_from_checkpoint": None if str(self.resume_from_checkpoint).strip().lower() in (
+                "", "none", "false", "latest") else self.resume_from_checkpoint,
+            "crepa_teacher_path": self.crepa.crepa_teacher_path,
+            "offload_blocks_to_disk": self.memory.offload_blocks_to_disk,
+            **{f"dataset_options.{key}": options.get(key) for key in ("cache_dir", "audio_folder", "reference_folder")},
+        }
+        for index, case in enumerate(self.validation.validation_cases):
+            if isinstance(case, dict):
+                named.update({f"validation_cases[{index}].{key}": case.get(key) for key in ("reference_image", "audio")})
+        return {key: str(value) for key, value in named.items()
+                if isinstance(value, (str, os.PathLike)) and str(value).strip() and str(value) != "tiny"}
+
+    def roots(self) -> tuple[Path, ...]:
+        """The folders every file of the run must resolve inside (see `allowed_roots`)."""
+        return resolve_roots(self.allowed_roots or self.named_paths().values())
+
+    def confine(self, path: str | os.PathLike, what: str = "") -> Path:
+        """`path` resolved when it lies inside `roots()`, else `trainer.paths.OutsideAllowedFoldersError`."""
+        return confine(path, self.roots(), what=what)
+
     def validate(self) -> None:
         self.lora.validate()
         self.optimizer.validate()
@@ -382,25 +426,37 @@ class TrainConfig:
         self.crepa.validate()
         self.memory.validate()
         self.validation.validate()
+        numbers = [
+            ("max_train_steps", self.max_train_steps, dict(low=1, integer=True)),
+            ("train_batch_size", self.train_batch_size, dict(low=1, integer=True)),
+            ("gradient_accumulation_steps", self.gradient_accumulation_steps, dict(low=1, integer=True)),
+            ("seed", self.seed, dict(integer=True)),
+            ("flow_logit_mean", self.flow_logit_mean, {}),
+            ("flow_logit_std", self.flow_logit_std, dict(low=0, low_open=True)),
+            ("flow_beta_alpha", self.flow_beta_alpha, dict(low=0, low_open=True)),
+            ("flow_beta_beta", self.flow_beta_beta, dict(low=0, low_open=True)),
+            ("flow_schedule_shift", self.flow_schedule_shift, dict(low=0, low_open=True)),
+            ("caption_dropout_probability", self.caption_dropout_probability, dict(low=0, high=1)),
+            ("audio_dropout_probability", self.audio_dropout_probability, dict(low=0, high=1)),
+            ("motion_context_probability", self.motion_context_probability, dict(low=0, high=1)),
+            ("ema_decay", self.ema_decay, dict(low=0, high=1, low_open=True, high_open=True)),
+            ("ema_update_interval", self.ema_update_interval, dict(low=1, integer=True)),
+            ("checkpoint_step_interval", self.checkpoint_step_interval, dict(low=0, integer=True, hint="(0 = never)")),
+            ("eval_step_interval", self.eval_step_interval, dict(low=0, integer=True, hint="(0 = never)")),
+            ("eval_seed", self.eval_seed, dict(integer=True)),
+            ("log_every", self.log_every, dict(low=1, integer=True)),
+        ]
+        if self.checkpoints_total_limit is not None:
+            numbers.append(("checkpoints_total_limit", self.checkpoints_total_limit,
+                            dict(low=1, integer=True, hint="(or None: keep all)")))
+        numbers += [(f"eval_timesteps[{i}]", t, dict(low=0, high=1000)) for i, t in enumerate(self.eval_timesteps)]
+        for name, value, bounds in numbers:
+            check_number(name, value, **bounds)
         checks = [
-            (self.max_train_steps >= 1, "max_train_steps must be >= 1"),
-            (self.train_batch_size >= 1, "train_batch_size must be >= 1"),
-            (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
             (self.mixed_precision in MIXED_PRECISION, f"mixed_precision must be one of {MIXED_PRECISION}"),
             (self.flow_weighting_scheme in WEIGHTING_SCHEMES,
              f"flow_weighting_scheme must be one of {WEIGHTING_SCHEMES}"),
-            (self.flow_schedule_shift > 0, "flow_schedule_shift must be > 0"),
             (self.reference_frame in REFERENCE_FRAMES, f"reference_frame must be one of {REFERENCE_FRAMES}"),
-            (0 <= self.caption_dropout_probability <= 1, "caption_dropout_probability must be in [0, 1]"),
-            (0 <= self.audio_dropout_probability <= 1, "audio_dropout_probability must be in [0, 1]"),
-            (0 <= self.motion_context_probability <= 1, "motion_context_probability must be in [0, 1]"),
-            (0 < self.ema_decay < 1, "ema_decay must be in (0, 1)"),
-            (self.ema_update_interval >= 1, "ema_update_interval must be >= 1"),
-            (self.checkpoint_step_interval >= 0, "checkpoint_step_interval must be >= 0 (0 = never)"),
-            (self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
-             "checkpoints_total_limit must be >= 1 or None"),
-            (self.eval_step_interval >= 0, "eval_step_interval must be >= 0"),
-            (all(0 <= t <= 1000 for t in self.eval_timesteps), "eval_timesteps must lie in 0..1000"),
             (self.save_dtype in ("fp32", "bf16", "fp16"), "save_dtype must be fp32, bf16 or fp16"),
             (self.numerics in ("official", "comfyui"), "numerics must be 'official' or 'comfyui'"),
             (bool(self.output_name) and "/" not in self.output_name and "\\" not in self.output_name,
@@ -409,6 +465,9 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.allowed_roots:
+            for name, path in self.named_paths().items():
+                self.confine(path, what=name)
 
     # ------------------------------------------------------------------ (de)serialisation
 

@@ -296,7 +296,7 @@ def train_in_subprocess(
     if num_processes < 1:
         raise ValueError(f"num_processes must be >= 1, got {num_processes}")
     config.validate()
-    out = Path(config.output_dir)
+    out = config.confine(config.output_dir, what="output_dir")
     out.mkdir(parents=True, exist_ok=True)
     spec = {
         "config": config.to_dict(),

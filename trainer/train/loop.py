@@ -383,7 +383,8 @@ class _NoLogger:
 
 class _Logger:
     def __init__(self, output_dir: Path, config: TrainConfig, resumed_step: int):
-        self.path = output_dir / "logs" / "train_log.jsonl"
+        # confined: a `logs` folder or log file that links elsewhere is refused, not written through
+        self.path = config.confine(output_dir / "logs" / "train_log.jsonl", what="training log")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resumed_step == 0 and self.path.exists():
             self.path.unlink()
@@ -392,7 +393,8 @@ class _Logger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(output_dir / "logs" / "tensorboard"), purge_step=resumed_step + 1)
+                tb_dir = config.confine(output_dir / "logs" / "tensorboard", what="tensorboard folder")
+                self.tb = SummaryWriter(str(tb_dir), purge_step=resumed_step + 1)
             except ImportError:  # tensorboard not installed
                 self.tb = None
 
@@ -508,8 +510,10 @@ def train(
     config.validate()
     dist = current_dist() if dist is None else dist
     main = dist.is_main
-    output_dir = Path(config.output_dir)
-    ckpt_root = checkpoint_root(output_dir)
+    # Every file of the run stays inside config.roots(): a folder or file of the run that is
+    # a symlink to elsewhere is refused here (naming it), before anything is written.
+    output_dir = config.confine(config.output_dir, what="output_dir")
+    ckpt_root = config.confine(checkpoint_root(output_dir), what="checkpoints folder")
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_partial(ckpt_root)
@@ -551,6 +555,8 @@ def train(
     loss_history: list[tuple[int, float]] = []
     eval_history: list[tuple[int, float]] = []
     resume_path = resolve_resume(config.resume_from_checkpoint, ckpt_root) if main else None
+    if resume_path is not None:
+        resume_path = config.confine(resume_path, what="checkpoint to resume from")
     resume_path = dist.broadcast_object(resume_path)
     if resume_path is not None:
         state = load_checkpoint(resume_path)
@@ -598,7 +604,7 @@ def train(
                 logger.info(note)
             bundle = dataclasses.replace(validation_bundle, transformer=model, device=device)
             weights = ema.shadow if (ema is not None and config.save_ema_weights) else None
-            folder = validation_dir(output_dir, global_step)
+            folder = config.confine(validation_dir(output_dir, global_step), what="validation folder")
             logger.info("validation at step %d: %d case(s) -> %s", global_step, len(vcfg.validation_cases), folder)
         failed = False
         for case in vcfg.cases():
@@ -661,11 +667,12 @@ def train(
         comfy = diff = None
         dtype = None if config.save_dtype == "fp32" else config.save_dtype
         if config.save_comfyui_lora:
-            comfy = save_lora(state, output_dir / f"{config.output_name}.safetensors", fmt="comfyui", alphas=alphas,
-                              dtype=dtype, training_config=config_dict, metadata=meta)
+            comfy = save_lora(state, config.confine(output_dir / f"{config.output_name}.safetensors", "LoRA file"),
+                              fmt="comfyui", alphas=alphas, dtype=dtype, training_config=config_dict, metadata=meta)
         if config.save_diffusers_lora:
-            diff = save_lora(state, output_dir / f"{config.output_name}_diffusers.safetensors", fmt="diffusers",
-                             alphas=alphas, dtype=dtype, training_config=config_dict, metadata=meta)
+            diff = save_lora(state, config.confine(output_dir / f"{config.output_name}_diffusers.safetensors",
+                                                   "LoRA file"),
+                             fmt="diffusers", alphas=alphas, dtype=dtype, training_config=config_dict, metadata=meta)
         return comfy, diff
 
     accum = config.gradient_accumulation_steps
