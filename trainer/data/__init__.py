@@ -24,6 +24,12 @@ dicts of CPU tensors:
   `motion_latents` [16, 19, h, w] float32, the VAE latents (normalized, like `latents`) of the
   73 frames before the window, as the official pipeline conditions a continuation chunk on
   the last 73 generated frames; earlier windows have no such key.
+- for clips with a pose video (`<stem>_pose.<ext>` beside the clip, or `<stem>.<ext>` in
+  `pose_folder`): `pose_latents` [16, T, h, w] float32, the VAE latents (normalized, like
+  `latents`) of the pose video's frames at the window's 16 fps frame times (nearest source
+  frame, whatever its frame rate), fitted to the bucket through the clip's own resize and crop;
+  clips without one have no such key. `collate` gives batches with any pose `pose_latents`
+  [B, ...] (zero rows where an item has none) and `pose_dropped` [B] bool marking those rows.
 
 Encoders are optional once everything is cached: `open_cached_dataset(config)` (or an
 `Encoders` with a path left None) never builds the VAE / UMT5 / wav2vec2 and raises
@@ -46,6 +52,8 @@ from .dataset import (
     S2VDataset,
     build_dataset,
     collate,
+    collate_pose,
+    load_pose_window,
     load_window,
     open_cached_dataset,
     window_audio_features,
@@ -68,6 +76,8 @@ __all__ = [
     "Skip",
     "build_dataset",
     "collate",
+    "collate_pose",
+    "load_pose_window",
     "load_window",
     "open_cached_dataset",
     "scan_folder",
