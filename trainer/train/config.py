@@ -146,7 +146,7 @@ class CrepaConfig:
 
 
 #: Fields of one validation case (`validation_cases` entries).
-VALIDATION_CASE_FIELDS = ("reference_image", "audio", "prompt", "name", "negative_prompt", "seed")
+VALIDATION_CASE_FIELDS = ("reference_image", "audio", "prompt", "name", "negative_prompt", "seed", "pose_video")
 FIRST_CHUNK_DROP = 3  # frames the sampler's first chunk drops after the reference (official decode)
 
 
@@ -159,7 +159,8 @@ class ValidationConfig:
     `validation_num_video_frames` frames at `validation_resolution`, and writes the mp4s under
     ``<output_dir>/validation/step_<N>/``. A case is a mapping with ``reference_image`` (an
     image file), ``audio`` (a speech file), ``prompt`` and optionally ``name``,
-    ``negative_prompt`` and ``seed`` (default `validation_seed`, else the training seed).
+    ``negative_prompt``, ``seed`` (default `validation_seed`, else the training seed) and
+    ``pose_video`` (a video file read at 16 fps from its start, driving the motion).
     Paths are read relative to the working directory; the node may pass in-memory values
     (an IMAGE tensor / AUDIO dict) instead, which are not checked here.
     """
@@ -252,7 +253,7 @@ class ValidationConfig:
         for index, case in enumerate(self.validation_cases):
             item = {"image": case["reference_image"], "audio": case["audio"], "prompt": case.get("prompt", ""),
                     "name": case.get("name") or f"case{index}"}
-            for key in ("negative_prompt", "seed"):
+            for key in ("negative_prompt", "seed", "pose_video"):
                 if case.get(key) is not None:
                     item[key] = case[key]
             out.append(item)
@@ -272,6 +273,9 @@ def _validate_case(index: int, case: Any) -> None:
             raise ValueError(f"{label}: '{key}' is required")
         if isinstance(value, (str, os.PathLike)) and not Path(value).is_file():
             raise ValueError(f"{label}: {key} file not found: {value}")
+    pose = case.get("pose_video")
+    if isinstance(pose, (str, os.PathLike)) and pose != "" and not Path(pose).is_file():
+        raise ValueError(f"{label}: pose_video file not found: {pose}")
     if not isinstance(case.get("prompt", ""), str):
         raise ValueError(f"{label}: prompt must be a string")
     if case.get("seed") is not None and (isinstance(case["seed"], bool) or not isinstance(case["seed"], int)):
@@ -341,6 +345,11 @@ class TrainConfig:
     #: Probability that a batch whose items carry the previous window (`motion_latents`)
     #: is trained as a continuation (those latents become FramePack motion tokens).
     motion_context_probability: float = 0.0
+    #: Probability that an item with a pose video (`pose_latents`) is trained without it, so one
+    #: LoRA serves renders with and without a pose video. 0 (the default): never, as
+    #: DiffSynth-Studio's S2V pipeline, which conditions on the pose video whenever one is given;
+    #: with 0 no extra random number is drawn, so runs repeat those of earlier versions exactly.
+    pose_dropout_probability: float = 0.0
 
     # --- TREAD token routing (the seed's format): {"routes": [{"selection_ratio": 0.5,
     #: "start_layer_idx": 2, "end_layer_idx": -2}]}; selection_ratio = fraction of video
@@ -394,6 +403,8 @@ class TrainConfig:
             (0 <= self.caption_dropout_probability <= 1, "caption_dropout_probability must be in [0, 1]"),
             (0 <= self.audio_dropout_probability <= 1, "audio_dropout_probability must be in [0, 1]"),
             (0 <= self.motion_context_probability <= 1, "motion_context_probability must be in [0, 1]"),
+            (_is_probability(self.pose_dropout_probability),
+             f"pose_dropout_probability must be a number in [0, 1], got {self.pose_dropout_probability!r}"),
             (0 < self.ema_decay < 1, "ema_decay must be in (0, 1)"),
             (self.ema_update_interval >= 1, "ema_update_interval must be >= 1"),
             (self.checkpoint_step_interval >= 0, "checkpoint_step_interval must be >= 0 (0 = never)"),
@@ -446,6 +457,10 @@ class TrainConfig:
         config = cls(**kwargs)
         config.validate()
         return config
+
+
+def _is_probability(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
 
 
 _SECTIONS: dict[str, type] = {
