@@ -197,6 +197,15 @@ def test_skip_reasons_and_where_pose_videos_are_found(tmp_path: Path):
     assert all(name in report for name in reasons)
     with pytest.raises(FileNotFoundError, match="pose folder not found"):
         scan_folder(DatasetConfig(folder=str(videos), num_frames=9, pose_folder=str(tmp_path / "nowhere")))
+    with pytest.raises(ValueError, match="pose_folder is the dataset folder"):
+        scan_folder(DatasetConfig(folder=str(videos), num_frames=9, pose_folder=str(videos)))
+    # a pose_folder inside the dataset folder: a recursive scan does not take its videos for clips
+    inside = videos / "pose_videos"
+    _write(inside / "plain.mp4", audio=False)
+    nested = scan_folder(DatasetConfig(folder=str(videos), num_frames=9, resolution=56, caption_strategy="filename",
+                                       pose_folder=str(inside), recursive=True))
+    assert {c.video.name: c.pose for c in nested.clips}["plain.mp4"] == inside / "plain.mp4"
+    assert not [p for p in [c.video for c in nested.clips] + [s.path for s in nested.skips] if inside in p.parents]
 
 
 def test_a_pose_frame_is_fitted_through_the_clip_geometry():

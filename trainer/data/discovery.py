@@ -174,15 +174,22 @@ def scan_folder(config: DatasetConfig) -> ScanResult:
         if not reference_folder.is_dir():
             raise FileNotFoundError(f"reference folder not found: {reference_folder}")
         found.reference = _by_stem(reference_folder, IMAGE_EXTENSIONS, config.recursive)
+    pose_folder = None
     if config.pose_folder:
-        pose_folder = Path(config.pose_folder).expanduser()
+        pose_folder = Path(config.pose_folder).expanduser().resolve()
         if not pose_folder.is_dir():
             raise FileNotFoundError(f"pose folder not found: {pose_folder}")
+        if pose_folder == folder.resolve():
+            raise ValueError("pose_folder is the dataset folder: put pose videos beside their clips as "
+                             f"<stem>{POSE_SUFFIX}.<ext>, or in a folder of their own")
         for path in _files(pose_folder, VIDEO_EXTENSIONS, config.recursive):
             found.pose.setdefault(pose_stem(path) or path.stem, path)
 
     videos = _files(folder, VIDEO_EXTENSIONS, config.recursive)
-    clips = [video for video in videos if pose_stem(video) is None]
+    # pose videos are never clips: neither <stem>_pose files nor anything in pose_folder (which a
+    # recursive scan of the dataset folder could otherwise reach)
+    clips = [video for video in videos if pose_stem(video) is None
+             and not (pose_folder is not None and pose_folder in video.resolve().parents)]
     for path in videos:
         if pose_stem(path) is not None:
             found.pose_beside.setdefault((path.parent, pose_stem(path)), path)
