@@ -49,7 +49,7 @@ class WanS2VDataset:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..trainer.data.config import CAPTION_STRATEGIES, REFERENCE_MODES, RESOLUTION_TYPES
+        from ..trainer.data.config import AUDIO_SOURCES, CAPTION_STRATEGIES, REFERENCE_MODES, RESOLUTION_TYPES
 
         return {
             "required": {
@@ -75,7 +75,8 @@ class WanS2VDataset:
             },
             "optional": {
                 "recursive": ("BOOLEAN", {"tooltip": 'Also look for videos in subfolders.', "default": False}),
-                "audio_folder": ("STRING", {"default": "", "tooltip": "Empty: each video's own track. Else audio files matched by stem."}),
+                "audio_folder": ("STRING", {"default": "", "tooltip": "Audio files matched by the clip's stem (under "
+                                 "the input folder, like folder); see audio_source."}),
                 "reference_mode": (list(REFERENCE_MODES), {"tooltip": 'Reference image of each window: its first frame, a seeded random frame, or an image with the same stem in reference_folder.', "default": "first_frame"}),
                 "reference_folder": ("STRING", {"default": "", "tooltip": "Reference images by stem (reference_mode image)."}),
                 "reference_seed": ("INT", {"tooltip": 'Seed of the random reference frame choice.', "default": 0, "min": 0, "max": 2**31 - 1}),
@@ -93,6 +94,14 @@ class WanS2VDataset:
                                    "before each window (windows starting at frame 73 or later) so training with "
                                    "motion_context_probability > 0 also learns continuation, as the sampler "
                                    "conditions later chunks."}),
+                "audio_source": (list(AUDIO_SOURCES), {"default": "auto", "tooltip": "auto: an audio file with the "
+                                 "clip's stem (.wav/.mp3/.flac/.ogg/.m4a) in audio_folder or beside the clip, else "
+                                 "the clip's own track; video: always the clip's own track; folder: always the file "
+                                 "in audio_folder. The report says which each clip used."}),
+                "pose_folder": ("STRING", {"default": "", "tooltip": "Optional pose videos (control) matched by "
+                                "the clip's stem, under the input folder like folder. Without it, <stem>_pose.mp4 "
+                                "beside a clip is its pose video (never a clip itself). Read on the clip's 16 fps "
+                                "frame times, fitted like the clip, cached as pose latents."}),
             },
         }
 
@@ -102,14 +111,14 @@ class WanS2VDataset:
     CATEGORY = CATEGORY
     DESCRIPTION = ("Cuts 16 fps windows with their exactly aligned 16 kHz audio from a folder of talking videos, "
                    "caches VAE latents, UMT5 embeddings, wav2vec2 features and reference latents (optionally "
-                   "CREPA teacher frames and FramePack motion latents), and reports every skipped file with its "
-                   "reason.")
+                   "pose video latents, CREPA teacher frames and FramePack motion latents), and reports every "
+                   "skipped file with its reason.")
 
     def build(self, folder, vae, text_encoder, audio_encoder, caption_strategy, instance_prompt, num_frames,
               window_stride, max_windows_per_video, resolution, resolution_type, crop, allow_zero_audio,
               recursive=False, audio_folder="", reference_mode="first_frame", reference_folder="", reference_seed=0,
               minimum_image_size=0, maximum_image_size=0, offload_during_startup=True, preview_count=4,
-              teacher_frames=False, teacher_short_side=518, motion_context=False):
+              teacher_frames=False, teacher_short_side=518, motion_context=False, audio_source="auto", pose_folder=""):
         import hashlib
 
         from ..trainer.data import DatasetConfig, build_dataset, scan_folder
@@ -125,8 +134,9 @@ class WanS2VDataset:
             [comfy_adapter.output_directory()], "dataset cache folder")
         config = DatasetConfig(
             folder=source, recursive=recursive, caption_strategy=caption_strategy, instance_prompt=instance_prompt,
-            audio_source="folder" if audio_folder else "video",
-            audio_folder=confine(audio_folder, "audio_folder") if audio_folder else "", reference_mode=reference_mode,
+            audio_source=audio_source,
+            audio_folder=confine(audio_folder, "audio_folder") if audio_folder else "",
+            pose_folder=confine(pose_folder, "pose_folder") if pose_folder else "", reference_mode=reference_mode,
             reference_folder=confine(reference_folder, "reference_folder") if reference_folder else "",
             reference_seed=reference_seed,
             num_frames=num_frames, window_stride=window_stride, max_windows_per_video=max_windows_per_video,

@@ -16,6 +16,7 @@ from .train_runner import (  # noqa: F401 - re-exported for tests and other node
     memory_config,
     run_training_node,
     tread_routes,
+    validation_pose_video,
 )
 
 CATEGORY = "Wan S2V Trainer/train"
@@ -47,6 +48,8 @@ TOOLTIPS = {
     "caption_dropout_probability": "Probability of training a clip with zeroed text (for CFG).",
     "audio_dropout_probability": "Probability of zeroed audio features (what CFG's unconditional uses).",
     "motion_context_probability": "Probability of feeding the previous window as FramePack motion latents.",
+    "pose_dropout_probability": "Probability of training a clip that has a pose video without it, so the LoRA "
+    "works with and without a pose video (0: always with it).",
     "reference_frame": "first: the clip's first frame is the reference; random: a random latent frame.",
     "use_ema": "Keep an exponential moving average of the LoRA weights and save it.",
     "ema_decay": "EMA decay per update.",
@@ -109,6 +112,8 @@ TOOLTIPS = {
     "validation_seed": "Noise seed of the validation renders (the same every time, so renders compare).",
     "validation_settings": "Optional: cases of earlier Validation Settings nodes (chain them for several cases); "
     "the render settings of this node apply to all.",
+    "pose_video": "Optional pose video of this case (a file under ComfyUI's input folder, read at 16 fps from its "
+    "start) driving the motion; empty = none.",
     # training node extras
     "crepa_settings": "Optional: CREPA regularizer (Wan S2V CREPA Settings). The dataset must carry teacher "
     "frames (the Dataset node's CREPA option).",
@@ -335,7 +340,8 @@ class WanS2VValidationSettings:
                 "num_video_frames": ("INT", {"default": 81, "min": 1, "max": 401, "step": 4}),
                 "validation_seed": ("INT", {"default": 42, "min": 0, "max": 2**31 - 1}),
             },
-            "optional": {"validation_settings": (types.VALIDATION_SETTINGS, {})},
+            "optional": {"validation_settings": (types.VALIDATION_SETTINGS, {}),
+                         "pose_video": ("STRING", {"default": ""})},
         })
 
     RETURN_TYPES = (types.VALIDATION_SETTINGS,)
@@ -346,9 +352,9 @@ class WanS2VValidationSettings:
                    "folder, the videos under output/wan_s2v_training/<name>/validation/ and on the node.")
 
     def build(self, image, audio, prompt, negative_prompt, validation_step_interval, num_inference_steps, guidance,
-              width, height, num_video_frames, validation_seed, validation_settings=None):
+              width, height, num_video_frames, validation_seed, validation_settings=None, pose_video=""):
         cases = list(validation_settings.cases) if validation_settings is not None else []
-        cases.append(ValidationCaseInput(image, audio, prompt, negative_prompt))
+        cases.append(ValidationCaseInput(image, audio, prompt, negative_prompt, validation_pose_video(pose_video)))
         from ..trainer.train.config import ValidationConfig
 
         config = ValidationConfig(
@@ -408,6 +414,7 @@ class WanS2VTrainLora:
                                         "steps (Wan S2V Validation Settings); needs validation_model."}),
                 "validation_model": (types.MODEL, {}),
                 "gpus": ("INT", {"default": 1, "min": 1, "max": 64}),
+                "pose_dropout_probability": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01}),
             },
         })
         # The node id tags the per-step loss and validation events, so that web/js draws them on this node.

@@ -37,12 +37,14 @@ class ValidationCaseInput:
 
     image: ComfyUI IMAGE [B, H, W, 3] in [0, 1] (the first image is the reference).
     audio: ComfyUI AUDIO {"waveform": [B, C, N], "sample_rate": int}.
+    pose_video: path of a pose video file ("" = none), already confined (`validation_pose_video`).
     """
 
     image: Any
     audio: dict
     prompt: str
     negative_prompt: str = ""
+    pose_video: str = ""
 
 
 @dataclass
@@ -230,10 +232,22 @@ def _write_wav(audio: dict, path: Path) -> None:
         handle.writeframes(np.ascontiguousarray(pcm).tobytes())
 
 
+def validation_pose_video(path: str) -> str:
+    """A validation case's pose video: "" (none) or an existing file under ComfyUI's input folder
+    (or a root listed in WAN_S2V_TRAINER_ROOTS), as an absolute path."""
+    if not path.strip():
+        return ""
+    resolved = comfy_adapter.confine_path(path.strip(), [comfy_adapter.input_directory(),
+                                                         *comfy_adapter.extra_model_roots()])
+    if not resolved.is_file():
+        raise FileNotFoundError(f"validation pose video not found: {resolved}")
+    return str(resolved)
+
+
 def write_validation_inputs(settings: ValidationSettings, out_dir: Path) -> ValidationConfig:
     """Save every case's reference image (PNG) and speech (WAV) under
     `<out_dir>/validation_inputs/` (named by content, so a rerun rewrites nothing) and return
-    the validation settings with those files as their cases."""
+    the validation settings with those files as their cases (a pose video is read where it is)."""
     folder = comfy_adapter.confine_path(out_dir / "validation_inputs", comfy_adapter.allowed_roots(),
                                         "validation inputs folder")
     cases = []
@@ -242,11 +256,14 @@ def write_validation_inputs(settings: ValidationSettings, out_dir: Path) -> Vali
         audio_path = folder / f"case{index}_speech.wav"
         _write_png(case.image, image_path)
         _write_wav(case.audio, audio_path)
-        digest = hashlib.sha256(image_path.read_bytes() + audio_path.read_bytes()).hexdigest()[:8]
+        pose = Path(case.pose_video).read_bytes() if case.pose_video else b""
+        digest = hashlib.sha256(image_path.read_bytes() + audio_path.read_bytes() + pose).hexdigest()[:8]
         entry = {"reference_image": str(image_path), "audio": str(audio_path), "prompt": case.prompt,
                  "name": f"case{index}_{digest}"}
         if case.negative_prompt:
             entry["negative_prompt"] = case.negative_prompt
+        if case.pose_video:
+            entry["pose_video"] = case.pose_video
         cases.append(entry)
     return dataclasses.replace(settings.config, validation_cases=tuple(cases))
 

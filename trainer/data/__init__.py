@@ -24,6 +24,12 @@ dicts of CPU tensors:
   `motion_latents` [16, 19, h, w] float32, the VAE latents (normalized, like `latents`) of the
   73 frames before the window, as the official pipeline conditions a continuation chunk on
   the last 73 generated frames; earlier windows have no such key.
+- for clips with a pose video (`<stem>_pose.<ext>` beside the clip, or `<stem>.<ext>` in
+  `pose_folder`): `pose_latents` [16, T, h, w] float32, the VAE latents (normalized, like
+  `latents`) of the pose video's frames at the window's 16 fps frame times (nearest source
+  frame, whatever its frame rate), fitted to the bucket through the clip's own resize and crop;
+  clips without one have no such key. `collate` gives batches with any pose `pose_latents`
+  [B, ...] (zero rows where an item has none) and `pose_dropped` [B] bool marking those rows.
 
 Encoders are optional once everything is cached: `open_cached_dataset(config)` (or an
 `Encoders` with a path left None) never builds the VAE / UMT5 / wav2vec2 and raises
@@ -48,7 +54,8 @@ from .config import DatasetConfig, DatasetConfigError
 _LAZY = {
     "CacheStore": ".cache",
     "BucketBatchSampler": ".dataset", "CacheMissingError": ".dataset", "S2VDataset": ".dataset",
-    "build_dataset": ".dataset", "collate": ".dataset", "load_window": ".dataset",
+    "build_dataset": ".dataset", "collate": ".dataset", "collate_pose": ".dataset",
+    "load_pose_window": ".dataset", "load_window": ".dataset",
     "open_cached_dataset": ".dataset", "window_audio_features": ".dataset",
     "Clip": ".discovery", "ScanResult": ".discovery", "Skip": ".discovery", "scan_folder": ".discovery",
     "Encoders": ".encoders",
@@ -76,6 +83,8 @@ __all__ = [
     "Skip",
     "build_dataset",
     "collate",
+    "collate_pose",
+    "load_pose_window",
     "load_window",
     "open_cached_dataset",
     "scan_folder",

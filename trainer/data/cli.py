@@ -17,6 +17,10 @@ _HELP = {
                           "(518: dinov2_vitg14, 224 suffices for dinov2_vits14)",
     "motion_context": "cache the VAE latents of the 73 frames before each window starting at frame >= 73 "
                       "(FramePack motion context for continuation training)",
+    "audio_source": "auto: an audio file with the clip's stem in --audio-folder or beside the clip, else the "
+                    "clip's own track; video: always the track; folder: always the file in --audio-folder",
+    "pose_folder": "pose videos by the clip's stem (without it, <stem>_pose.<ext> beside a clip is its pose "
+                   "video), cached as pose latents",
 }
 
 

@@ -16,7 +16,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 CAPTION_STRATEGIES = ("textfile", "filename", "instance_prompt")
 RESOLUTION_TYPES = ("pixel_area", "area")
-AUDIO_SOURCES = ("video", "folder")
+#: "auto": a sidecar audio file with the clip's stem (in audio_folder, else beside the clip), else the
+#: clip's own track; "video": always the clip's own track; "folder": always the file in audio_folder.
+AUDIO_SOURCES = ("auto", "video", "folder")
 REFERENCE_MODES = ("first_frame", "random_frame", "image")
 
 #: Video frame rate the S2V model works at (windows, audio features).
@@ -49,7 +51,7 @@ class DatasetConfig:
     recursive: bool = False
     caption_strategy: str = "textfile"
     instance_prompt: str = ""
-    audio_source: str = "video"  # "video": each video's own track; "folder": same stem in audio_folder
+    audio_source: str = "auto"  # auto | video | folder (see AUDIO_SOURCES)
     audio_folder: str = ""
     reference_mode: str = "first_frame"  # first_frame | random_frame | image (same stem in reference_folder)
     reference_folder: str = ""
@@ -78,6 +80,9 @@ class DatasetConfig:
     #: reason. Empty: folder, audio_folder, reference_folder and cache_dir themselves. The
     #: dataset node sets ComfyUI's folders.
     allowed_roots: tuple[str, ...] = ()
+    # Pose control: a clip's pose video is `<stem>.<ext>` (or `<stem>_pose.<ext>`) in pose_folder,
+    # else `<stem>_pose.<ext>` beside the clip; its windows are cached as `pose_latents`.
+    pose_folder: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ validation
@@ -118,7 +123,7 @@ class DatasetConfig:
     def roots(self) -> tuple[Path, ...]:
         """The folders every file of the dataset must resolve inside (see `allowed_roots`)."""
         return resolve_roots(self.allowed_roots or (self.folder, self.audio_folder, self.reference_folder,
-                                                    self.cache_dir))
+                                                    self.pose_folder, self.cache_dir))
 
     # ------------------------------------------------------------------ derived
     @property
@@ -161,10 +166,21 @@ class DatasetConfig:
         return {k: getattr(self, k) for k in ("num_frames", "resolution", "resolution_type", "maximum_image_size",
                                                "crop", "aspect_bucket_rounding")}
 
-    def audio_key(self) -> dict[str, Any]:
+    def audio_key(self, source: str) -> dict[str, Any]:
+        """`source`: where the clip's audio comes from: "folder" (a separate file), "video" (its own
+        track) or "zero" (none)."""
+        # "audio_source" holds the per-clip source under the names the setting had before "auto"
+        # existed (then one setting for every clip), so caches made with "video" or "folder" stay
+        # valid; the source file's content hash is part of the spec as well.
         # "features": 2 = the last wav2vec2 state is the layer-normed one on every transformers
         # version (features cached before that fix are re-encoded)
-        return {"num_frames": self.num_frames, "audio_source": self.audio_source, "features": 2}
+        if source == "zero":
+            source = "folder" if self.audio_source == "folder" else "video"
+        return {"num_frames": self.num_frames, "audio_source": source, "features": 2}
+
+    def pose_key(self, clip_size: tuple[int, int]) -> dict[str, Any]:
+        """A pose video's frames are fitted to the bucket through its clip's geometry (w, h)."""
+        return {**self.video_key(), "clip_size": list(clip_size)}
 
     def teacher_key(self) -> dict[str, Any]:
         return {**self.video_key(), "teacher_short_side": self.teacher_short_side}

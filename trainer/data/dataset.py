@@ -38,9 +38,10 @@ from .teacher import (
 ProgressFn = Callable[[int, int, str], None]
 
 #: Cache kinds -> the encoder they need (None: decoding only) and the spec field naming it.
-ENCODER_OF = {"latents": "vae", "reference": "vae", "motion": "vae", "audio": "audio", "text": "text",
+ENCODER_OF = {"latents": "vae", "reference": "vae", "motion": "vae", "pose": "vae", "audio": "audio", "text": "text",
               "teacher": None}
-ENCODER_FIELD = {"latents": "vae", "reference": "vae", "motion": "vae", "audio": "encoder", "text": "encoder"}
+ENCODER_FIELD = {"latents": "vae", "reference": "vae", "motion": "vae", "pose": "vae", "audio": "encoder",
+                 "text": "encoder"}
 ENCODER_NAMES = {"vae": "VAE", "text": "text encoder (UMT5)", "audio": "audio encoder (wav2vec2)"}
 
 
@@ -124,6 +125,8 @@ class S2VDataset(torch.utils.data.Dataset):
             item["teacher_frames"] = load_teacher_frames(load(entry.keys["teacher"])["teacher_frames"], size)
         if "motion" in entry.keys:
             item["motion_latents"] = load(entry.keys["motion"])["motion_latents"]
+        if "pose" in entry.keys:
+            item["pose_latents"] = load(entry.keys["pose"])["pose_latents"]
         return item
 
     def bucket_of(self, index: int) -> tuple[int, int]:
@@ -171,14 +174,33 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
 def collate(items: list[dict]) -> dict:
     """Stack same-bucket items into a batch (strings and ints stay lists). `motion_latents`
-    is kept only when every item has it (early windows have no previous frames)."""
+    is kept only when every item has it (early windows have no previous frames); pose as
+    `collate_pose` says."""
     out = {}
     for key in items[0]:
-        if key == "motion_latents" and not all(key in item for item in items):
+        if key == "pose_latents" or (key == "motion_latents" and not all(key in item for item in items)):
             continue
         values = [item[key] for item in items]
         out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    out.update(collate_pose(items))
     return out
+
+
+def collate_pose(items: list[dict]) -> dict[str, torch.Tensor]:
+    """`pose_latents` [B, 16, T, h, w] and `pose_dropped` [B] bool when some item has a pose
+    video, else {}. Rows of items without one are zeros and marked in `pose_dropped` (True:
+    train this row without pose), as the official pipeline conditions on zero pose latents
+    when there is no pose video; training also marks the rows pose dropout picks."""
+    poses = [item.get("pose_latents") for item in items]
+    present = [pose for pose in poses if pose is not None]
+    if not present:
+        return {}
+    shapes = {tuple(pose.shape) for pose in present}
+    if len(shapes) != 1:
+        raise ValueError(f"items of one batch differ in 'pose_latents' ({sorted(shapes)}); batches must share a bucket")
+    zeros = torch.zeros_like(present[0])
+    return {"pose_latents": torch.stack([zeros if pose is None else pose for pose in poses]),
+            "pose_dropped": torch.tensor([pose is None for pose in poses])}
 
 
 # ----------------------------------------------------------------------------- building
@@ -192,24 +214,27 @@ def _specs(store: CacheStore, config: DatasetConfig, clip: Clip, start: int) -> 
     """What each cached item of a window depends on, except the encoder's identity."""
     video_hash = store.file_hash(clip.video)
     if clip.zero_audio:
-        audio_source = "zero"
+        audio_source, audio_kind = "zero", "zero"
     elif clip.audio is not None:
-        audio_source = store.file_hash(clip.audio)
+        audio_source, audio_kind = store.file_hash(clip.audio), "folder"
     else:
-        audio_source = video_hash
+        audio_source, audio_kind = video_hash, "video"
     reference = {"reference_hash": store.file_hash(clip.reference)} if clip.reference is not None else {
         "frame": reference_frame_index(config, video_hash, start)}
     window = {"video": video_hash, "start": start, "bucket": clip.bucket}
     specs = {
         "latents": {**window, **config.video_key()},
         "reference": {**window, **config.reference_key(), **reference},
-        "audio": {"audio": audio_source, "start": start, **config.audio_key()},
+        "audio": {"audio": audio_source, "start": start, **config.audio_key(audio_kind)},
         "text": {"caption": clip.caption},
     }
     if config.teacher_frames:
         specs["teacher"] = {**window, **config.teacher_key(), "frames": "4k", "size": _teacher_stored(config, clip)}
     if config.motion_context and start >= MOTION_FRAMES:
         specs["motion"] = {**window, **config.motion_key()}
+    if clip.pose is not None:
+        specs["pose"] = {"pose": store.file_hash(clip.pose), "start": start, "bucket": clip.bucket,
+                         **config.pose_key((clip.info.width, clip.info.height))}
     return specs
 
 
@@ -356,7 +381,8 @@ def _put(store: CacheStore, entry: WindowEntry, kind: str, tensors: dict[str, to
 def _encode_clip(store: CacheStore, config: DatasetConfig, encoders: Encoders, entries: list[WindowEntry],
                  check_interrupt: Callable[[], None] | None) -> None:
     """Encode the missing items of some windows of one clip: audio features first, then every
-    frame-based item (latents, reference, teacher frames, motion latents) in one decoding pass."""
+    frame-based item (latents, reference, teacher frames, motion latents) in one decoding pass,
+    then the pose latents in one pass over the pose video."""
     from ..model.vae import encode_video
 
     clip = entries[0].clip
@@ -392,9 +418,15 @@ def _encode_clip(store: CacheStore, config: DatasetConfig, encoders: Encoders, e
             requests.append(FrameRequest(("teacher", e.start), indices, (tw, th)))
         if missing(e, "motion"):
             requests.append(FrameRequest(("motion", e.start), tuple(range(e.start - MOTION_FRAMES, e.start)), (w, h)))
+    by_start = {e.start: e for e in entries}
+    need_pose = [e for e in entries if missing(e, "pose")]
+    if need_pose:
+        for start, frames in _pose_windows(config, clip, [e.start for e in need_pose], check_interrupt):
+            latents = encode_video(encoders.vae, frames_to_tensor(frames)[None])[0]
+            _put(store, by_start[start], "pose", {"pose_latents": latents}, {**info(by_start[start]),
+                                                                             "pose": str(clip.pose)})
     if not requests:
         return
-    by_start = {e.start: e for e in entries}
     seen = set()
     for request, frames, _ in iter_frame_requests(clip.video, requests, config.crop):
         if check_interrupt:
@@ -418,6 +450,36 @@ def _encode_clip(store: CacheStore, config: DatasetConfig, encoders: Encoders, e
     incomplete = sorted({start for what, start in (r.key for r in requests) if (what, start) not in seen})
     if incomplete:
         raise MediaError(f"video ended before window(s) starting at 16 fps frame(s) {incomplete} were complete")
+
+
+def _pose_windows(config: DatasetConfig, clip: Clip, starts: list[int],
+                  check_interrupt: Callable[[], None] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, frames uint8 [F, H, W, 3]) of the clip's pose video for windows `starts`: the
+    pose frames at the window's 16 fps frame times (nearest source frame, as for the clip),
+    fitted to the bucket through the clip's own geometry. Raises MediaError when the pose video
+    ends before a window is complete."""
+    h, w = clip.bucket
+    requests = [FrameRequest(s, tuple(range(s, s + config.num_frames)), (w, h)) for s in sorted(set(starts))]
+    done = set()
+    for request, frames, _ in iter_frame_requests(clip.pose, requests, config.crop,
+                                                  geometry=(clip.info.width, clip.info.height)):
+        if check_interrupt:
+            check_interrupt()
+        done.add(request.key)
+        yield request.key, frames
+    incomplete = sorted(set(starts) - done)
+    if incomplete:
+        raise MediaError(f"pose video {clip.pose.name} ended before window(s) starting at 16 fps frame(s) "
+                         f"{incomplete} were complete")
+
+
+def load_pose_window(config: DatasetConfig, clip: Clip, start: int) -> np.ndarray:
+    """Pose frames uint8 [F, H, W, 3] of one window: exactly what the cache encodes."""
+    if clip.pose is None:
+        raise MediaError(f"{clip.video.name} has no pose video")
+    for _, frames in _pose_windows(config, clip, [start]):
+        return frames
+    raise MediaError(f"pose window at frame {start} not available")
 
 
 def load_window(config: DatasetConfig, clip: Clip, start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

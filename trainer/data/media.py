@@ -181,12 +181,18 @@ def fit_size(src_w: int, src_h: int, dst_w: int, dst_h: int, crop: bool) -> tupl
     return rw, rh, (rw - dst_w) // 2, (rh - dst_h) // 2
 
 
-def frame_to_array(frame, size: tuple[int, int] | None, crop: bool) -> np.ndarray:
-    """A PyAV VideoFrame -> uint8 RGB [H, W, 3], resized (swscale, area) and cropped to `size` (w, h)."""
+def frame_to_array(frame, size: tuple[int, int] | None, crop: bool,
+                   geometry: tuple[int, int] | None = None) -> np.ndarray:
+    """A PyAV VideoFrame -> uint8 RGB [H, W, 3], resized (swscale, area) and cropped to `size` (w, h).
+
+    `geometry` (w, h): fit the frame as if it had this size (default: its own), i.e. stretch it
+    to the resize size of a frame of that size and crop at the same offset, so that a pose video
+    of another resolution lands on exactly the pixels of the clip it belongs to."""
     if size is None:
         return frame.to_ndarray(format="rgb24")
     dst_w, dst_h = size
-    rw, rh, x, y = fit_size(frame.width, frame.height, dst_w, dst_h, crop)
+    src_w, src_h = geometry or (frame.width, frame.height)
+    rw, rh, x, y = fit_size(src_w, src_h, dst_w, dst_h, crop)
     array = frame.reformat(width=rw, height=rh, format="rgb24", interpolation="AREA").to_ndarray()
     return np.ascontiguousarray(array[y:y + dst_h, x:x + dst_w])
 
@@ -242,8 +248,8 @@ def _iter_16fps(path: str | Path, max_frames: int | None = None) -> Iterator[tup
 class _Converter:
     """Converts the frames of `_iter_16fps` to arrays once per (source frame, size)."""
 
-    def __init__(self, crop: bool):
-        self.crop = crop
+    def __init__(self, crop: bool, geometry: tuple[int, int] | None = None):
+        self.crop, self.geometry = crop, geometry
         self.frame: object = None
         self.arrays: dict[tuple[int, int] | None, np.ndarray] = {}
 
@@ -251,7 +257,7 @@ class _Converter:
         if frame is not self.frame:
             self.frame, self.arrays = frame, {}
         if size not in self.arrays:
-            self.arrays[size] = frame_to_array(frame, size, self.crop)
+            self.arrays[size] = frame_to_array(frame, size, self.crop, self.geometry)
         return self.arrays[size]
 
 
@@ -278,13 +284,14 @@ class FrameRequest:
     size: tuple[int, int]
 
 
-def iter_frame_requests(path: str | Path, requests: Iterable[FrameRequest],
-                        crop: bool = True) -> Iterator[tuple[FrameRequest, np.ndarray, np.ndarray]]:
+def iter_frame_requests(path: str | Path, requests: Iterable[FrameRequest], crop: bool = True,
+                        geometry: tuple[int, int] | None = None) -> Iterator[tuple[FrameRequest, np.ndarray, np.ndarray]]:
     """Stream (request, frames uint8 [N, H, W, 3], source_times [N]) for each request, in one
     decoding pass, each as soon as its last frame is decoded (ties in request order).
 
     A frame is converted once per size it is asked at and held only while a pending request
     needs it. Requests whose frames lie past the end of the video are never yielded.
+    `geometry`: see `frame_to_array`.
     """
     pending = sorted(requests, key=lambda r: r.indices[-1])
     if not pending:
@@ -294,7 +301,7 @@ def iter_frame_requests(path: str | Path, requests: Iterable[FrameRequest],
         for i in request.indices:
             wanted[i][request.size] += 1
     buffer: dict[tuple[int, tuple[int, int]], tuple[np.ndarray, float]] = {}
-    convert = _Converter(crop)
+    convert = _Converter(crop, geometry)
     for index, src_time, frame in _iter_16fps(path, max_frames=pending[-1].indices[-1] + 1):
         for size in wanted.get(index, ()):
             buffer[(index, size)] = (convert(frame, size), src_time)

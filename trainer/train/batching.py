@@ -14,9 +14,13 @@ from typing import Any
 
 import torch
 
+from ..data.dataset import collate_pose
+
 logger = logging.getLogger(__name__)
 
 TENSOR_KEYS = ("latents", "reference_latents", "audio_embeds", "text_embeds", "motion_latents", "teacher_frames")
+#: Keys `collate_pose` makes (items without a pose video are zero rows marked in `pose_dropped`).
+POSE_KEYS = ("pose_latents", "pose_dropped")
 
 
 def _buckets(dataset) -> list[Any]:
@@ -98,9 +102,12 @@ class BatchOrder:
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack the tensors of items of one bucket; other fields become lists. ``motion_latents``
-    is kept only when every item has it (and with equal shapes)."""
-    batch: dict[str, Any] = {}
+    is kept only when every item has it (and with equal shapes); ``pose_latents`` and
+    ``pose_dropped`` when any item has a pose (`trainer.data.collate_pose`)."""
+    batch: dict[str, Any] = collate_pose(items)
     for key in items[0]:
+        if key in POSE_KEYS:
+            continue
         values = [item.get(key) for item in items]
         if key in TENSOR_KEYS:
             if any(v is None for v in values) or len({tuple(v.shape) for v in values}) != 1:
@@ -115,3 +122,18 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         if key not in batch:
             raise KeyError(f"dataset items lack '{key}'")
     return batch
+
+
+def mark_pose_dropout(batch: dict[str, Any], probability: float, generator: torch.Generator, global_size: int,
+                      offset: int = 0) -> None:
+    """Pose dropout: mark the rows of `batch` to train without their pose in ``pose_dropped`` [B].
+
+    `batch` holds rows ``offset:offset + B`` of a global batch of `global_size` items; one
+    uniform number is drawn per item of the global batch (the same on every process, whatever
+    its share holds) and rows below `probability` are marked. Nothing is drawn when
+    `probability` is 0, so runs without pose dropout keep their random streams."""
+    if probability <= 0:
+        return
+    picked = torch.rand(global_size, generator=generator)[offset : offset + len(batch["latents"])] < probability
+    if "pose_dropped" in batch:
+        batch["pose_dropped"] = batch["pose_dropped"] | picked

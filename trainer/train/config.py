@@ -158,7 +158,7 @@ class CrepaConfig:
 
 
 #: Fields of one validation case (`validation_cases` entries).
-VALIDATION_CASE_FIELDS = ("reference_image", "audio", "prompt", "name", "negative_prompt", "seed")
+VALIDATION_CASE_FIELDS = ("reference_image", "audio", "prompt", "name", "negative_prompt", "seed", "pose_video")
 FIRST_CHUNK_DROP = 3  # frames the sampler's first chunk drops after the reference (official decode)
 
 
@@ -171,7 +171,8 @@ class ValidationConfig:
     `validation_num_video_frames` frames at `validation_resolution`, and writes the mp4s under
     ``<output_dir>/validation/step_<N>/``. A case is a mapping with ``reference_image`` (an
     image file), ``audio`` (a speech file), ``prompt`` and optionally ``name``,
-    ``negative_prompt`` and ``seed`` (default `validation_seed`, else the training seed).
+    ``negative_prompt``, ``seed`` (default `validation_seed`, else the training seed) and
+    ``pose_video`` (a video file read at 16 fps from its start, driving the motion).
     Paths are read relative to the working directory; the node may pass in-memory values
     (an IMAGE tensor / AUDIO dict) instead, which are not checked here.
     """
@@ -259,7 +260,7 @@ class ValidationConfig:
         for index, case in enumerate(self.validation_cases):
             item = {"image": case["reference_image"], "audio": case["audio"], "prompt": case.get("prompt", ""),
                     "name": case.get("name") or f"case{index}"}
-            for key in ("negative_prompt", "seed"):
+            for key in ("negative_prompt", "seed", "pose_video"):
                 if case.get(key) is not None:
                     item[key] = case[key]
             out.append(item)
@@ -279,6 +280,9 @@ def _validate_case(index: int, case: Any) -> None:
             raise ValueError(f"{label}: '{key}' is required")
         if isinstance(value, (str, os.PathLike)) and not Path(value).is_file():
             raise ValueError(f"{label}: {key} file not found: {value}")
+    pose = case.get("pose_video")
+    if isinstance(pose, (str, os.PathLike)) and pose != "" and not Path(pose).is_file():
+        raise ValueError(f"{label}: pose_video file not found: {pose}")
     if not isinstance(case.get("prompt", ""), str):
         raise ValueError(f"{label}: prompt must be a string")
     if case.get("seed") is not None and (isinstance(case["seed"], bool) or not isinstance(case["seed"], int)):
@@ -353,6 +357,11 @@ class TrainConfig:
     #: Probability that a batch whose items carry the previous window (`motion_latents`)
     #: is trained as a continuation (those latents become FramePack motion tokens).
     motion_context_probability: float = 0.0
+    #: Probability that an item with a pose video (`pose_latents`) is trained without it, so one
+    #: LoRA serves renders with and without a pose video. 0 (the default): never, as
+    #: DiffSynth-Studio's S2V pipeline, which conditions on the pose video whenever one is given;
+    #: with 0 no extra random number is drawn, so runs repeat those of earlier versions exactly.
+    pose_dropout_probability: float = 0.0
 
     # --- TREAD token routing (the seed's format): {"routes": [{"selection_ratio": 0.5,
     #: "start_layer_idx": 2, "end_layer_idx": -2}]}; selection_ratio = fraction of video
@@ -403,11 +412,13 @@ class TrainConfig:
                 "", "none", "false", "latest") else self.resume_from_checkpoint,
             "crepa_teacher_path": self.crepa.crepa_teacher_path,
             "offload_blocks_to_disk": self.memory.offload_blocks_to_disk,
-            **{f"dataset_options.{key}": options.get(key) for key in ("cache_dir", "audio_folder", "reference_folder")},
+            **{f"dataset_options.{key}": options.get(key) for key in ("cache_dir", "audio_folder", "reference_folder",
+                                                                          "pose_folder")},
         }
         for index, case in enumerate(self.validation.validation_cases):
             if isinstance(case, dict):
-                named.update({f"validation_cases[{index}].{key}": case.get(key) for key in ("reference_image", "audio")})
+                named.update({f"validation_cases[{index}].{key}": case.get(key)
+                              for key in ("reference_image", "audio", "pose_video")})
         return {key: str(value) for key, value in named.items()
                 if isinstance(value, (str, os.PathLike)) and str(value).strip() and str(value) != "tiny"}
 
@@ -439,6 +450,7 @@ class TrainConfig:
             ("caption_dropout_probability", self.caption_dropout_probability, dict(low=0, high=1)),
             ("audio_dropout_probability", self.audio_dropout_probability, dict(low=0, high=1)),
             ("motion_context_probability", self.motion_context_probability, dict(low=0, high=1)),
+            ("pose_dropout_probability", self.pose_dropout_probability, dict(low=0, high=1)),
             ("ema_decay", self.ema_decay, dict(low=0, high=1, low_open=True, high_open=True)),
             ("ema_update_interval", self.ema_update_interval, dict(low=1, integer=True)),
             ("checkpoint_step_interval", self.checkpoint_step_interval, dict(low=0, integer=True, hint="(0 = never)")),

@@ -30,7 +30,7 @@ from ..distributed import current as current_dist
 from ..lora.io import save_lora
 from ..memory import apply_memory_config
 from ..model.attention import describe_attention_kernel
-from .batching import BatchOrder, collate
+from .batching import BatchOrder, collate, mark_pose_dropout
 from .checkpoint import checkpoint_root, load_checkpoint, remove_partial, resolve_resume, save_checkpoint
 from .config import TrainConfig
 from .crepa import CrepaRegularizer
@@ -696,6 +696,7 @@ def train(
                 batch = collate([dataset[i] for i in (mine or indices[:1])])
                 motion_ok = dist.all("motion_latents" in batch or not mine) if dist.enabled else True
                 draw_at = offset if mine else 0
+                mark_pose_dropout(batch, config.pose_dropout_probability, generator, count, draw_at)
                 inputs = prepare_inputs(batch, config, generator, device, global_size=count, offset=draw_at,
                                         motion_ok=motion_ok)
                 x0 = inputs["latents"]
