@@ -355,9 +355,13 @@ def _group_by_module(
     by_module: dict[str, dict[str, ParsedKey]] = {}
     not_in_s2v: list[str] = []
     unmatched: list[tuple[str, str]] = []
+    # A DoRA module's pair without its magnitude would be a different weight: leave it all out.
+    dora = {key.match.name for key in parsed if key.match is not None and key.key.endswith(".dora_scale")}
     for key in parsed:
         if key.match is None or key.role is None:
             unmatched.append((key.key, key.problem))
+        elif key.match.name in dora:
+            unmatched.append((key.key, "part of a DoRA module (not supported)"))
         elif not key.match.module.in_s2v:
             not_in_s2v.append(key.key)
         else:

@@ -36,15 +36,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+from collections.abc import Mapping
 
 from ..model.convert import original_to_diffusers_key
 
 __all__ = [
+    "GROUP_ORDER",
     "KEY_PREFIXES",
     "WAN_MODULES",
     "ModuleMatch",
     "ParsedKey",
     "WanModule",
+    "group_counts_text",
     "other_model_guess",
     "other_wan_variant",
     "parse_key",
@@ -99,6 +102,18 @@ POSE_ENCODER = "pose encoder"
 FRAME_PACKER = "frame packer"
 CONDITION_MASK = "condition mask"
 IMAGE_CONDITIONING = "I2V image conditioning"
+#: The order reports list the groups in.
+GROUP_ORDER: tuple[str, ...] = (
+    SELF_ATTENTION, CROSS_ATTENTION, FEED_FORWARD, BLOCK_NORMS, EMBEDDINGS, AUDIO_INJECTOR, AUDIO_ENCODER,
+    POSE_ENCODER, FRAME_PACKER, CONDITION_MASK, IMAGE_CONDITIONING,
+)
+
+
+def group_counts_text(counts: Mapping[str, int]) -> str:
+    """``self-attention 4, feed-forward 2`` in `GROUP_ORDER` (unknown groups last)."""
+    rank = {group: i for i, group in enumerate(GROUP_ORDER)}
+    ordered = sorted((g for g, n in counts.items() if n), key=lambda g: (rank.get(g, len(rank)), g))
+    return ", ".join(f"{group} {counts[group]}" for group in ordered)
 
 
 def _s2v(original: str, kind: str, group: str, scope: str) -> WanModule:

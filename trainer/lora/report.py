@@ -20,6 +20,7 @@ from .keys import (
     FRAME_PACKER,
     POSE_ENCODER,
     SELF_ATTENTION,
+    group_counts_text,
 )
 
 __all__ = ["FORMAT_LABELS", "MADE_FOR_LABELS", "LoraReport", "size_label"]
@@ -122,9 +123,7 @@ class LoraReport:
 
 def _counts(counts: dict[str, int]) -> str:
     total = sum(counts.values())
-    if not total:
-        return "none"
-    return f"{total} (" + ", ".join(f"{group} {n}" for group, n in counts.items()) + ")"
+    return f"{total} ({group_counts_text(counts)})" if total else "none"
 
 
 def _preview(keys: list[str]) -> str:

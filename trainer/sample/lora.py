@@ -98,10 +98,11 @@ class LoraApplication:
         return sum(self.pairs.values()) + sum(self.differences.values())
 
     def text(self) -> str:
+        from ..lora.keys import group_counts_text
         from ..lora.report import MADE_FOR_LABELS
 
         def counts(what: str, groups: Counter[str]) -> str:
-            return f"{sum(groups.values())} {what} (" + ", ".join(f"{g} {n}" for g, n in groups.items()) + ")"
+            return f"{sum(groups.values())} {what} ({group_counts_text(groups)})"
 
         parts = [counts(what, groups) for what, groups in (("LoRA pairs", self.pairs),
                                                             ("full differences", self.differences)) if groups]
