@@ -102,10 +102,11 @@ class LoraApplication:
         from ..lora.report import MADE_FOR_LABELS
 
         def counts(what: str, groups: Counter[str]) -> str:
-            return f"{sum(groups.values())} {what} ({group_counts_text(groups)})"
+            total = sum(groups.values())
+            return f"{total} {what}{'' if total == 1 else 's'} ({group_counts_text(groups)})"
 
-        parts = [counts(what, groups) for what, groups in (("LoRA pairs", self.pairs),
-                                                            ("full differences", self.differences)) if groups]
+        parts = [counts(what, groups) for what, groups in (("LoRA pair", self.pairs),
+                                                            ("full difference", self.differences)) if groups]
         line = f"LoRA {self.label} (strength {self.strength:g}): applied " + (" and ".join(parts) or "nothing")
         if self.report is not None and self.report.made_for != "wan-s2v":
             line += f"; made for {MADE_FOR_LABELS.get(self.report.made_for, self.report.made_for)}"
