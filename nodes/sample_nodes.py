@@ -116,9 +116,9 @@ class WanS2VLoadLoRA:
     RETURN_TYPES = (types.LORA_STACK, "STRING")
     RETURN_NAMES = ("loras", "report")
     OUTPUT_TOOLTIPS = ("The LoRA list with this LoRA appended.",
-                       "What the file holds: its key layout, what it was made for (S2V, T2V, I2V, another "
-                       "model), the LoRA pairs and full differences per module group that apply to S2V, and "
-                       "every key that does not (also printed to the log).")
+                       ("What the file holds: its key layout, what it was made for (S2V, T2V, I2V, another "
+                        "model), the LoRA pairs and full differences per module group that apply to S2V, and "
+                        "every key that does not (also printed to the log)."))
     FUNCTION = "load"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Appends a LoRA file and its strength to a LoRA list for the S2V sampler. The file is checked "

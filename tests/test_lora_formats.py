@@ -397,9 +397,9 @@ def test_nothing_fitting_this_model_is_an_error(tmp_path, model):
     report = read_lora_file(path).report
     assert report.dim == 1536 and "1536 (1.3B)" in report.text()
     before = _snapshot(model)
-    with pytest.raises(ValueError, match="nothing of LoRA wan_1.3b fits this model") as error:
-        with applied_loras(model, [LoraSpec(path, 1.0)]):
-            pass
+    with pytest.raises(ValueError, match="nothing of LoRA wan_1.3b fits this model") as error, \
+            applied_loras(model, [LoraSpec(path, 1.0)]):
+        pass
     assert "does not fit" in str(error.value)
     assert not _wrapped(model) and all(torch.equal(before[k], v) for k, v in _snapshot(model).items())
 

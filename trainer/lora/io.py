@@ -433,6 +433,8 @@ def _collect(
         if "A" in roles and "B" in roles:
             down, up = tensors[roles["A"].key], tensors[roles["B"].key]
             problem = _pair_problem(module.kind, down, up)
+            if "alpha" in roles and tensors[roles["alpha"].key].numel() != 1:
+                problem = f"its alpha holds {tensors[roles['alpha'].key].numel()} values, not one"
             if problem:
                 unmatched.extend((key, problem) for key in pair_keys)
             else:

@@ -377,7 +377,7 @@ def other_wan_variant(paths: list[str]) -> str | None:
     """The Wan variant (VACE, Animate ...) whose own modules the paths name, if any."""
     for path in paths:
         for marker, label in _OTHER_WAN_MARKERS:
-            if path.startswith(marker) or path.startswith(marker.replace(".", "_")):
+            if path.startswith((marker, marker.replace(".", "_"))):
                 return label
     return None
 
