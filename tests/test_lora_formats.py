@@ -333,6 +333,24 @@ def test_a_differences_only_file_needs_no_adapter(tmp_path, model):
     assert torch.equal(_snapshot(model)["blocks.3.norm2.weight"], before["blocks.3.norm2.weight"])
 
 
+def test_a_weight_kept_in_fp8_is_skipped_and_said(tmp_path):
+    from trainer.memory.quantize import Fp8Linear
+
+    model = build_tiny_transformer()
+    model.proj_out = Fp8Linear.from_linear(model.proj_out, torch.float32)
+    g = torch.Generator().manual_seed(10)
+    diff_b = torch.randn(64, generator=g)
+    path = tmp_path / "head.safetensors"
+    save_file({"diffusion_model.head.head.diff": torch.randn(64, 64, generator=g),
+               "diffusion_model.head.head.diff_b": diff_b}, str(path))
+    weight, bias = model.proj_out.weight.detach().clone(), model.proj_out.bias.detach().clone()
+    messages = []
+    with applied_loras(model, [LoraSpec(path, 1.0)], log=messages.append):
+        assert torch.equal(model.proj_out.weight, weight) and torch.equal(model.proj_out.bias, bias + diff_b)
+    assert "proj_out.weight: the model keeps this weight quantized (fp8 / int8)" in messages[0]
+    assert torch.equal(model.proj_out.bias, bias)
+
+
 def test_every_key_is_used_or_reported(tmp_path):
     g = torch.Generator().manual_seed(7)
     tensors = _distill_tensors(g)

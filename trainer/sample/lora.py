@@ -83,7 +83,7 @@ class LoraApplication:
     `pairs` / `differences`: module group -> LoRA pairs / full differences (``.diff``,
     ``.diff_b``, ``lora_B.bias``) that went in; `skipped`: (module or parameter, reason) for
     those that did not fit this model (a block it lacks, a shape of another model size, a
-    weight kept in fp8); `report`: the file's own `LoraReport` (None for in-memory LoRAs).
+    weight kept quantized); `report`: the file's own `LoraReport` (None for in-memory LoRAs).
     """
 
     label: str
@@ -152,8 +152,9 @@ def _parameter(model: torch.nn.Module, name: str) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
-def _fp8(tensor: torch.Tensor) -> bool:
-    return tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+def _quantized(tensor: torch.Tensor) -> bool:
+    """fp8 weights and quantized tensor subclasses (quanto int8) cannot take a difference exactly."""
+    return tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) or type(tensor.data) is not torch.Tensor
 
 
 def plan_lora(model: torch.nn.Module, lora, label: str = "", strength: float = 1.0) -> _Plan:
@@ -209,8 +210,8 @@ def _pair_misfit(layer: torch.nn.Module | None, down: torch.Tensor, up: torch.Te
     weight = getattr(layer, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return "the layer has no weight"
-    if _fp8(weight):
-        return "the model keeps this weight in fp8"
+    if _quantized(weight):
+        return "the model keeps this weight quantized (fp8 / int8)"
     if up.shape[0] != weight.shape[0] or down[0].numel() != weight[0].numel():
         return f"{shapes} does not fit the weight {tuple(weight.shape)}"
     return ""
@@ -220,8 +221,8 @@ def _difference_misfit(parameter: torch.Tensor | None, delta: torch.Tensor) -> s
     """Why a full difference does not fit `parameter`, or ""."""
     if parameter is None:
         return "not in this model"
-    if _fp8(parameter):
-        return "the model keeps this weight in fp8"
+    if _quantized(parameter):
+        return "the model keeps this weight quantized (fp8 / int8)"
     if tuple(parameter.shape) != tuple(delta.shape):
         return f"difference {tuple(delta.shape)} does not fit {tuple(parameter.shape)} (made for another model size?)"
     return ""
