@@ -248,7 +248,8 @@ def _distill_tensors(g: torch.Generator) -> dict[str, torch.Tensor]:
         f"{p}text_embedding.0.diff_b": torch.randn(64, generator=g),
         f"{p}time_projection.1.diff_b": torch.randn(384, generator=g),
         f"{p}cond_encoder.diff_b": torch.randn(64, generator=g),
-        f"{p}blocks.0.cross_attn.o.diff_m": torch.randn(64, generator=g),  # a layout nobody documents: reported
+        f"{p}blocks.3.diff_m": torch.randn(1, 6, 64, generator=g),  # LightX2V's name for blocks.3.modulation.diff
+        f"{p}blocks.0.cross_attn.o.lokr_w1": torch.randn(8, 8, generator=g),  # LyCORIS LoKr: reported
     }
 
 
@@ -260,6 +261,7 @@ DISTILL_TARGETS = {
     "blocks.1.norm3.diff": "blocks.1.norm2.weight",
     "blocks.1.norm3.diff_b": "blocks.1.norm2.bias",
     "blocks.2.modulation.diff": "blocks.2.scale_shift_table",
+    "blocks.3.diff_m": "blocks.3.scale_shift_table",
     "blocks.2.ffn.0.diff_b": "blocks.2.ffn.net.0.proj.bias",
     "head.head.diff": "proj_out.weight",
     "head.head.diff_b": "proj_out.bias",
@@ -291,9 +293,8 @@ def test_full_differences_and_lora_biases_take_the_strength(tmp_path, model):
     save_file(biased, str(biased_path), metadata={"lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": 8.0})})
 
     report = read_lora_file(distill_path).report
-    assert sum(report.differences.values()) == len(DISTILL_TARGETS) + 0 and report.made_for == "wan-s2v"
-    assert report.unmatched == [("diffusion_model.blocks.0.cross_attn.o.diff_m",
-                                 "modulation difference of unknown layout (not supported)")]
+    assert sum(report.differences.values()) == len(DISTILL_TARGETS) and report.made_for == "wan-s2v"
+    assert report.unmatched == [("diffusion_model.blocks.0.cross_attn.o.lokr_w1", "LoKr weight (not supported)")]
     before = _snapshot(model)
     strengths = (0.5, 0.25, -2.0)  # the distill file twice: its differences add up
     specs = [LoraSpec(distill_path, strengths[0]), LoraSpec(distill_path, strengths[1]),

@@ -21,8 +21,10 @@ A LoRA key is ``<prefix><module path>.<role>``. The layouts in use for Wan 2.1/2
   `GeneralLoRALoader` adds ``B @ A`` unscaled).
 - Full differences, as step-distill releases (lightx2v) ship next to their LoRA pairs:
   ``<module>.diff`` (the whole weight's difference: norms, modulation, patch embedding,
-  head) and ``<module>.diff_b`` (the bias'); ComfyUI adds ``strength * diff``. peft LoRAs
-  with ``lora_bias=True`` store ``<module>.lora_B.bias`` (added with the LoRA's scaling).
+  head) and ``<module>.diff_b`` (the bias'); ComfyUI adds ``strength * diff``. LightX2V's
+  extractor writes a modulation table's difference as ``<parent>.diff_m``
+  (``blocks.0.diff_m`` for ``blocks.0.modulation``). peft LoRAs with ``lora_bias=True``
+  store ``<module>.lora_B.bias`` (added with the LoRA's scaling).
 
 `WAN_MODULES` lists every Wan 14B module a LoRA may name: the ones S2V shares with Wan 2.1/2.2
 T2V and I2V (attention, feed-forward, norms, modulation, embeddings, head), the S2V-only ones
@@ -241,7 +243,6 @@ _TAILS = {"alpha": "alpha", "diff": "diff", "diff_b": "diff_b"}
 _UNSUPPORTED_TAILS = {
     "dora_scale": "DoRA magnitude",
     "lora_mid.weight": "LoCon mid (Tucker) weight",
-    "diff_m": "modulation difference of unknown layout",
     "set_weight": "replacement weight",
     "reshape_weight": "weight reshape",
     "w_norm": "norm weight (OFT/BOFT)",
@@ -308,6 +309,8 @@ def _split_role(rest: str) -> tuple[str, str | None, str, bool]:
         if match is not None:
             return match.group("path"), None, f"{what} (not supported)", False
     path, _, tail = rest.rpartition(".")
+    if path and tail == "diff_m":  # LightX2V's extractor writes `<module>.modulation`'s difference so
+        return f"{path}.modulation", "diff", "", False
     if path and tail in _TAILS:
         return path, _TAILS[tail], "", False
     return rest, None, "not a LoRA key (no lora_A/lora_B, lora_down/lora_up, alpha, diff or diff_b)", False

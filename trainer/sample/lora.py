@@ -169,16 +169,16 @@ def plan_lora(model: torch.nn.Module, lora, label: str = "", strength: float = 1
     applied_pairs = set()
     for module in lora.modules:
         down, up = lora.state[f"{module}.lora_A.weight"], lora.state[f"{module}.lora_B.weight"]
-        problem = _pair_misfit(_layer(model, module), down, up)
+        layer = _layer(model, module)
+        problem = _pair_misfit(layer, down, up)
         if problem:
             app.skipped.append((module, problem))
             continue
-        if isinstance(_layer(model, module), torch.nn.Linear):
+        if isinstance(layer, torch.nn.Linear):
             linear.append(module)
         else:
-            weight = _layer(model, module).weight
             merged = up.flatten(1).float() @ down.flatten(1).float() * lora.scale(module)
-            deltas[f"{module}.weight"] = merged.reshape(weight.shape)
+            deltas[f"{module}.weight"] = merged.reshape(layer.weight.shape)
         applied_pairs.add(module)
         app.pairs[_group(module)] += 1
     extra = {f"{m}.bias": b.float() * lora.scale(m) for m, b in getattr(lora, "biases", {}).items()
@@ -277,7 +277,7 @@ def applied_loras(model: torch.nn.Module, loras: Sequence[LoraSpec] | None, keep
     say = log or (lambda message: None)
     previous = list(model.active_adapters()) if existing else []
     was_disabled = bool(existing) and _adapters_disabled(model)
-    added: list[str] = []
+    added: list[str] = []  # adapter names, including one whose loading failed half-way
     weights: list[float] = []
     patches = _WeightPatches()
     try:
@@ -288,9 +288,8 @@ def applied_loras(model: torch.nn.Module, loras: Sequence[LoraSpec] | None, keep
                 raise ValueError(f"nothing of LoRA {plan.application.label} fits this model: "
                                  f"{plan.application.text()}")
             if plan.linear:
-                name = f"s2v_sample_{index}_{uuid.uuid4().hex[:6]}"
-                load_lora(model, lora.subset(plan.linear), adapter_name=name)
-                added.append(name)
+                added.append(f"s2v_sample_{index}_{uuid.uuid4().hex[:6]}")
+                load_lora(model, lora.subset(plan.linear), adapter_name=added[-1])
                 weights.append(float(spec.strength))
             for parameter, delta in plan.deltas.items():
                 patches.add(parameter, delta * float(spec.strength))
@@ -306,10 +305,11 @@ def applied_loras(model: torch.nn.Module, loras: Sequence[LoraSpec] | None, keep
         yield added
     finally:
         patches.restore()
-        if added:
-            model.delete_adapters(added)
-            if not existing and hasattr(model, "unload_lora"):
-                model.unload_lora()  # no adapters before: remove the peft wrappers too
+        present = [name for name in added if name in (getattr(model, "peft_config", {}) or {})]
+        if present:
+            model.delete_adapters(present)
+        if added and not existing and hasattr(model, "unload_lora"):
+            model.unload_lora()  # no adapters before: remove the peft wrappers too
         if previous:
             model.set_adapters(previous)
             if was_disabled:
