@@ -9,9 +9,9 @@ A LoRA key is ``<prefix><module path>.<role>``. The layouts in use for Wan 2.1/2
 - kohya / musubi-tuner: ``lora_unet_blocks_0_self_attn_q.lora_down.weight`` and ``.alpha``:
   the module path with its dots turned into underscores. Module names hold underscores too
   (``self_attn``, ``k_img``), so the name is matched against the known module paths, never
-  turned back by a plain replace. Wan Fun and diffusion-pipe's LyCORIS files write
-  ``lora_unet__`` (ComfyUI's `lora_convert.py` drops the extra underscore the same way);
-  SimpleTuner's LyCORIS files write ``lycoris_`` with Diffusers names.
+  turned back by a plain replace. Wan Fun's LoRAs write ``lora_unet__`` (ComfyUI's
+  `lora_convert.py` drops the extra underscore for them); SimpleTuner's LyCORIS files write
+  ``lycoris_`` and OneTrainer's ``lora_transformer_``, both with Diffusers names.
 - Diffusers: ``transformer.blocks.0.attn1.to_q.lora_A.weight`` (Diffusers module names; also
   seen with ``diffusion_model.``), alpha and rank in the peft config stored as
   ``lora_adapter_metadata`` in the safetensors header.
