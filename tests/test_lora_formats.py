@@ -203,6 +203,15 @@ def test_t2v_lora_applies_to_the_blocks_s2v_shares(tmp_path, model):
     assert "applied 40 LoRA pairs" in message and "skipped 20" in message and "blocks.4.attn1.to_q: not in this model" in message
 
 
+def test_an_s2v_lora_on_the_shared_blocks_only_is_known_by_its_header(tmp_path, model):
+    from trainer.lora.io import save_lora
+
+    pairs = _pairs(model, ["blocks.0.attn1.to_q", "blocks.1.ffn.net.0.proj"])
+    state = {f"{m}.lora_{s}.weight": t for m, (down, up) in pairs.items() for s, t in (("A", down), ("B", up))}
+    report = read_lora_file(save_lora(state, tmp_path / "ours.safetensors", alphas={"*": 4.0})).report
+    assert report.made_for == "wan-s2v" and "the file says wan2.2-s2v-14b/lora" in report.text()
+
+
 def test_wan21_i2v_lora_skips_the_image_modules_s2v_lacks(tmp_path, model):
     g = torch.Generator().manual_seed(4)
     tensors = {}

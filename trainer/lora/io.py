@@ -330,7 +330,8 @@ def lora_from_tensors(
     parsed = [parse_key(key) for key in tensors]
     by_module, not_in_s2v, unmatched = _group_by_module(parsed)
     collected = _collect(by_module, tensors, _PeftAlphas(metadata), unmatched)
-    report = _report(label, parsed, tensors, collected, not_in_s2v, unmatched)
+    report = _report(label, parsed, tensors, collected, not_in_s2v, unmatched,
+                     metadata.get("modelspec.architecture", ""))
     if report.matched == 0:
         raise LoraFileError(f"nothing in {label} names a Wan 2.2 S2V module, so it would change nothing.\n"
                             + report.text())
@@ -472,12 +473,13 @@ def _report(
     collected: _Collected,
     not_in_s2v: list[str],
     unmatched: list[tuple[str, str]],
+    architecture: str = "",
 ) -> LoraReport:
     wan_styles = Counter(key.style for key in parsed if key.match is not None)
     unmatched_paths = [key.path for key in parsed if key.match is None]
     groups = set(collected.pair_groups) | set(collected.diff_groups)
     made_for, detail = guess_made_for(groups, bool(not_in_s2v), other_wan_variant(unmatched_paths),
-                                      other_model_guess([key for key, _ in unmatched]))
+                                      other_model_guess([key for key, _ in unmatched]), architecture)
     return LoraReport(
         source=label,
         format=wan_styles.most_common(1)[0][0] if wan_styles else "unknown",
@@ -490,6 +492,7 @@ def _report(
         not_in_s2v=not_in_s2v,
         unmatched=unmatched,
         scales=_scales_text(collected),
+        architecture=architecture,
     )
 
 

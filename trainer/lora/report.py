@@ -68,7 +68,8 @@ class LoraReport:
     tensors imply (5120 = 14B); `num_keys`; `lora_modules` / `differences`: per module group,
     the LoRA pairs and the full differences (``.diff``, ``.diff_b``, ``lora_B.bias``) that
     name S2V modules; `not_in_s2v`: keys of Wan modules S2V lacks; `unmatched`:
-    (key, reason) of keys that name nothing usable; `scales`: rank and alpha in words.
+    (key, reason) of keys that name nothing usable; `scales`: rank and alpha in words;
+    `architecture`: what the file's header says it is (``modelspec.architecture``), if anything.
     """
 
     source: str
@@ -82,6 +83,7 @@ class LoraReport:
     not_in_s2v: list[str] = dataclasses.field(default_factory=list)
     unmatched: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     scales: str = ""
+    architecture: str = ""
 
     @property
     def matched(self) -> int:
@@ -93,6 +95,8 @@ class LoraReport:
         label = MADE_FOR_LABELS.get(self.made_for, self.made_for)
         if self.made_for_detail:
             label = f"{label}: {self.made_for_detail}"
+        if self.architecture:
+            label += f" (the file says {self.architecture})"
         groups = set(self.lora_modules) | set(self.differences)
         shared = [g for g in _SHARED_BLOCK_GROUPS if g in groups]
         if self.made_for in ("wan-t2v", "wan-i2v", "wan-variant") and shared:
@@ -131,9 +135,12 @@ def _preview(keys: list[str]) -> str:
     return shown + (f" ... (+{len(keys) - MAX_LISTED})" if len(keys) > MAX_LISTED else "")
 
 
-def guess_made_for(groups: set[str], has_i2v: bool, variant: str | None, other: str | None) -> tuple[str, str]:
-    """(made_for, detail) from the module groups the keys name and the markers found."""
-    if any(group in S2V_ONLY_GROUPS for group in groups):
+def guess_made_for(groups: set[str], has_i2v: bool, variant: str | None, other: str | None,
+                   architecture: str = "") -> tuple[str, str]:
+    """(made_for, detail) from the module groups the keys name, the markers found and the
+    architecture the header declares (an S2V LoRA trained on the shared blocks only names no
+    S2V-only module, but this pack and other trainers write ``modelspec.architecture``)."""
+    if any(group in S2V_ONLY_GROUPS for group in groups) or (groups and "s2v" in architecture.lower()):
         return "wan-s2v", ""
     if has_i2v:
         return "wan-i2v", ""
