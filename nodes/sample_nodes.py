@@ -93,37 +93,51 @@ def _lora_list(loras) -> list:
 
 
 class WanS2VLoadLoRA:
-    """Add a LoRA file (ComfyUI or Diffusers format) with a strength to a LoRA list."""
+    """Add a LoRA file with a strength to a LoRA list, and say what the file holds."""
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "lora_name": (comfy_adapter.list_model_files("loras"), {"tooltip": "A Wan S2V LoRA from models/loras "
-                              "(ComfyUI native or Diffusers keys)."}),
+                "lora_name": (comfy_adapter.list_model_files("loras"), {"tooltip": "A LoRA from models/loras: "
+                              "made for S2V, or a Wan 2.1/2.2 T2V / I2V LoRA (its self/cross-attention and "
+                              "feed-forward apply to S2V), in ComfyUI, kohya / musubi-tuner, Diffusers or "
+                              "DiffSynth-Studio keys; step-distill files with full differences (.diff) too. "
+                              ".safetensors only."}),
                 "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
-                             "tooltip": "Multiplies the LoRA's weight delta; 0 = off (bit-exact with no LoRA)."}),
+                             "tooltip": "Multiplies the LoRA's weight delta (full differences too); 0 = off "
+                                        "(bit-exact with no LoRA)."}),
             },
             "optional": {
                 "loras": (types.LORA_STACK, {"tooltip": "LoRAs to keep in the list (chain several Load LoRA nodes)."}),
             },
         }
 
-    RETURN_TYPES = (types.LORA_STACK,)
-    RETURN_NAMES = ("loras",)
+    RETURN_TYPES = (types.LORA_STACK, "STRING")
+    RETURN_NAMES = ("loras", "report")
+    OUTPUT_TOOLTIPS = ("The LoRA list with this LoRA appended.",
+                       ("What the file holds: its key layout, what it was made for (S2V, T2V, I2V, another "
+                        "model), the LoRA pairs and full differences per module group that apply to S2V, and "
+                        "every key that does not (also printed to the log)."))
     FUNCTION = "load"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Appends a LoRA file and its strength to a LoRA list for the S2V sampler."
+    DESCRIPTION = ("Appends a LoRA file and its strength to a LoRA list for the S2V sampler. The file is checked "
+                   "here: unreadable, empty or NaN files and files of which nothing applies to S2V are errors.")
 
     def load(self, lora_name, strength, loras=None):
+        import dataclasses
+
         from ..trainer.lora.io import read_lora_file
         from ..trainer.sample.config import check_strength
         from ..trainer.sample.lora import LoraSpec
 
         strength = check_strength(strength, f"strength of LoRA '{lora_name}'")  # before reading the file
         path = comfy_adapter.model_file_path("loras", lora_name)
-        spec = LoraSpec(read_lora_file(path), strength, name=lora_name)
-        return (_lora_list(loras) + [spec],)
+        lora = read_lora_file(path)
+        report = dataclasses.replace(lora.report, source=lora_name).text()
+        print(report)
+        spec = LoraSpec(lora, strength, name=lora_name)
+        return (_lora_list(loras) + [spec], report)
 
 
 class WanS2VApplyLoRA:

@@ -235,8 +235,10 @@ that run only, on the already loaded transformer (`transformer_model`)."""
 
 SAMPLE_NOTE = """## Sample with a trained Wan 2.2 S2V LoRA
 
-Pick the LoRA in **Load Wan S2V LoRA** (ComfyUI or Diffusers keys, from `models/loras`), a
-reference image and a speech clip. Chain more *Load Wan S2V LoRA* nodes to stack LoRAs."""
+Pick the LoRA in **Load Wan S2V LoRA** (from `models/loras`: an S2V LoRA, or a Wan T2V / I2V or
+step-distill LoRA, in ComfyUI, kohya / musubi-tuner, Diffusers or DiffSynth-Studio keys; its
+`report` output says what applies to S2V), a reference image and a speech clip. Chain more
+*Load Wan S2V LoRA* nodes to stack LoRAs."""
 
 
 def tiny_demo(info) -> Workflow:

@@ -90,6 +90,28 @@ def test_diffusers_format_lora_equals_comfyui_format(bundle, image, tmp_path):
     assert torch.equal(a.frames, b.frames)
 
 
+def test_lora_with_full_differences_renders_and_says_what_went_in(bundle, image, baseline, tmp_path):
+    """A step-distill style file (a LoRA pair next to full differences) goes through the
+    sampler: the output changes, the log says what went in, the model is bit-identical after."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(2)
+    path = tmp_path / "distill.safetensors"
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.randn(4, 64, generator=g) * 0.2,
+               "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.randn(64, 4, generator=g) * 0.2,
+               "diffusion_model.blocks.1.norm3.diff": torch.randn(64, generator=g) * 0.2,
+               "diffusion_model.head.modulation.diff": torch.randn(1, 2, 64, generator=g) * 0.2}, str(path))
+    before = {k: v.clone() for k, v in bundle.transformer.state_dict().items()}
+    messages = []
+    out = run(bundle, image, config(), loras=[LoraSpec(path, 1.0)], log=messages.append)
+    assert (out.frames - baseline.frames).abs().max() > 1e-3
+    expected = ("LoRA distill (strength 1): applied 1 LoRA pair (self-attention 1) and 2 full differences "
+                "(block norms and modulation 1, embeddings and head 1); made for Wan 2.1/2.2 T2V")
+    assert any(message.startswith(expected) for message in messages), messages
+    after = bundle.transformer.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_two_chunks_carry_motion_and_mp4(bundle, image, tmp_path, monkeypatch):
     calls = []
     original = pipeline_module.denoise_chunk

@@ -39,7 +39,8 @@ def add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
     models.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     models.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     models.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
-                        help="LoRA file (ComfyUI or Diffusers format), repeatable; strength default 1")
+                        help="LoRA .safetensors (ComfyUI, kohya / musubi-tuner, Diffusers or "
+                        "DiffSynth-Studio keys; full differences too), repeatable; strength default 1")
 
     media = parser.add_argument_group("inputs")
     media.add_argument("--image", required=True, help="reference image")

@@ -237,7 +237,7 @@ def sample_s2v(
     last_frames = torch.zeros(1, 3, MOTION_FRAMES, height, width, device=device)
     motion_latents = None
     try:
-        with applied_loras(transformer, loras, keep_active=keep_active_adapters), \
+        with applied_loras(transformer, loras, keep_active=keep_active_adapters, log=say), \
                 _placed(transformer, device, offload):
             for r in range(chunks):
                 audio_in = audio_window(features, r, F)
