@@ -340,3 +340,62 @@ def test_disk_offload_file_is_removed_however_the_run_ends(tmp_path, ending):
         assert seen[0] == [f".wan_s2v_offload-{result.run_id}-rank0/block_offload.safetensors"]
     assert seen and seen[0]  # the weights were on disk while it trained, in a folder of the run
     assert [p.name for p in spill.iterdir()] == ["keep.txt"]
+
+
+# --------------------------------------------------------------------------- the training node
+
+
+@pytest.fixture
+def node_runner(tmp_path, monkeypatch):
+    """The training node's runner with ComfyUI's folders under tmp_path (no ComfyUI here)."""
+    import importlib
+    import sys
+
+    from pack_helpers import import_pack
+
+    for name in ("output", "loras", "input", "models"):
+        monkeypatch.setenv(f"WAN_S2V_{name.upper()}_DIR", str(tmp_path / name))
+    monkeypatch.delenv("WAN_S2V_TRAINER_ROOTS", raising=False)
+    pack = "comfyui_wan_s2v_trainer_runs"
+    if pack not in sys.modules:
+        import_pack(pack)
+    return importlib.import_module(f"{pack}.nodes.train_runner")
+
+
+NODE_SETTINGS = dict(max_train_steps=1, lora_rank=4, lora_alpha=4, checkpoint_step_interval=0, mixed_precision="no")
+
+
+def test_node_keeps_existing_loras_and_runs_apart(tmp_path, node_runner, monkeypatch):
+    from trainer.lora.io import read_lora_file
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    (loras / "mine.safetensors").write_bytes(b"a LoRA someone made")
+    runs = tmp_path / "output" / "wan_s2v_training"
+    with torch.inference_mode():
+        first = node_runner.run_training_node(_model(), _data(), "mine", dict(NODE_SETTINGS), resume_from_checkpoint="none")
+        second = node_runner.run_training_node(_model(), _data(), "mine", dict(NODE_SETTINGS),
+                                               resume_from_checkpoint="none")
+    assert (loras / "mine.safetensors").read_bytes() == b"a LoRA someone made"
+    assert first.path == (loras / "mine_2.safetensors").resolve() and second.path == (loras / "mine_3.safetensors").resolve()
+    assert (runs / "mine" / "mine.safetensors").is_file() and (runs / "mine_2" / "mine.safetensors").is_file()
+    with torch.inference_mode():
+        replaced = node_runner.run_training_node(_model(), _data(), "mine", dict(NODE_SETTINGS, overwrite=True),
+                                                 resume_from_checkpoint="none")
+    assert replaced.path == (loras / "mine.safetensors").resolve() and read_lora_file(replaced.path).state
+
+    # Cancel: the partial LoRA stays in the run folder; models/loras is not touched
+    before = _snapshot(loras)
+    monkeypatch.setattr(node_runner.comfy_adapter, "interrupt_requested", lambda: True)
+    with torch.inference_mode():
+        cancelled = node_runner.run_training_node(_model(), _data(), "mine", dict(NODE_SETTINGS, max_train_steps=5),
+                                                  resume_from_checkpoint="none")
+    assert cancelled.stopped and cancelled.path == runs / "mine_4" / "mine_partial_step1.safetensors"
+    assert _snapshot(loras) == before
+
+
+@pytest.mark.parametrize("name", ["~x", "y" * 230, "../up", ".hidden"])
+def test_node_refuses_a_bad_name_before_anything_runs(tmp_path, node_runner, name):
+    with pytest.raises(ValueError, match="output_name"):
+        node_runner.run_training_node(_model(), _data(), name, dict(NODE_SETTINGS))
+    assert not (tmp_path / "output").exists() and not (tmp_path / "loras").exists()
