@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def _assert_same(a, b, where="state"):
     elif hasattr(a, "shape"):  # numpy
         assert a.dtype == b.dtype and (a == b).all(), where
     else:
-        assert a == b or (a != a and b != b), (where, a, b)  # NaN == NaN here
+        assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), (where, a, b)
 
 
 # --------------------------------------------------------------------------- state without pickle

@@ -60,11 +60,10 @@ class OlderCheckpointError(CheckpointError):
     """Written by an older version, whose training state is a pickle file (never read)."""
 
 
-def older_version_message(path: str | os.PathLike) -> str:
-    return (f"checkpoint {path} was written by an older version of this trainer: its training state is a "
-            f"pickle file ({OLD_TRAINING_STATE}), which is not read, because loading a pickle file runs any code "
-            "someone put into it. Start a new run (resume_from_checkpoint 'none'); its lora.safetensors is a "
-            "plain weights file and stays usable")
+#: Why an older version's checkpoint is not resumed.
+OLDER_VERSION = (f"written by an older version of this trainer: its training state is a pickle file "
+                 f"({OLD_TRAINING_STATE}), which is not read, because loading a pickle file runs any code someone put "
+                 "into it")
 
 
 def checkpoint_root(output_dir: str | os.PathLike) -> Path:
@@ -95,7 +94,9 @@ def read_summary(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not (path / f"{TRAINING_STATE}.json").is_file():
         if (path / OLD_TRAINING_STATE).exists():
-            raise OlderCheckpointError(older_version_message(path))
+            raise OlderCheckpointError(f"checkpoint {path} was {OLDER_VERSION}. Start a new run "
+                                       "(resume_from_checkpoint 'none'); its lora.safetensors is a plain weights "
+                                       "file and stays usable as a LoRA")
         raise CheckpointError(f"checkpoint {path} is incomplete (no {TRAINING_STATE}.json)")
     try:
         summary = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))

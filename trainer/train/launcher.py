@@ -39,8 +39,8 @@ import json
 import os
 import queue
 import re
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -49,11 +49,14 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..data.config import DatasetConfig
 from ..io_utils import atomic_write
 from .config import TrainConfig
+
+if TYPE_CHECKING:
+    from .runs import RunFolder
 
 #: Line prefix of the JSON events on the children's stdout (as ``python -m trainer train --json-progress``).
 PREFIX = "WAN_S2V_TRAIN "
@@ -281,7 +284,7 @@ def train_in_subprocess(
     on_validation: Callable[[int, list[Path]], None] | None = None,
     env: dict[str, str] | None = None,
     poll_seconds: float = 0.2,
-    run=None,
+    run: RunFolder | None = None,
 ) -> LaunchResult:
     """Train a LoRA in `num_processes` data-parallel child processes; see the module doc.
 
@@ -298,8 +301,8 @@ def train_in_subprocess(
         env: extra environment variables for the children.
         run: the run's `trainer.train.runs.RunFolder` when already prepared (the training node
             writes its validation inputs into it first). None: prepared here for a cached
-            `dataset`, else by rank 0 once the data is built (then the launch files go to a
-            temporary folder).
+            `dataset`, else by the children once the data is built (rank 0 then copies
+            launch.json into the run folder).
 
     Raises:
         TrainingProcessError: a child failed (its error and the tail of stderr in the text).
@@ -509,10 +512,15 @@ def _child_main(spec_path: str, stop_file: str | None) -> int:
         validation = getattr(config, "validation", None)
         if "validation_bundle" in parameters and validation is not None and validation.enabled and dist.is_main:
             kwargs["validation_bundle"] = _validation_bundle(model, source, config)
-        if spec.get("run"):
-            from .runs import RunFolder
+        from .runs import RunFolder, prepare_run_everywhere
 
+        if spec.get("run"):
             kwargs["run"] = RunFolder.from_dict(spec["run"])
+        else:  # the data is built now: the run's folder can be chosen, and keeps the launch spec
+            kwargs["run"] = prepare_run_everywhere(config, model, dataset, dist)
+            if dist.is_main:
+                with atomic_write(kwargs["run"].path / SPEC_NAME) as tmp:
+                    tmp.write_text(Path(spec_path).read_text(encoding="utf-8"), encoding="utf-8")
         should_stop = (lambda: os.path.exists(stop_file)) if stop_file else None
         try:
             result = train(model, dataset, config, eval_dataset=eval_dataset, progress=progress, on_log=on_log,

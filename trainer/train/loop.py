@@ -28,24 +28,24 @@ import torch
 
 from ..distributed import SINGLE, Dist, shard
 from ..distributed import current as current_dist
+from ..io_utils import free_stem
 from ..lora.io import save_lora
 from ..memory import apply_memory_config
 from ..model.attention import describe_attention_kernel
 from .batching import BatchOrder, collate
-from ..io_utils import free_stem
-from .checkpoint import CheckpointError, checkpoint_root, load_checkpoint, remove_partial, save_checkpoint
+from .checkpoint import checkpoint_root, load_checkpoint, remove_partial, save_checkpoint
 from .config import TrainConfig
 from .crepa import CrepaRegularizer
 from .flow import add_noise, auto_shift, flow_loss, sample_sigmas, timesteps_from_sigmas, velocity_target
-from .runs import RunFolder, check_checkpoint_lora, prepare_run, run_identity
+from .runs import RunFolder, check_checkpoint_lora, prepare_run_everywhere
 
 logger = logging.getLogger(__name__)
 
 ADAPTER = "default"
 ProgressFn = Callable[[int, float, float, float], None]  # (step, loss, lr, eta_seconds)
+ValidationFn = Callable[[int, list[Path]], None]  # (step, mp4 paths)
 #: The LoRA files a run writes: ``<stem>.safetensors`` (ComfyUI) and ``<stem>_diffusers.safetensors``.
 LORA_SUFFIXES = (".safetensors", "_diffusers.safetensors")
-ValidationFn = Callable[[int, list[Path]], None]  # (step, mp4 paths)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -541,7 +541,7 @@ def _train(model, dataset, config: TrainConfig, eval_dataset, progress, should_s
     dist = current_dist() if dist is None else dist
     main = dist.is_main
     if run is None:  # rank 0 claims the run folder and picks the checkpoint; the others follow
-        run = _broadcast_or_raise(dist, lambda: prepare_run(config, run_identity(config, model, dataset)))
+        run = prepare_run_everywhere(config, model, dataset, dist)
     output_dir = run.path
     ckpt_root = checkpoint_root(output_dir)
     if main:
@@ -705,15 +705,15 @@ def _train(model, dataset, config: TrainConfig, eval_dataset, progress, should_s
         meta = {"ss_steps": str(global_step), "ss_output_name": config.output_name, "wan_s2v_run_id": run.run_id}
         comfy = diff = None
         dtype = None if config.save_dtype == "fp32" else config.save_dtype
-        kwargs = dict(alphas=alphas, dtype=dtype, training_config=config_dict, metadata=meta,
-                      overwrite=config.overwrite)
+        kwargs = {"alphas": alphas, "dtype": dtype, "training_config": config_dict, "metadata": meta,
+                  "overwrite": config.overwrite}
         if config.save_comfyui_lora:
             comfy = save_lora(state, output_dir / f"{stem}{LORA_SUFFIXES[0]}", fmt="comfyui", **kwargs)
         if config.save_diffusers_lora:
             diff = save_lora(state, output_dir / f"{stem}{LORA_SUFFIXES[1]}", fmt="diffusers", **kwargs)
         if stem != config.output_name:
-            logger.info("LoRA saved as %s (%s)", stem, "partial: the run stopped at step "
-                        f"{global_step}" if partial else f"{config.output_name} exists and overwrite is off")
+            why = f"the run stopped at step {global_step}" if partial else "that name is taken and overwrite is off"
+            logger.info("LoRA saved as %s (%s)", stem, why)
         return comfy, diff
 
     accum = config.gradient_accumulation_steps
@@ -852,23 +852,6 @@ def _train(model, dataset, config: TrainConfig, eval_dataset, progress, should_s
         model.delete_adapters(ADAPTER)
     model.eval()
     return result
-
-
-def _broadcast_or_raise(dist: Dist, make: Callable[[], Any]) -> Any:
-    """`make()` on rank 0, its result on every rank; its error (a checkpoint that does not fit,
-    a missing folder) raised on every rank, so that none waits for the others forever."""
-    outcome: Any = None
-    if dist.is_main:
-        try:
-            outcome = make()
-        except (CheckpointError, OSError) as error:
-            if not dist.enabled:
-                raise
-            outcome = error
-    outcome = dist.broadcast_object(outcome)
-    if isinstance(outcome, BaseException):
-        raise outcome
-    return outcome
 
 
 def _remove_offload_folder(folder: Path, model: torch.nn.Module) -> None:

@@ -30,16 +30,17 @@ import os
 import re
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import (
     CHECKPOINT_DIR,
+    OLDER_VERSION,
+    STATE_JSON,
     CheckpointError,
     CheckpointNotFoundError,
     OlderCheckpointError,
-    STATE_JSON,
     checkpoint_root,
     list_checkpoints,
     read_summary,
@@ -172,21 +173,36 @@ class RunFolder:
     identity: RunIdentity
     #: The checkpoint the run starts from (None: from scratch).
     resume: Path | None = None
-    #: What was decided, in words (also logged): skipped checkpoints, another folder.
-    notes: list[str] = field(default_factory=list)
 
     def record(self) -> dict[str, Any]:
         """What each checkpoint's state.json keeps of the run."""
         return {"run_id": self.run_id, "name": self.name, "identity": self.identity.to_dict()}
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.record(), "path": str(self.path), "resume": None if self.resume is None else str(self.resume),
-                "notes": list(self.notes)}
+        return {**self.record(), "path": str(self.path), "resume": None if self.resume is None else str(self.resume)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunFolder:
         return cls(Path(data["path"]), data["run_id"], data["name"], RunIdentity.from_dict(data["identity"]),
-                   None if data.get("resume") is None else Path(data["resume"]), list(data.get("notes", [])))
+                   None if data.get("resume") is None else Path(data["resume"]))
+
+
+def prepare_run_everywhere(config: TrainConfig, model: Any, dataset: Any, dist: Any) -> RunFolder:
+    """`prepare_run` on rank 0 of `dist` (a `trainer.distributed.Dist`), its run on every rank;
+    its error (a checkpoint that does not fit, a missing one) raised on every rank, so that
+    none waits for the others forever."""
+    if not dist.enabled:
+        return prepare_run(config, run_identity(config, model, dataset))
+    outcome: Any = None
+    if dist.is_main:
+        try:
+            outcome = prepare_run(config, run_identity(config, model, dataset))
+        except (CheckpointError, OSError) as error:
+            outcome = error
+    outcome = dist.broadcast_object(outcome)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
 
 
 def prepare_run(config: TrainConfig, identity: RunIdentity) -> RunFolder:
@@ -196,12 +212,11 @@ def prepare_run(config: TrainConfig, identity: RunIdentity) -> RunFolder:
     value = config.resume_from_checkpoint
     mode = "none" if value is None or str(value).strip().lower() in ("", "none", "false") else str(value).strip()
     family = _family(base)
-    notes: list[str] = []
     resume = None
     if mode.lower() == "latest":
-        resume, notes = _newest_compatible(family, identity)
+        resume = _newest_compatible(family, identity)
         if resume is not None:
-            return _continue(resume, base.name, identity, notes)
+            return _continue(resume, base.name, identity)
     elif mode != "none":
         resume = _locate(mode, base)
         summary = read_summary(resume)  # OlderCheckpointError for an older version's
@@ -209,9 +224,8 @@ def prepare_run(config: TrainConfig, identity: RunIdentity) -> RunFolder:
         if problems:
             raise IncompatibleCheckpointError(f"checkpoint {resume} does not fit this run: {'; '.join(problems)}")
         if resume.parent.name == CHECKPOINT_DIR and resume.parent.parent in family:
-            return _continue(resume, base.name, identity, notes)
-    run = _claim_new(base, identity, resume, notes)
-    return run
+            return _continue(resume, base.name, identity)
+    return _claim_new(base, identity, resume)
 
 
 def _locate(value: str, base: Path) -> Path:
@@ -255,33 +269,38 @@ def _problems(summary: dict[str, Any], identity: RunIdentity) -> list[str]:
     return identity.mismatches(saved)
 
 
-def _newest_compatible(family: list[Path], identity: RunIdentity) -> tuple[Path | None, list[str]]:
-    best, best_key, notes = None, None, []
+def _newest_compatible(family: list[Path], identity: RunIdentity) -> Path | None:
+    """The most recently saved checkpoint of `family` that fits; logs why each other one does not."""
+    best, best_key = None, None
     for folder in family:
         for step, path in list_checkpoints(checkpoint_root(folder)):
             try:
                 summary = read_summary(path)
             except OlderCheckpointError:
-                notes.append(f"skipped checkpoint {path}: written by an older version of this trainer; its "
-                             "training state is a pickle file, which is not read (loading pickle runs any code "
-                             "put into it)")
+                logger.warning("resume 'latest': skipped checkpoint %s: %s", path, OLDER_VERSION)
                 continue
             except CheckpointError as error:
-                notes.append(f"skipped checkpoint {path}: {error}")
+                logger.warning("resume 'latest': skipped checkpoint %s: %s", path, error)
                 continue
             problems = _problems(summary, identity)
             if problems:
-                notes.append(f"skipped checkpoint {path}: it does not fit this run ({'; '.join(problems)})")
+                logger.warning("resume 'latest': skipped checkpoint %s: it does not fit this run (%s)", path,
+                               "; ".join(problems))
                 continue
-            key = (float(summary.get("saved_at") or path.stat().st_mtime), step)
+            key = (_saved_at(summary, path), step)
             if best_key is None or key > best_key:
                 best, best_key = path, key
-    for note in notes:
-        logger.warning("resume 'latest': %s", note)
-    return best, notes
+    return best
 
 
-def _continue(checkpoint: Path, name: str, identity: RunIdentity, notes: list[str]) -> RunFolder:
+def _saved_at(summary: dict[str, Any], path: Path) -> float:
+    try:
+        return float(summary["saved_at"])
+    except (KeyError, TypeError, ValueError):
+        return (path / STATE_JSON).stat().st_mtime
+
+
+def _continue(checkpoint: Path, name: str, identity: RunIdentity) -> RunFolder:
     """Continue the run that owns `checkpoint`'s folder (adopting the checkpoint's run id
     when the folder has no run.json, e.g. checkpoints copied in by hand)."""
     folder = checkpoint.parent.parent
@@ -291,12 +310,12 @@ def _continue(checkpoint: Path, name: str, identity: RunIdentity, notes: list[st
         info = {"run_id": saved.get("run_id") or new_run_id(name), "name": name, "identity": identity.to_dict()}
         if not _create_run_file(folder, info):
             info = read_run_file(folder) or info
-    run = RunFolder(folder, str(info["run_id"]), str(info.get("name") or name), identity, checkpoint, notes)
+    run = RunFolder(folder, str(info["run_id"]), str(info.get("name") or name), identity, checkpoint)
     logger.info("run %s resumes from %s", run.run_id, checkpoint)
     return run
 
 
-def _claim_new(base: Path, identity: RunIdentity, resume: Path | None, notes: list[str]) -> RunFolder:
+def _claim_new(base: Path, identity: RunIdentity, resume: Path | None) -> RunFolder:
     for n in range(1, 1_000_000):
         folder = base if n == 1 else base.with_name(f"{base.name}_{n}")
         if _holds_a_run(folder):
@@ -307,9 +326,8 @@ def _claim_new(base: Path, identity: RunIdentity, resume: Path | None, notes: li
         if not _create_run_file(folder, info):
             continue  # another run claimed it just now
         if folder != base:
-            notes.append(f"{base} holds another run; this run (id {run_id}) writes to {folder}")
-            logger.warning("%s", notes[-1])
-        return RunFolder(folder, run_id, base.name, identity, resume, notes)
+            logger.warning("%s holds another run; this run (id %s) writes to %s", base, run_id, folder)
+        return RunFolder(folder, run_id, base.name, identity, resume)
     raise RuntimeError(f"no free run folder next to {base}")
 
 

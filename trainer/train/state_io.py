@@ -125,5 +125,5 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 def _hashable(key: Any) -> Any:
     if isinstance(key, (list, dict, torch.Tensor, np.ndarray)):
-        raise ValueError(f"a dict key of type {type(key).__name__}")
+        raise TypeError(f"a dict key of type {type(key).__name__}")
     return key
