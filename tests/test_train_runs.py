@@ -196,6 +196,14 @@ def test_planted_pickle_payloads_never_run(tmp_path, caplog):
     assert not marker.exists()
 
 
+def test_no_module_of_the_pack_reads_pickle():
+    root = Path(__file__).resolve().parents[1]
+    readers = ("torch.load(", "pickle.load", "allow_pickle=True", "weights_only=False", "pickle.Unpickler")
+    found = [f"{path.relative_to(root)}: {reader}" for folder in ("trainer", "nodes")
+             for path in sorted((root / folder).rglob("*.py")) for reader in readers if reader in path.read_text()]
+    assert not found, found
+
+
 # --------------------------------------------------------------------------- run folders
 
 
