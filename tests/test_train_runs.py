@@ -383,8 +383,8 @@ def test_node_keeps_existing_loras_and_runs_apart(tmp_path, node_runner, monkeyp
     runs = tmp_path / "output" / "wan_s2v_training"
     with torch.inference_mode():
         first = node_runner.run_training_node(_model(), _data(), "mine", dict(NODE_SETTINGS), resume_from_checkpoint="none")
-        second = node_runner.run_training_node(_model(), _data(), "mine", dict(NODE_SETTINGS),
-                                               resume_from_checkpoint="none")
+        # the same prompt queued again (resume "latest", the node's default; no checkpoint to continue)
+        second = node_runner.run_training_node(_model(), _data(), "mine", dict(NODE_SETTINGS))
     assert (loras / "mine.safetensors").read_bytes() == b"a LoRA someone made"
     assert first.path == (loras / "mine_2.safetensors").resolve() and second.path == (loras / "mine_3.safetensors").resolve()
     assert (runs / "mine" / "mine.safetensors").is_file() and (runs / "mine_2" / "mine.safetensors").is_file()

@@ -95,8 +95,8 @@ def read_summary(path: str | os.PathLike) -> dict[str, Any]:
     if not (path / f"{TRAINING_STATE}.json").is_file():
         if (path / OLD_TRAINING_STATE).exists():
             raise OlderCheckpointError(f"checkpoint {path} was {OLDER_VERSION}. Start a new run "
-                                       "(resume_from_checkpoint 'none'); its lora.safetensors is a plain weights "
-                                       "file and stays usable as a LoRA")
+                                       "(resume_from_checkpoint 'none'); its lora.safetensors is a plain "
+                                       "safetensors file of the LoRA weights and stays safe to read")
         raise CheckpointError(f"checkpoint {path} is incomplete (no {TRAINING_STATE}.json)")
     try:
         summary = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
