@@ -123,8 +123,9 @@ def model_identity(model: Any) -> str:
         files = [path] if path.is_file() else sorted(path.rglob("*.safetensors")) if path.is_dir() else []
         size = sum(f.stat().st_size for f in files)
         return f"{path.name} ({size:,} bytes)" if files else path.name
-    config = getattr(model, "config", None) or {}
-    digest = hashlib.sha256(json.dumps(dict(config), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    # not the private entries: diffusers' `_use_default_values` lists a set, in an order that changes per process
+    config = {k: v for k, v in dict(getattr(model, "config", None) or {}).items() if not k.startswith("_")}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return f"{type(model).__name__} built in memory (config {digest})"
 
 
