@@ -35,7 +35,9 @@ TOOLTIPS = {
     "lr_warmup_steps": "Linear warm-up steps from 0 to the learning rate.",
     "lr_num_cycles": "cosine: number of waves (0.5 = a single decay to 0).",
     "lr_power": "polynomial: the decay exponent.",
-    "output_name": "Name of the LoRA file and of this run's folder under output/wan_s2v_training.",
+    "output_name": "Name of the LoRA file and of this run's folder under output/wan_s2v_training (a folder that "
+    "holds another run is never reused: the new run gets <name>_2, _3, ...). Letters, digits, '-', '_', '.' "
+    "and spaces, up to 120 characters.",
     "max_train_steps": "Optimizer steps of the whole run (a resumed run continues up to it).",
     "train_batch_size": "Clips per micro-batch (one bucket per batch).",
     "gradient_accumulation_steps": "Micro-batches per optimizer step.",
@@ -54,7 +56,7 @@ TOOLTIPS = {
     "use_ema": "Keep an exponential moving average of the LoRA weights and save it.",
     "ema_decay": "EMA decay per update.",
     "checkpoint_step_interval": "Write a resumable checkpoint every N steps (0: only on cancel).",
-    "checkpoints_total_limit": "Keep at most this many checkpoints.",
+    "checkpoints_total_limit": "Keep at most this many checkpoints of this run (other runs' are never touched).",
     "save_diffusers_lora": "Also write <name>_diffusers.safetensors (Diffusers keys).",
     "eval_dataset": "Held-out clips for the eval loss (fixed timesteps and noise).",
     "eval_step_interval": "Eval loss every N steps (0: never).",
@@ -121,6 +123,8 @@ TOOLTIPS = {
     "(Wan S2V Memory Settings); replaces gradient_checkpointing above.",
     "validation_model": "Model bundle for the validation renders (Load Wan S2V Model Bundle with this training "
     "transformer on its transformer_model input); the LoRA being trained is on while it renders.",
+    "overwrite": "Replace an existing LoRA file of the same name (models/loras/<name>.safetensors). Off: the new "
+    "LoRA is saved as <name>_2.safetensors (_3, ...) and lora_path says which.",
     "gpus": "1: train in ComfyUI's process. N > 1: data-parallel over N GPUs in launched processes (the "
     "transformer is loaded again from its file, the dataset from its cache); progress, loss chart, validation "
     "and Cancel work the same.",
@@ -394,11 +398,15 @@ class WanS2VTrainLora:
                 "checkpoint_step_interval": ("INT", {"default": 250, "min": 0, "max": 1000000}),
                 "checkpoints_total_limit": ("INT", {"default": 3, "min": 1, "max": 1000}),
                 "resume_from_checkpoint": (["latest", "none"], {"default": "latest",
-                                                                 "tooltip": "latest: continue this output_name's "
-                                                                 "run from its newest checkpoint, if any."}),
+                                                                 "tooltip": "latest: continue the newest checkpoint "
+                                                                 "of this output_name's runs that fits this run (same "
+                                                                 "model, LoRA shape, dataset, optimizer; the log says "
+                                                                 "which were skipped and why); none: a new run."}),
                 "save_to": (["loras", "output"], {"default": "loras",
-                                                  "tooltip": "loras: the final LoRA also goes to models/loras "
-                                                  "(checkpoints always stay under output/)."}),
+                                                  "tooltip": "loras: the finished LoRA also goes to models/loras "
+                                                  "(checkpoints always stay under output/; a cancelled run's "
+                                                  "partial LoRA stays in its run folder as "
+                                                  "<name>_partial_step<N>)."}),
                 "save_diffusers_lora": ("BOOLEAN", {"default": False}),
             },
             "optional": {
@@ -415,6 +423,7 @@ class WanS2VTrainLora:
                 "validation_model": (types.MODEL, {}),
                 "gpus": ("INT", {"default": 1, "min": 1, "max": 64}),
                 "pose_dropout_probability": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+                "overwrite": ("BOOLEAN", {"default": False}),
             },
         })
         # The node id tags the per-step loss and validation events, so that web/js draws them on this node.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ from . import comfy_adapter
 
 if TYPE_CHECKING:
     from ..trainer.train.config import ValidationConfig
+
+logger = logging.getLogger(__name__)
 
 TRAIN_EVENT = "wan_s2v.train"  # web/js/loss_chart.js
 VALIDATION_EVENT = "wan_s2v.validation"  # web/js/validation_preview.js
@@ -331,12 +334,12 @@ def _loras_root() -> list[Path]:
 
 
 def build_train_config(output_name: str, settings: dict[str, Any], extras: TrainExtras, resume: str):
-    """The run's `TrainConfig` (output folder under output/wan_s2v_training/<output_name>),
-    validation inputs written into it."""
+    """The run's `TrainConfig` (output folder output/wan_s2v_training/<output_name>; the run's
+    own folder and validation inputs come with `place_run`)."""
+    from ..trainer.names import validate_name
     from ..trainer.train.config import TrainConfig
 
-    if not output_name or any(c in output_name for c in "/\\") or output_name.startswith("."):
-        raise ValueError(f"output_name must be a plain name, got {output_name!r}")
+    validate_name(output_name, "output_name")
     out_dir = comfy_adapter.confine_path(f"{RUNS_FOLDER}/{output_name}", [comfy_adapter.output_directory()],
                                          "run folder")
     values = {
@@ -350,20 +353,31 @@ def build_train_config(output_name: str, settings: dict[str, Any], extras: Train
     }
     if extras.tread_settings:
         values["tread_config"] = extras.tread_settings
-    validation = None
-    if extras.validation_settings is not None:
-        if extras.validation_model is None:
-            raise ValueError("validation settings need a validation_model (Load Wan S2V Model Bundle with the "
-                             "training transformer connected to its transformer_model input)")
-        validation = write_validation_inputs(extras.validation_settings, out_dir)
+    if extras.validation_settings is not None and extras.validation_model is None:
+        raise ValueError("validation settings need a validation_model (Load Wan S2V Model Bundle with the "
+                         "training transformer connected to its transformer_model input)")
     config = TrainConfig.from_dict(values)
     for name, section in (("lora", extras.lora_settings), ("optimizer", extras.optimizer_settings),
                           ("schedule", extras.schedule_settings), ("crepa", extras.crepa_settings),
-                          ("memory", extras.memory_settings), ("validation", validation)):
+                          ("memory", extras.memory_settings)):
         if section is not None:
             setattr(config, name, dataclasses.replace(section))
     config.validate()
     return config
+
+
+def place_run(config, transformer, dataset, extras: TrainExtras):
+    """Claim the run's folder (`trainer.train.runs.prepare_run`: output/wan_s2v_training/<name>,
+    or <name>_2, ... when that holds another run; the checkpoint to resume) and write the
+    validation inputs into it; returns (config for that folder, the run)."""
+    from ..trainer.train.runs import prepare_run, run_identity
+
+    run = prepare_run(config, run_identity(config, transformer, dataset))
+    config = dataclasses.replace(config, output_dir=str(run.path))
+    if extras.validation_settings is not None:
+        config.validation = write_validation_inputs(extras.validation_settings, run.path)
+    config.validate()
+    return config, run
 
 
 def check_gpu_count(gpus: int) -> None:
@@ -377,7 +391,7 @@ def check_gpu_count(gpus: int) -> None:
                          "(CUDA_VISIBLE_DEVICES / the machine)")
 
 
-def _train_here(transformer, dataset, config, extras: TrainExtras, relay: EventRelay):
+def _train_here(transformer, dataset, config, extras: TrainExtras, relay: EventRelay, run):
     import torch
 
     from ..trainer.train.loop import detach_inference_tensors, train
@@ -391,12 +405,12 @@ def _train_here(transformer, dataset, config, extras: TrainExtras, relay: EventR
             transformer, _ClonedItems(dataset), config,
             eval_dataset=None if extras.eval_dataset is None else _ClonedItems(extras.eval_dataset),
             progress=relay.progress, should_stop=comfy_adapter.interrupt_requested, keep_adapter=False,
-            on_log=relay.on_log, **kwargs,
+            on_log=relay.on_log, run=run, **kwargs,
         )
     return result.lora_path or result.diffusers_lora_path, result
 
 
-def _train_in_subprocesses(transformer, dataset, config, extras: TrainExtras, relay: EventRelay):
+def _train_in_subprocesses(transformer, dataset, config, extras: TrainExtras, relay: EventRelay, run):
     """`extras.gpus` data-parallel processes through `trainer.train.launcher`: they load the
     transformer again from its file and read the dataset's cache (no encoder is loaded)."""
     from ..trainer.train.launcher import model_source_of, train_in_subprocess
@@ -413,9 +427,27 @@ def _train_in_subprocesses(transformer, dataset, config, extras: TrainExtras, re
         config, num_processes=extras.gpus, model_source=source,
         dataset=dataset, eval_dataset=extras.eval_dataset, progress=relay.progress,
         should_stop=comfy_adapter.interrupt_requested, on_log=relay.on_log,
-        on_validation=relay.on_validation if extras.validation_settings is not None else None,
+        on_validation=relay.on_validation if extras.validation_settings is not None else None, run=run,
     )
     return launch.lora_path or launch.diffusers_lora_path, launch
+
+
+def copy_to_loras(source: Path, output_name: str, overwrite: bool) -> Path:
+    """Copy a finished LoRA to <loras>/<output_name>.safetensors, or when that exists (and not
+    `overwrite`) to the first free <output_name>_2.safetensors, _3, ...; returns the copy."""
+    import shutil
+
+    from ..trainer.io_utils import atomic_write, free_stem
+
+    target = comfy_adapter.confine_path(f"{output_name}.safetensors", _loras_root())
+    stem = output_name if overwrite else free_stem(target.parent, output_name)
+    target = target.with_name(f"{stem}.safetensors")
+    with atomic_write(target, replace=overwrite) as tmp:
+        shutil.copyfile(source, tmp)
+    if stem != output_name:
+        logger.warning("%s.safetensors exists in the loras folder and overwrite is off: the new LoRA is %s",
+                       output_name, target.name)
+    return target
 
 
 @dataclass
@@ -432,28 +464,26 @@ class NodeResult:
 def run_training_node(transformer, dataset, output_name: str, settings: dict[str, Any],
                       extras: TrainExtras | None = None, save_to: str = "loras", resume_from_checkpoint: str = "latest",
                       node_id: str | None = None) -> NodeResult:
-    """Train as the node does: in this process for gpus == 1, else in `gpus` launched processes."""
-    import shutil
-
-    from ..trainer.io_utils import atomic_write
-
+    """Train as the node does: in this process for gpus == 1, else in `gpus` launched processes.
+    The run trains in a folder of its own (`place_run`); a finished LoRA is copied into the
+    loras folder (`save_to="loras"`) under a free name unless `overwrite`; a cancelled run's
+    partial LoRA stays in the run folder."""
     extras = extras or TrainExtras()
     config = build_train_config(output_name, settings, extras, resume_from_checkpoint)
+    config, run = place_run(config, transformer, dataset, extras)
     relay = EventRelay(node_id, config.max_train_steps, output_name)
     if extras.gpus == 1:
-        path, result = _train_here(transformer, dataset, config, extras, relay)
+        path, result = _train_here(transformer, dataset, config, extras, relay, run)
         state, alphas, steps, stopped = result.lora_state, result.lora_alphas, result.global_step, result.stopped
         losses = [loss for _, loss in result.loss_history]
     else:
-        path, launch = _train_in_subprocesses(transformer, dataset, config, extras, relay)
+        path, launch = _train_in_subprocesses(transformer, dataset, config, extras, relay, run)
         lora = launch.lora_file()  # the LoRA output comes from the file the processes wrote
         state, alphas, steps, stopped = lora.state, lora.alphas, launch.global_step, launch.stopped
         losses = [loss for _, loss in launch.loss_history]
-    if save_to == "loras" and path is not None:
-        target = comfy_adapter.confine_path(f"{output_name}.safetensors", _loras_root(), "LoRA file")
-        with atomic_write(target) as tmp:
-            shutil.copyfile(path, tmp)
-        path = target
+    if save_to == "loras" and path is not None and not stopped:
+        path = copy_to_loras(path, output_name, config.overwrite)
+    logger.info("Wan S2V training run %s (%s): %d steps, LoRA %s", run.run_id, run.path, steps, path)
     if stopped:
         comfy_adapter.raise_if_interrupted()
     return NodeResult(TrainedLora(state, alphas, path, steps), path, losses, relay.validations, stopped)

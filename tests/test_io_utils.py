@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.io_utils import atomic_files_into, atomic_folder, atomic_write
+from trainer.io_utils import atomic_files_into, atomic_folder, atomic_write, free_stem
 
 posix_only = pytest.mark.skipif(os.name == "nt", reason="POSIX permission bits")
 
@@ -95,3 +95,27 @@ def test_files_into_an_existing_folder_keep_the_others(tmp_path):
     assert (folder / "spiece.model").read_bytes() == b"new"
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "spiece.model", "tokenizer.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["tokenizer"]
+
+
+def test_no_replace_keeps_a_file_that_exists_or_appears(tmp_path):
+    path = tmp_path / "lora.safetensors"
+    path.write_bytes(b"theirs")
+    with pytest.raises(FileExistsError), atomic_write(path, replace=False) as tmp:
+        tmp.write_bytes(b"mine")
+    other = tmp_path / "other.safetensors"
+    with pytest.raises(FileExistsError), atomic_write(other, replace=False) as tmp:
+        tmp.write_bytes(b"mine")
+        other.write_bytes(b"theirs, written meanwhile")
+    assert path.read_bytes() == b"theirs" and other.read_bytes() == b"theirs, written meanwhile"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora.safetensors", "other.safetensors"]
+    with atomic_write(tmp_path / "new.safetensors", replace=False) as tmp:
+        tmp.write_bytes(b"new")
+    assert (tmp_path / "new.safetensors").read_bytes() == b"new"
+
+
+def test_free_stem_numbers_past_every_taken_name(tmp_path):
+    assert free_stem(tmp_path, "lora") == "lora"
+    (tmp_path / "lora.safetensors").touch()
+    (tmp_path / "lora_2_diffusers.safetensors").touch()  # files saved together keep one number
+    assert free_stem(tmp_path, "lora", (".safetensors", "_diffusers.safetensors")) == "lora_3"
+    assert free_stem(tmp_path, "lora") == "lora_2"

@@ -83,7 +83,7 @@ def test_kill_9_during_checkpoint_save_keeps_the_previous_one(tmp_path):
         lora = {{"a.lora_A.default.weight": torch.full((4, 8), 1.0)}}
         save_checkpoint({str(root)!r}, 1, lora, {{"optimizer": {{"x": 1}}}}, {{"loss": 0.5}})
         def die(name):
-            if name == "training_state.pt":
+            if name == "training_state.safetensors":
                 os.kill(os.getpid(), signal.SIGKILL)
         lora2 = {{"a.lora_A.default.weight": torch.full((4, 8), 2.0)}}
         save_checkpoint({str(root)!r}, 2, lora2, {{"optimizer": {{"x": 2}}}}, {{"loss": 0.4}}, on_file_written=die)

@@ -118,7 +118,7 @@ def test_should_stop_ends_every_rank_early_with_a_checkpoint(setup, tmp_path):
     assert result.stopped and 1 <= result.global_step < 100_000
     assert steps == list(range(1, result.global_step + 1))
     assert result.checkpoint == tmp_path / "run" / "checkpoints" / f"checkpoint-{result.global_step}"
-    assert (result.checkpoint / "training_state.pt").is_file()
+    assert (result.checkpoint / "training_state.safetensors").is_file()
     assert result.lora_path.is_file() and read_lora_file(result.lora_path).metadata["ss_steps"] == str(
         result.global_step)
     assert not list((tmp_path / "run").glob(".stop-*"))

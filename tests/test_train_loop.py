@@ -109,7 +109,9 @@ def test_non_finite_loss_stops_after_saving_the_good_state(tmp_path):
     assert [s for s, _ in ckpts] == [3]
     state = load_checkpoint(ckpts[0][1])
     assert all(torch.isfinite(t).all() for t in state["lora"].values())
-    assert (tmp_path / "run" / "wan_s2v_lora.safetensors").is_file()
+    # the LoRA so far, under a name of its own (the run did not finish)
+    assert (tmp_path / "run" / "wan_s2v_lora_partial_step3.safetensors").is_file()
+    assert not (tmp_path / "run" / "wan_s2v_lora.safetensors").exists()
 
 
 def _optimizer_available(name):
@@ -158,8 +160,8 @@ def test_grad_clipping_and_accumulation(tmp_path):
     state = load_checkpoint(result.checkpoint) if result.checkpoint else None
     assert state is None  # no interval, no stop: no checkpoint
     cfg = _cfg(tmp_path, max_train_steps=2, gradient_accumulation_steps=2, checkpoint_step_interval=2)
-    train(_model(), data, cfg)
-    ckpt = load_checkpoint(list_checkpoints(tmp_path / "run" / "checkpoints")[-1][1])
+    second = train(_model(), data, cfg)  # a new run: a folder of its own (run_2)
+    ckpt = load_checkpoint(second.checkpoint)
     # 4 items per epoch (2 sources x 2 windows), batch 1: 2 steps x 2 micro-batches = one epoch
     assert ckpt["training_state"]["data"] == {"epoch": 0, "position": 4}
 

@@ -221,7 +221,9 @@ def test_two_processes_on_cpu_relay_events_cancel_and_load_the_lora_from_the_fil
     assert steps == list(range(1, lora.steps + 1)) and 3 <= lora.steps < 40  # stopped soon after the Cancel
     assert all(d["node"] == "3" for e, d in sent if e == nodes.TRAIN_EVENT)
     assert (run / "checkpoints" / f"checkpoint-{lora.steps}").is_dir()  # written before stopping
-    assert Path(path) == (comfy_dirs["loras"] / "two_procs.safetensors").resolve()
+    # a cancelled run's LoRA stays in its run folder under a name of its own, never in models/loras
+    assert Path(path).resolve() == (run / f"two_procs_partial_step{lora.steps}.safetensors").resolve()
+    assert not comfy_dirs["loras"].exists() or not list(comfy_dirs["loras"].iterdir())
     file_state = read_lora_file(path).state
     assert set(file_state) == set(lora.state) and all(torch.equal(file_state[k], lora.state[k]) for k in file_state)
     assert losses["loss"] == [d["loss"] for e, d in sent if e == nodes.TRAIN_EVENT]

@@ -17,27 +17,34 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_files_into", "atomic_folder", "atomic_write"]
+__all__ = ["atomic_files_into", "atomic_folder", "atomic_write", "free_stem"]
 
 PathLike = str | os.PathLike
 
 
 @contextmanager
-def atomic_write(path: PathLike) -> Iterator[Path]:
+def atomic_write(path: PathLike, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `path` to write one file to; then publish it atomically.
 
     When the block ends without error the file is fsynced, given the normal mode and renamed
-    onto `path` (replacing an existing file). When it raises, the temporary file is removed
-    and an existing `path` is left as it was. Parent folders are created.
+    onto `path` (replacing an existing file; with `replace=False` an existing `path` is
+    never replaced: `FileExistsError`, even when it appears while the block runs). When it
+    raises, the temporary file is removed and an existing `path` is left as it was. Parent
+    folders are created.
     """
     path = Path(path)
+    if not replace and path.exists():
+        raise FileExistsError(f"{path} exists; refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(path)
     mode = _create_file(tmp)
     try:
         yield tmp
         _finish_file(tmp, mode)
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _publish_new(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # still there only when the block or the rename failed
     _fsync_dir(path.parent)
@@ -92,6 +99,17 @@ def atomic_files_into(folder: PathLike) -> Iterator[Path]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _fsync_dir(renamed_in)
+
+
+def free_stem(folder: PathLike, stem: str, suffixes: tuple[str, ...] = (".safetensors",)) -> str:
+    """`stem`, or else the first of `<stem>_2`, `<stem>_3`, ... for which no file
+    `folder/<stem><suffix>` exists for any of `suffixes` (files saved together keep one number)."""
+    folder = Path(folder)
+    candidate, n = stem, 1
+    while any((folder / f"{candidate}{suffix}").exists() for suffix in suffixes):
+        n += 1
+        candidate = f"{stem}_{n}"
+    return candidate
 
 
 # --------------------------------------------------------------------------- helpers
@@ -151,6 +169,21 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
     except OSError:  # some network file systems refuse it; the rename itself has happened
         pass
+
+
+def _publish_new(tmp: Path, path: Path) -> None:
+    """Give the finished `tmp` the name `path` unless that exists (a hard link fails on an
+    existing name, atomically); file systems without hard links get a check, then a rename."""
+    try:
+        os.link(tmp, path)
+        return
+    except FileExistsError:
+        raise FileExistsError(f"{path} exists; refusing to replace it") from None
+    except OSError:  # no hard links here (FAT, some network shares)
+        pass
+    if path.exists():
+        raise FileExistsError(f"{path} exists; refusing to replace it")
+    os.replace(tmp, path)
 
 
 def _refuse_unless_replaceable(path: Path, replaceable: Callable[[Path], bool]) -> None:

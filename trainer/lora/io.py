@@ -186,8 +186,9 @@ def to_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- files
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
-    with atomic_write(path) as tmp:
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str],
+                 overwrite: bool = True) -> Path:
+    with atomic_write(path, replace=overwrite) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     return path
 
@@ -201,6 +202,7 @@ def save_lora(
     dtype: str | torch.dtype | None = None,
     training_config: Mapping[str, Any] | None = None,
     metadata: Mapping[str, str] | None = None,
+    overwrite: bool = True,
 ) -> Path:
     """Write a LoRA as one .safetensors file, atomically.
 
@@ -208,7 +210,8 @@ def save_lora(
     required; a single float broadcast to every module is accepted as ``{"*": alpha}``).
     `fmt`: "comfyui" or "diffusers". `dtype`: None keeps the tensors' dtype (bit-exact),
     else "fp32"/"bf16"/"fp16" or a torch dtype. `training_config` goes into the metadata
-    (``wan_s2v_training_config``, JSON) together with rank and alpha.
+    (``wan_s2v_training_config``, JSON) together with rank and alpha. `overwrite=False`: an
+    existing `path` is never replaced (`FileExistsError`).
     """
     path = Path(path)
     if not path.name.endswith(".safetensors"):
@@ -254,7 +257,7 @@ def save_lora(
         meta[METADATA_ADAPTER_KEY] = json.dumps(peft_meta, indent=2, sort_keys=True, default=str)
     else:
         raise ValueError(f"fmt must be 'comfyui' or 'diffusers', got {fmt!r}")
-    return _atomic_save(tensors, path, meta)
+    return _atomic_save(tensors, path, meta, overwrite)
 
 
 def _peft_meta_from(state: Mapping[str, torch.Tensor], alphas: Mapping[str, float]) -> dict[str, Any]:

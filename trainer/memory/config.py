@@ -70,7 +70,8 @@ class MemoryConfig:
     #: the forward, the checkpoint recompute and the backward.
     offload: str = "none"
     #: With offload="blocks": a folder where the offloaded weights are written and read back
-    #: (memory-mapped) instead of being held in host RAM.
+    #: (memory-mapped) instead of being held in host RAM. A training run writes them into a
+    #: subfolder of its own (``.wan_s2v_offload-<run id>-rank<r>``), removed when it ends.
     offload_blocks_to_disk: str | None = None
     #: With offload="blocks": how many units ahead to prefetch on the side stream (0: load
     #: synchronously when the unit runs).

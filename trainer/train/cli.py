@@ -34,6 +34,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
                         "{\"event\": \"validation\", \"step\": N, \"paths\": [...]}")
     parser.add_argument("--stop-file", metavar="PATH",
                         help="stop (checkpoint + LoRA written) once this file exists; polled every step")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing LoRA file of the same name (default: save as NAME_2, NAME_3, ...)")
     parser.set_defaults(func=_run_train)
 
 
@@ -63,8 +65,12 @@ def build_model(config: TrainConfig):
     if config.model_path in (None, "", "tiny"):
         torch.manual_seed(config.seed)
         return WanS2VTransformer3DModel(**TINY_TRANSFORMER_CONFIG)
+    from .launcher import ModelSource, attach_model_source
+
     # fp8 training on a scaled-fp8 file: its e4m3 weights stay as shipped (no re-quantization)
-    return load_transformer(config.model_path, numerics=config.numerics, keep_fp8=keeps_fp8_on_load(config.memory))
+    model = load_transformer(config.model_path, numerics=config.numerics, keep_fp8=keeps_fp8_on_load(config.memory))
+    # the file is the model's identity for resuming (trainer.train.runs), as for the loader node's models
+    return attach_model_source(model, ModelSource(config.model_path, numerics=config.numerics))
 
 
 def build_dataset(name: str | None, model, config: TrainConfig):
@@ -139,7 +145,7 @@ def _build_datasets(model, config: TrainConfig, dist):
 def _run_train(args: argparse.Namespace) -> int:
     from ..distributed import init_from_env, shutdown
 
-    config = _overrides(load_config(args.config), args.set)
+    config = _overrides(load_config(args.config), args.set + (["overwrite=true"] if args.overwrite else []))
     dist = init_from_env(config.memory.device)
     try:
         return _train_main(args, config, dist)
@@ -208,8 +214,10 @@ def _train_main(args: argparse.Namespace, config: TrainConfig, dist) -> int:
         print("WAN_S2V_TRAIN " + json.dumps({
             "event": "done", "step": result.global_step, "stopped": result.stopped,
             "lora_path": str(result.lora_path or result.diffusers_lora_path or ""),
-            "checkpoint": str(result.checkpoint or ""), "eval_history": result.eval_history}), flush=True)
-    print(f"done: {result.global_step} steps; LoRA: {result.lora_path or result.diffusers_lora_path}", flush=True)
+            "checkpoint": str(result.checkpoint or ""), "eval_history": result.eval_history,
+            "run_dir": str(result.run_dir or ""), "run_id": result.run_id}), flush=True)
+    print(f"done: {result.global_step} steps; run {result.run_id} in {result.run_dir}; "
+          f"LoRA: {result.lora_path or result.diffusers_lora_path}", flush=True)
     if result.eval_history:
         print("eval loss: " + ", ".join(f"{s}: {v:.5f}" for s, v in result.eval_history), flush=True)
     return 0

@@ -21,6 +21,7 @@ from typing import Any
 from ..checks import check_number
 from ..memory.config import MemoryConfig
 from ..paths import confine, resolve_roots
+from ..names import validate_name
 
 #: q/k/v/o of self-attention (attn1), cross-attention (attn2) and the audio injectors.
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
@@ -271,6 +272,8 @@ def _validate_case(index: int, case: Any) -> None:
     if not isinstance(case, dict):
         raise ValueError(f"validation_cases[{index}] must be a table of {', '.join(VALIDATION_CASE_FIELDS)}")
     label = f"validation_cases[{index}]" + (f" ('{case['name']}')" if case.get("name") else "")
+    if case.get("name"):  # the name of its mp4 files
+        validate_name(case["name"], f"validation_cases[{index}] name")
     unknown = sorted(set(case) - set(VALIDATION_CASE_FIELDS))
     if unknown:
         raise ValueError(f"{label}: unknown fields {', '.join(unknown)} (known: {', '.join(VALIDATION_CASE_FIELDS)})")
@@ -304,6 +307,9 @@ class TrainConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     # --- where
+    #: The run's folder (checkpoints, logs, LoRA files). A new run never shares a folder:
+    #: when this one holds another run, it trains in ``<output_dir>_2`` (``_3``, ...);
+    #: see `trainer.train.runs`.
     output_dir: str = "output/wan_s2v_lora"
     output_name: str = "wan_s2v_lora"
     #: Transformer to train: a ComfyUI file or Diffusers folder; None/"tiny" = the built-in
@@ -378,7 +384,9 @@ class TrainConfig:
     # --- checkpoints, eval, logs, outputs
     checkpoint_step_interval: int = 500
     checkpoints_total_limit: int | None = 3
-    resume_from_checkpoint: str | None = None  # None, "latest" or a checkpoint folder
+    #: None/"none", "latest" (the newest checkpoint of a run of this output_dir that fits this
+    #: run: same model, LoRA shape, dataset, optimizer) or a checkpoint folder.
+    resume_from_checkpoint: str | None = None
     eval_step_interval: int = 0  # 0 = never (also at the end when > 0)
     eval_timesteps: tuple[int, ...] = (100, 300, 500, 700, 900)
     eval_seed: int = 1234
@@ -386,6 +394,9 @@ class TrainConfig:
     tensorboard: bool = True
     save_comfyui_lora: bool = True
     save_diffusers_lora: bool = False
+    #: Replace an existing LoRA file of the same name. Off (the default): the LoRA is saved as
+    #: ``<output_name>_2.safetensors`` (``_3``, ...) instead, and the result says which.
+    overwrite: bool = False
     #: dtype of the saved LoRA files: "fp32" (bit-exact with training), "bf16" or "fp16".
     save_dtype: str = "fp32"
 
@@ -471,8 +482,6 @@ class TrainConfig:
             (self.reference_frame in REFERENCE_FRAMES, f"reference_frame must be one of {REFERENCE_FRAMES}"),
             (self.save_dtype in ("fp32", "bf16", "fp16"), "save_dtype must be fp32, bf16 or fp16"),
             (self.numerics in ("official", "comfyui"), "numerics must be 'official' or 'comfyui'"),
-            (bool(self.output_name) and "/" not in self.output_name and "\\" not in self.output_name,
-             "output_name must be a plain file name"),
         ]
         for ok, message in checks:
             if not ok:
@@ -480,6 +489,7 @@ class TrainConfig:
         if self.allowed_roots:
             for name, path in self.named_paths().items():
                 self.confine(path, what=name)
+        validate_name(self.output_name, "output_name")
 
     # ------------------------------------------------------------------ (de)serialisation
 

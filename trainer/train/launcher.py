@@ -4,8 +4,10 @@ A ComfyUI node runs inside the server process, which cannot become N data-parall
 `train_in_subprocess` therefore starts the ranks as child processes and turns their output
 back into the callbacks the node already uses:
 
-* it writes ``<output_dir>/launch.json`` (the `TrainConfig`, a `ModelSource` and the data to
-  train on) and starts ``python -m trainer.train.launcher child launch.json --stop-file F``,
+* it claims the run's folder (`trainer.train.runs.prepare_run`: ``output_dir``, or
+  ``<output_dir>_2``, ... when that holds another run) unless given one, writes
+  ``<run folder>/launch.json`` (the `TrainConfig`, a `ModelSource`, the data to train on and
+  the run) and starts ``python -m trainer.train.launcher child launch.json --stop-file F``,
   through ``python -m torch.distributed.run --standalone --nproc_per_node N -m ...`` when
   N > 1 (nccl on CUDA, gloo on CPU; see `trainer.distributed`);
 * a reader thread follows the children's stdout; rank 0 prints one JSON object per line,
@@ -37,19 +39,24 @@ import json
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..data.config import DatasetConfig
 from ..io_utils import atomic_write
 from .config import TrainConfig
+
+if TYPE_CHECKING:
+    from .runs import RunFolder
 
 #: Line prefix of the JSON events on the children's stdout (as ``python -m trainer train --json-progress``).
 PREFIX = "WAN_S2V_TRAIN "
@@ -241,6 +248,8 @@ class LaunchResult:
     eval_history: list[tuple[int, float]] = field(default_factory=list)
     validations: list[tuple[int, list[Path]]] = field(default_factory=list)
     num_processes: int = 1
+    run_dir: Path | None = None
+    run_id: str | None = None
 
     def lora_file(self):
         """The saved LoRA as a `trainer.lora.io.LoraFile` (peft keys)."""
@@ -275,6 +284,7 @@ def train_in_subprocess(
     on_validation: Callable[[int, list[Path]], None] | None = None,
     env: dict[str, str] | None = None,
     poll_seconds: float = 0.2,
+    run: RunFolder | None = None,
 ) -> LaunchResult:
     """Train a LoRA in `num_processes` data-parallel child processes; see the module doc.
 
@@ -289,6 +299,10 @@ def train_in_subprocess(
         progress, on_log, on_validation: called in this thread for every event of rank 0.
         should_stop: polled about every `poll_seconds`; True stops the run after a checkpoint.
         env: extra environment variables for the children.
+        run: the run's `trainer.train.runs.RunFolder` when already prepared (the training node
+            writes its validation inputs into it first). None: prepared here for a cached
+            `dataset`, else by the children once the data is built (rank 0 then copies
+            launch.json into the run folder).
 
     Raises:
         TrainingProcessError: a child failed (its error and the tail of stderr in the text).
@@ -296,13 +310,18 @@ def train_in_subprocess(
     if num_processes < 1:
         raise ValueError(f"num_processes must be >= 1, got {num_processes}")
     config.validate()
-    out = config.confine(config.output_dir, what="output_dir")
+    if run is None and dataset is not None:
+        from .runs import prepare_run, run_identity
+
+        run = prepare_run(config, run_identity(config, model_source, dataset))
+    out = config.confine(run.path, what="output_dir") if run is not None else Path(tempfile.mkdtemp(prefix="wan_s2v_launch-"))
     out.mkdir(parents=True, exist_ok=True)
     spec = {
         "config": config.to_dict(),
         "model": model_source.to_dict(),
         "dataset": _dataset_spec(dataset, dataset_config),
         "eval_dataset": _dataset_spec(eval_dataset),
+        "run": None if run is None else run.to_dict(),
     }
     spec_path = out / SPEC_NAME
     with atomic_write(spec_path) as tmp:
@@ -367,6 +386,8 @@ def train_in_subprocess(
         for reader in readers:
             reader.join(timeout=10)
         stop_file.unlink(missing_ok=True)
+        if run is None:
+            shutil.rmtree(out, ignore_errors=True)
 
     tail = "".join(stderr_tail)
     if returncode != 0 or done is None:
@@ -380,7 +401,7 @@ def train_in_subprocess(
         global_step=int(done["step"]), stopped=bool(done["stopped"]), lora_path=path("lora_path"),
         diffusers_lora_path=path("diffusers_lora_path"), checkpoint=path("checkpoint"), loss_history=history,
         eval_history=[(int(s), float(v)) for s, v in done.get("eval_history") or []], validations=validations,
-        num_processes=num_processes,
+        num_processes=num_processes, run_dir=path("run_dir"), run_id=done.get("run_id"),
     )
 
 
@@ -460,7 +481,7 @@ def _child_main(spec_path: str, stop_file: str | None) -> int:
         from ..memory.quantize import keeps_fp8_on_load
 
         source = ModelSource.from_dict(spec["model"])
-        model = source.load(keep_fp8=keeps_fp8_on_load(config.memory))
+        model = attach_model_source(source.load(keep_fp8=keeps_fp8_on_load(config.memory)), source)
         if dist.enabled and not dist.is_main:  # rank 0 builds (and caches) first, the others then read
             dist.barrier()
         dataset = _build_data(spec["dataset"], config.dataset, model, config)
@@ -491,6 +512,15 @@ def _child_main(spec_path: str, stop_file: str | None) -> int:
         validation = getattr(config, "validation", None)
         if "validation_bundle" in parameters and validation is not None and validation.enabled and dist.is_main:
             kwargs["validation_bundle"] = _validation_bundle(model, source, config)
+        from .runs import RunFolder, prepare_run_everywhere
+
+        if spec.get("run"):
+            kwargs["run"] = RunFolder.from_dict(spec["run"])
+        else:  # the data is built now: the run's folder can be chosen, and keeps the launch spec
+            kwargs["run"] = prepare_run_everywhere(config, model, dataset, dist)
+            if dist.is_main:
+                with atomic_write(kwargs["run"].path / SPEC_NAME) as tmp:
+                    tmp.write_text(Path(spec_path).read_text(encoding="utf-8"), encoding="utf-8")
         should_stop = (lambda: os.path.exists(stop_file)) if stop_file else None
         try:
             result = train(model, dataset, config, eval_dataset=eval_dataset, progress=progress, on_log=on_log,
@@ -504,7 +534,8 @@ def _child_main(spec_path: str, stop_file: str | None) -> int:
                    "lora_path": str(result.lora_path or ""),
                    "diffusers_lora_path": str(result.diffusers_lora_path or ""),
                    "checkpoint": str(result.checkpoint or ""), "loss_history": result.loss_history,
-                   "eval_history": result.eval_history})
+                   "eval_history": result.eval_history, "run_dir": str(result.run_dir or ""),
+                   "run_id": result.run_id})
         return 0
     finally:
         shutdown()

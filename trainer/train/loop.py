@@ -15,7 +15,9 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,20 +29,24 @@ import torch
 from ..dependencies import import_optional
 from ..distributed import SINGLE, Dist, shard
 from ..distributed import current as current_dist
+from ..io_utils import free_stem
 from ..lora.io import save_lora
 from ..memory import apply_memory_config
 from ..model.attention import describe_attention_kernel
 from .batching import BatchOrder, collate, mark_pose_dropout
-from .checkpoint import checkpoint_root, load_checkpoint, remove_partial, resolve_resume, save_checkpoint
+from .checkpoint import checkpoint_root, load_checkpoint, remove_partial, save_checkpoint
 from .config import TrainConfig
 from .crepa import CrepaRegularizer
 from .flow import add_noise, auto_shift, flow_loss, sample_sigmas, timesteps_from_sigmas, velocity_target
+from .runs import RunFolder, check_checkpoint_lora, prepare_run_everywhere
 
 logger = logging.getLogger(__name__)
 
 ADAPTER = "default"
 ProgressFn = Callable[[int, float, float, float], None]  # (step, loss, lr, eta_seconds)
 ValidationFn = Callable[[int, list[Path]], None]  # (step, mp4 paths)
+#: The LoRA files a run writes: ``<stem>.safetensors`` (ComfyUI) and ``<stem>_diffusers.safetensors``.
+LORA_SUFFIXES = (".safetensors", "_diffusers.safetensors")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -62,6 +68,9 @@ class TrainResult:
     log_path: Path | None = None
     #: (step, mp4 paths) of every completed validation render, oldest first (rank 0).
     validation_history: list[tuple[int, list[Path]]] = field(default_factory=list)
+    #: The run's folder (`output_dir`, or ``<output_dir>_<n>`` when that held another run) and id.
+    run_dir: Path | None = None
+    run_id: str | None = None
 
 
 # --------------------------------------------------------------------------- optimizers
@@ -475,15 +484,24 @@ def train(
     dist: Dist | None = None,
     validation_bundle: Any = None,
     on_validation: ValidationFn | None = None,
+    run: RunFolder | None = None,
 ) -> TrainResult:
     """Train a LoRA on `model` (a `WanS2VTransformer3DModel`, frozen here) with `dataset`.
 
-    Writes checkpoints under ``<output_dir>/checkpoints`` and the final LoRA as
-    ``<output_dir>/<output_name>.safetensors`` (ComfyUI format) and/or
-    ``<output_name>_diffusers.safetensors``. `progress(step, loss, lr, eta_s)` is called after
-    every optimizer step; `should_stop()` is polled after every optimizer step: when it returns
-    True, a checkpoint and the LoRA are written and the result has ``stopped=True``.
-    Raises `NonFiniteLossError` (after saving the last good state) on a NaN/inf loss.
+    The run trains in a folder of its own (`trainer.train.runs.prepare_run`: `output_dir`, or
+    ``<output_dir>_2``, ... when that holds another run; it also picks the checkpoint to
+    resume; `run`: one prepared before, as the training node does) and writes checkpoints
+    under ``<run folder>/checkpoints`` and the final LoRA as
+    ``<run folder>/<output_name>.safetensors`` (ComfyUI format) and/or
+    ``<output_name>_diffusers.safetensors``; an existing file is replaced only with
+    `config.overwrite`, else the LoRA goes to ``<output_name>_2...``. `progress(step, loss, lr,
+    eta_s)` is called after every optimizer step; `should_stop()` is polled after every
+    optimizer step: when it returns True, a checkpoint and the LoRA so far (as
+    ``<output_name>_partial_step<N>.safetensors``, never under the final name) are written and
+    the result has ``stopped=True``. Raises `NonFiniteLossError` (after saving the last good
+    state, the LoRA as a partial one) on a NaN/inf loss. Disk block offload writes into
+    ``<offload_blocks_to_disk>/.wan_s2v_offload-<run id>-rank<r>/``, removed when the run
+    ends, however it ends.
 
     Data parallel (torch.distributed initialised, see `trainer.distributed`; `dist` defaults
     to the current group): every process runs this with the same arguments; the global batch
@@ -507,16 +525,32 @@ def train(
     denoising step of a render: it cancels the render (no callback) and stops training as
     between steps. A render that fails otherwise is logged and training goes on.
     """
+    with contextlib.ExitStack() as cleanup:
+        return _train(model, dataset, config, eval_dataset, progress, should_stop, on_log, keep_adapter, save_files,
+                      dist, validation_bundle, on_validation, run, cleanup)
+
+
+def _train(model, dataset, config: TrainConfig, eval_dataset, progress, should_stop, on_log, keep_adapter: bool,
+           save_files: bool, dist: Dist | None, validation_bundle, on_validation, run: RunFolder | None,
+           cleanup: contextlib.ExitStack) -> TrainResult:
+    """`train`'s work; `cleanup` runs when it ends, however it ends."""
     config.validate()
     dist = current_dist() if dist is None else dist
     main = dist.is_main
+    if run is None:  # rank 0 claims the run folder and picks the checkpoint; the others follow
+        run = prepare_run_everywhere(config, model, dataset, dist)
     # Every file of the run stays inside config.roots(): a folder or file of the run that is
     # a symlink to elsewhere is refused here (naming it), before anything is written.
-    output_dir = config.confine(config.output_dir, what="output_dir")
+    output_dir = config.confine(run.path, what="output_dir")
     ckpt_root = config.confine(checkpoint_root(output_dir), what="checkpoints folder")
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_partial(ckpt_root)
+    memory_config = config.memory
+    if memory_config.offload_blocks_to_disk:  # a folder of this run and process, removed at the end
+        spill = Path(memory_config.offload_blocks_to_disk) / f".wan_s2v_offload-{run.run_id}-rank{dist.rank}"
+        memory_config = dataclasses.replace(memory_config, offload_blocks_to_disk=str(spill))
+        cleanup.callback(_remove_offload_folder, spill, model)
     device = config.memory.resolved_device()
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
@@ -526,7 +560,7 @@ def train(
         video_shape = dict(height=8 * lat_h, width=8 * lat_w, frames=4 * (frames - 1) + 1)
     compiled = config.compile_blocks and device.type == "cuda" and hasattr(model, "compile_blocks")
     model.set_token_routes(config.tread_config)  # before the memory setup: regions depend on the routes
-    memory = apply_memory_config(model, config.memory, device, lora_rank=config.lora.lora_rank,
+    memory = apply_memory_config(model, memory_config, device, lora_rank=config.lora.lora_rank,
                                  compile_regions=compiled, **video_shape)
     logger.info("memory: %s", memory.describe())
     logger.info("attention: %s", describe_attention_kernel(device))
@@ -554,12 +588,12 @@ def train(
     global_step = 0
     loss_history: list[tuple[int, float]] = []
     eval_history: list[tuple[int, float]] = []
-    resume_path = resolve_resume(config.resume_from_checkpoint, ckpt_root) if main else None
+    resume_path = run.resume
     if resume_path is not None:
         resume_path = config.confine(resume_path, what="checkpoint to resume from")
-    resume_path = dist.broadcast_object(resume_path)
     if resume_path is not None:
         state = load_checkpoint(resume_path)
+        check_checkpoint_lora(resume_path, state["lora"], params)
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(state["lora"][name])
@@ -645,10 +679,11 @@ def train(
         }
         if crepa is not None:
             training_state["crepa_projector"] = crepa.projector.state_dict()
-        summary = {"loss": loss_history[-1][1] if loss_history else None, "config": config_dict}
+        summary = {"loss": loss_history[-1][1] if loss_history else None, "config": config_dict, "run": run.record()}
         last_checkpoint = save_checkpoint(
             ckpt_root, global_step, {n: p.detach() for n, p in params.items()}, training_state, summary,
             ema=None if ema is None else ema.state_dict(), total_limit=config.checkpoints_total_limit,
+            run_id=run.run_id,
         )
         dist.barrier()
         return last_checkpoint
@@ -659,20 +694,29 @@ def train(
 
     alphas = {name: config.lora.lora_alpha for name in {_peft_key(n).rsplit(".lora_", 1)[0] for n in params}}
 
-    def save_outputs() -> tuple[Path | None, Path | None]:
+    def save_outputs(partial: bool) -> tuple[Path | None, Path | None]:
+        """The LoRA files: ``<output_name>`` at the end, ``<output_name>_partial_step<N>`` for a run
+        that stopped early; numbered when that name is taken (unless `overwrite`)."""
         if not save_files or not main:
             return None, None
         state = final_state()
-        meta = {"ss_steps": str(global_step), "ss_output_name": config.output_name}
+        stem = f"{config.output_name}_partial_step{global_step}" if partial else config.output_name
+        if not config.overwrite:
+            stem = free_stem(output_dir, stem, LORA_SUFFIXES)
+        meta = {"ss_steps": str(global_step), "ss_output_name": config.output_name, "wan_s2v_run_id": run.run_id}
         comfy = diff = None
         dtype = None if config.save_dtype == "fp32" else config.save_dtype
+        kwargs = {"alphas": alphas, "dtype": dtype, "training_config": config_dict, "metadata": meta,
+                  "overwrite": config.overwrite}
         if config.save_comfyui_lora:
-            comfy = save_lora(state, config.confine(output_dir / f"{config.output_name}.safetensors", "LoRA file"),
-                              fmt="comfyui", alphas=alphas, dtype=dtype, training_config=config_dict, metadata=meta)
+            comfy = save_lora(state, config.confine(output_dir / f"{stem}{LORA_SUFFIXES[0]}", "LoRA file"),
+                              fmt="comfyui", **kwargs)
         if config.save_diffusers_lora:
-            diff = save_lora(state, config.confine(output_dir / f"{config.output_name}_diffusers.safetensors",
-                                                   "LoRA file"),
-                             fmt="diffusers", alphas=alphas, dtype=dtype, training_config=config_dict, metadata=meta)
+            diff = save_lora(state, config.confine(output_dir / f"{stem}{LORA_SUFFIXES[1]}", "LoRA file"),
+                             fmt="diffusers", **kwargs)
+        if stem != config.output_name:
+            why = f"the run stopped at step {global_step}" if partial else "that name is taken and overwrite is off"
+            logger.info("LoRA saved as %s (%s)", stem, why)
         return comfy, diff
 
     accum = config.gradient_accumulation_steps
@@ -781,13 +825,13 @@ def train(
         saved = []
         if global_step > 0 and save_files:
             saved.append(str(checkpoint()))
-            saved += [str(p) for p in save_outputs() if p is not None]
+            saved += [str(p) for p in save_outputs(partial=True) if p is not None]
         log.close()
         where = f"; the last good state (step {global_step}) was saved: {', '.join(saved)}" if saved else ""
         raise NonFiniteLossError(f"training stopped: {error}{where}") from None
     log.close()
 
-    lora_path, diffusers_path = save_outputs()
+    lora_path, diffusers_path = save_outputs(partial=stopped)
     at_end = vcfg.validation_on_end or (
         vcfg.validation_step_interval and global_step % vcfg.validation_step_interval == 0)
     if validating and at_end and not stopped and start_step < global_step == config.max_train_steps:
@@ -804,12 +848,24 @@ def train(
         eval_history=eval_history,
         log_path=log.path,
         validation_history=validation_history,
+        run_dir=output_dir,
+        run_id=run.run_id,
     )
     model.set_token_routes(None)
     if not keep_adapter:
         model.delete_adapters(ADAPTER)
     model.eval()
     return result
+
+
+def _remove_offload_folder(folder: Path, model: torch.nn.Module) -> None:
+    """Delete disk block offload's spill folder. The offloader may still read from the open
+    file (POSIX keeps it until closed); where an open file cannot be deleted (Windows) it
+    goes once the offloader is released, or when Python exits."""
+    shutil.rmtree(folder, ignore_errors=True)
+    if folder.exists():
+        owner = getattr(model, "_block_offloader", None) or model
+        weakref.finalize(owner, shutil.rmtree, str(folder), True)
 
 
 def set_threads_from_env() -> None:

@@ -15,6 +15,8 @@ lower the loss by learning the face (reference) and the audio -> motion mapping.
 
 from __future__ import annotations
 
+import json
+
 import torch
 from torch.utils.data import Dataset
 
@@ -36,6 +38,9 @@ class SyntheticTalkingDataset(Dataset):
         buckets: tuple[tuple[int, int, int], ...] | None = None,
         teacher_frames: bool = False,
     ):
+        # what makes the items (not teacher_frames: an extra input of the same items)
+        self._recipe = [num_sources, windows_per_source, latent_frames, height, width, audio_dim, text_dim, text_len,
+                        caption_tokens, channels, seed, buckets]
         g = torch.Generator().manual_seed(seed)
         self.items: list[dict] = []
         mix = torch.randn(audio_dim, channels, generator=g) / audio_dim**0.5
@@ -80,3 +85,7 @@ class SyntheticTalkingDataset(Dataset):
 
     def bucket_of(self, index: int) -> str:
         return self.items[index]["bucket"]
+
+    def fingerprint(self) -> str:
+        """The dataset's identity for resuming (`trainer.train.runs.dataset_fingerprint`)."""
+        return f"synthetic {json.dumps(self._recipe)}"
