@@ -482,7 +482,8 @@ def check_memory_returns_to_baseline(ctx: E2EContext) -> str:
 
 ISOLATION_MEMORY = {"base_model_precision": "no_change", "device": "cpu", "offload": "none",
                     "checkpointing_policy": "full", "checkpoint_interval": 1, "attention_blocks": -1,
-                    "offload_activations": False, "enable_chunked_feed_forward": False, "feed_forward_chunk_size": 0}
+                    "offload_activations": False, "enable_chunked_feed_forward": False,
+                    "feed_forward_chunk_size": 0}
 
 
 def check_failed_runs_change_nothing(ctx: E2EContext) -> str:
@@ -494,8 +495,8 @@ def check_failed_runs_change_nothing(ctx: E2EContext) -> str:
     ids = {v["class_type"]: k for k, v in demo.items()}
     base = {ids[kind]: demo[ids[kind]] for kind in ("WanS2VLoadTransformer", "WanS2VDataset")}
     lora_inputs = demo[ids["WanS2VLoraSettings"]]["inputs"]
-    train_inputs = {k: v for k, v in demo[ids["WanS2VTrainLora"]]["inputs"].items()
-                    if not isinstance(v, list) or k in ("transformer", "dataset")}  # no TREAD/CREPA/validation
+    train_inputs = {k: v for k, v in demo[ids["WanS2VTrainLora"]]["inputs"].items()  # no TREAD, CREPA, ...
+                    if not isinstance(v, list) or k in ("transformer", "dataset")}
     import torch
 
     loras = ctx.server.comfyui / "models" / "loras"
@@ -504,12 +505,13 @@ def check_failed_runs_change_nothing(ctx: E2EContext) -> str:
     def run(name: str, targets: str = "to_q,to_v", **memory: Any):
         graph = {
             **base,
-            "lora": {"class_type": "WanS2VLoraSettings", "inputs": {**lora_inputs, "lora_target_modules": targets}},
+            "lora": {"class_type": "WanS2VLoraSettings",
+                     "inputs": {**lora_inputs, "lora_target_modules": targets}},
             "memory": {"class_type": "WanS2VMemorySettings", "inputs": {**ISOLATION_MEMORY, **memory}},
             "train": {"class_type": "WanS2VTrainLora", "inputs": {
-                **train_inputs, "output_name": f"e2e_isolation_{name}", "max_train_steps": 3, "save_to": "loras",
-                "resume_from_checkpoint": "none", "eval_step_interval": 0, "lora_settings": ["lora", 0],
-                "memory_settings": ["memory", 0]}},
+                **train_inputs, "output_name": f"e2e_isolation_{name}", "max_train_steps": 3,
+                "save_to": "loras", "resume_from_checkpoint": "none", "eval_step_interval": 0,
+                "lora_settings": ["lora", 0], "memory_settings": ["memory", 0]}},
         }
         return ctx.server.wait_for(ctx.server.queue_prompt(graph), timeout=600, raise_on_error=False)
 

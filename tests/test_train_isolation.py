@@ -100,7 +100,7 @@ def _train(model, name: str, *, targets: str = "to_q,to_v", memory=None, dataset
 def _assert_same_lora(lora, reference) -> None:
     assert set(lora.state) == set(reference.state) and lora.alphas == reference.alphas
     different = [k for k in reference.state if not torch.equal(lora.state[k], reference.state[k])]
-    assert not different, f"{len(different)} LoRA tensors differ from a run on a fresh model, e.g. {different[0]}"
+    assert not different, f"{len(different)} LoRA tensors differ from a fresh model's, e.g. {different[0]}"
 
 
 @pytest.fixture(scope="module")
@@ -126,12 +126,13 @@ def test_unknown_target_modules_then_a_normal_run(comfy_dirs, fresh_lora):
 def test_block_offload_runs_then_a_normal_run(comfy_dirs, fresh_lora):
     model = _load()
     in_ram = _train(model, "blocks_ram", memory=_memory(offload="blocks"))
+    spill = comfy_dirs["output"] / "spill"
     on_disk = _train(model, "blocks_disk",
-                     memory=_memory(offload="blocks", offload_blocks_to_disk=str(comfy_dirs["output"] / "spill")))
+                     memory=_memory(offload="blocks", offload_blocks_to_disk=str(spill)))
     # the offload runs themselves train the same LoRA as without offload
     _assert_same_lora(in_ram, fresh_lora)
     _assert_same_lora(on_disk, fresh_lora)
-    assert not any((comfy_dirs["output"] / "spill").iterdir())  # the spill file went with its run
+    assert not any(spill.iterdir())  # the spill file went with its run
     _assert_same_lora(_train(model, "after_blocks"), fresh_lora)
 
 
@@ -140,7 +141,8 @@ def test_quantized_run_then_a_no_change_run(comfy_dirs, fresh_lora, precision):
     model = _load()
     quantized = _train(model, "quantized", memory=_memory(base_model_precision=precision))
     assert any(not torch.equal(quantized.state[k], fresh_lora.state[k]) for k in fresh_lora.state)
-    _assert_same_lora(_train(model, "no_change", memory=_memory(base_model_precision="no_change")), fresh_lora)
+    after = _train(model, "no_change", memory=_memory(base_model_precision="no_change"))
+    _assert_same_lora(after, fresh_lora)
 
 
 # --------------------------------------------------------------------------- the model itself
@@ -186,7 +188,8 @@ def _assert_unchanged(model: torch.nn.Module, before: dict) -> None:
 
 FAILING_SETUPS = {
     "no_change": {},
-    "int8_blocks": {"base_model_precision": "int8-quanto", "offload": "blocks", "checkpointing_policy": "attention"},
+    "int8_blocks": {"base_model_precision": "int8-quanto", "offload": "blocks",
+                    "checkpointing_policy": "attention"},
     "chunked_interval": {"checkpointing_policy": "interval", "checkpoint_interval": 2,
                          "enable_chunked_feed_forward": True, "feed_forward_chunk_size": 16},
     "fp8_disk": {"base_model_precision": "fp8", "offload": "blocks", "offload_activations": True},
@@ -201,8 +204,9 @@ def test_the_model_is_as_loaded_after_a_failing_and_a_successful_run(comfy_dirs,
     if setup == "fp8_disk":
         changes["offload_blocks_to_disk"] = str(comfy_dirs["output"] / "spill")
     memory = _memory(**changes)
+    breaks = BreaksAfter(SyntheticTalkingDataset(text_len=64), 2)
     with pytest.raises(OSError, match="dataset cache could not be read"):
-        _train(model, "broken", memory=memory, dataset=BreaksAfter(SyntheticTalkingDataset(text_len=64), 2), steps=3)
+        _train(model, "broken", memory=memory, dataset=breaks, steps=3)
     _assert_unchanged(model, before)
     _train(model, "works", memory=memory)
     _assert_unchanged(model, before)
@@ -226,12 +230,12 @@ def test_the_sampler_after_training_sees_the_base_weights_and_its_loras(comfy_di
     def render(transformer, lora):
         tiny = samplers.TINY
         with torch.inference_mode():
-            (bundle,) = samplers.WanS2VLoadModelBundle().load(tiny, tiny, tiny, tiny, "float32", "official", "cpu",
-                                                               transformer_model=transformer)
+            (bundle,) = samplers.WanS2VLoadModelBundle().load(
+                tiny, tiny, tiny, tiny, "float32", "official", "cpu", transformer_model=transformer)
             loras = samplers.WanS2VApplyLoRA().apply(lora, 1.0)[0] if lora is not None else None
             frames, _, _ = samplers.WanS2VSampler().sample(
-                bundle, reference_image(), audio, "a man talks", "", 64, 64, 8, 1, 2, 4.5, 0.0, 5, "unipc", "batch",
-                loras=loras, save_mp4=False)
+                bundle, reference_image(), audio, "a man talks", "", 64, 64, 8, 1, 2, 4.5, 0.0, 5, "unipc",
+                "batch", loras=loras, save_mp4=False)
         return frames
 
     fresh = _load()
@@ -240,3 +244,45 @@ def test_the_sampler_after_training_sees_the_base_weights_and_its_loras(comfy_di
     without = render(model, None)
     assert torch.equal(without, render(fresh, None))
     assert not torch.equal(with_lora, without)
+
+
+def test_the_run_copy_shares_the_weights_and_nothing_else():
+    """What a run may do to its copy (compile, hooks, train mode, routes, checkpointing,
+    chunking, casts, int8, LoRA, block offload) never reaches the model; the copy computes
+    what the model computes, over the same storage, with normal (not inference) tensors."""
+    from trainer.memory import MemoryConfig, apply_memory_config
+    from trainer.train.config import TrainConfig
+    from trainer.train.isolation import release, shared_weight_copy
+    from trainer.train.loop import add_lora
+
+    model = _load()
+    before = _snapshot(model)
+    copy = shared_weight_copy(model)
+    pairs = list(zip(model.state_dict(keep_vars=True).items(), copy.state_dict(keep_vars=True).items(),
+                     strict=True))
+    assert all(a == b and x is not y and x.data_ptr() == y.data_ptr() and not y.is_inference()
+               for (a, x), (b, y) in pairs)
+    batch = SyntheticTalkingDataset(text_len=64)[0]
+    inputs = {"hidden_states": batch["latents"][None], "timestep": torch.tensor([500.0]),
+              "encoder_hidden_states": batch["text_embeds"][None],
+              "audio_embeds": batch["audio_embeds"][None], "reference_latents": batch["reference_latents"][None]}
+    with torch.no_grad():
+        assert torch.equal(copy(**inputs).sample, model(**inputs).sample)
+
+    copy.compile_blocks()
+    copy.register_forward_hook(lambda *args: None)
+    copy.blocks[0].register_forward_pre_hook(lambda *args: None)
+    copy.set_token_routes({"routes": [{"selection_ratio": 0.5, "start_layer_idx": 1, "end_layer_idx": -1}]})
+    copy.condition_embedder.to(torch.float64)
+    config = TrainConfig.from_dict({"output_dir": "unused", "mixed_precision": "no"})
+    memory = MemoryConfig(device="cpu", base_model_precision="int8-quanto", offload="blocks",
+                          gradient_checkpointing="attention", attention_blocks=1)
+    setup = apply_memory_config(copy, memory, "cpu")
+    add_lora(copy, config)
+    setup.after_lora()
+    copy.train()
+    assert copy._block_offloader is not None
+    _assert_unchanged(model, before)
+    release(copy)
+    _assert_unchanged(model, before)
+    assert not list(copy.parameters()) and "_block_and_audio" not in copy.__dict__

@@ -140,7 +140,10 @@ def apply_memory_config(
         config, sentence = planned.config, planned.sentence
     if config.offload == "blocks" and getattr(model, "_hf_hook", None) is not None:
         raise MemoryConfigError(EXCLUSIVE_OFFLOAD_MESSAGE)
-    converted = apply_precision(model, config.base_model_precision)
+    # Without offload the converted layers are built on the device: the run may share its host
+    # weights with a cached model (trainer.train.isolation), so no host copy is made beside them.
+    converted = apply_precision(model, config.base_model_precision,
+                                device if config.offload == "none" else None)
     regions = compile_regions and regions_apply(config, bool(getattr(model, "token_routes", None)))
     labels = configure_checkpointing(model, config, compile_regions=regions)
     model.set_feed_forward_chunk_size(config.resolved_feed_forward_chunk_size())

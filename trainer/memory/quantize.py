@@ -38,6 +38,13 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _placed(layer: nn.Module, device: torch.device | None) -> nn.Module:
+    """`layer` moved to `device` (None: left where it is) before it is converted, so that the
+    converted layer is built where it will run, one layer at a time, and no converted copy
+    of the whole model is made in host memory beside the weights the layer came from."""
+    return layer if device is None else layer.to(device)
+
+
 def _refuse_adapters(model: nn.Module) -> None:
     if getattr(model, "peft_config", None):
         raise RuntimeError("convert the base weights before adding a LoRA adapter")
@@ -112,8 +119,10 @@ class Fp8Linear(nn.Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8_e4m3fn, scale"
 
 
-def quantize_fp8(model: nn.Module, compute_dtype: torch.dtype | None = None) -> int:
-    """Replace the blocks' and audio injectors' Linears with `Fp8Linear`. Returns the count.
+def quantize_fp8(model: nn.Module, compute_dtype: torch.dtype | None = None,
+                 device: torch.device | None = None) -> int:
+    """Replace the blocks' and audio injectors' Linears with `Fp8Linear` (built on `device`,
+    see `_placed`). Returns the count.
 
     Layers that already are `Fp8Linear` (loaded with ``load_transformer(..., keep_fp8=True)``
     from a scaled-fp8 file, or converted before) are left exactly as they are.
@@ -123,14 +132,15 @@ def quantize_fp8(model: nn.Module, compute_dtype: torch.dtype | None = None) -> 
     for name, linear in targets:
         if isinstance(linear, Fp8Linear):
             continue
-        _replace(model, name, Fp8Linear.from_linear(linear, compute_dtype))
+        _replace(model, name, Fp8Linear.from_linear(_placed(linear, device), compute_dtype))
     return len(targets)
 
 
-def quantize_int8_quanto(model: nn.Module) -> int:
+def quantize_int8_quanto(model: nn.Module, device: torch.device | None = None) -> int:
     """optimum-quanto qint8 weights (per output channel scales) on the same Linears, frozen
-    (the float weights are dropped). An `Fp8Linear` (a kept scaled-fp8 weight) is dequantized
-    to its compute dtype first, one layer at a time. Returns the count."""
+    (the float weights are dropped), built on `device` (see `_placed`). An `Fp8Linear` (a
+    kept scaled-fp8 weight) is dequantized to its compute dtype first, one layer at a time.
+    Returns the count."""
     _refuse_adapters(model)
     try:
         from optimum.quanto import QLinear, qint8
@@ -140,6 +150,7 @@ def quantize_int8_quanto(model: nn.Module) -> int:
     for name, linear in targets:
         if isinstance(linear, QLinear):
             continue
+        linear = _placed(linear, device)
         if isinstance(linear, Fp8Linear):
             linear = linear.to_linear()
         qlinear = QLinear.from_module(linear, weights=qint8)
@@ -149,28 +160,30 @@ def quantize_int8_quanto(model: nn.Module) -> int:
     return len(targets)
 
 
-def dequantize_fp8(model: nn.Module) -> int:
+def dequantize_fp8(model: nn.Module, device: torch.device | None = None) -> int:
     """Replace every `Fp8Linear` by a plain Linear in its compute dtype (w = fp8 * scale, the
-    values a dequantizing load gives), one layer at a time. Returns the count."""
+    values a dequantizing load gives), one layer at a time, built on `device` (see
+    `_placed`). Returns the count."""
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, Fp8Linear)]
     if targets:  # nothing to do is fine with an adapter in place
         _refuse_adapters(model)
     for name, layer in targets:
-        _replace(model, name, layer.to_linear())
+        _replace(model, name, _placed(layer, device).to_linear())
     return len(targets)
 
 
-def apply_precision(model: nn.Module, precision: str) -> int:
+def apply_precision(model: nn.Module, precision: str, device: torch.device | None = None) -> int:
     """Convert the base weights for `precision` ("no_change", "int8-quanto", "fp8"; NF4/int4 are
-    refused). Returns how many Linear layers were converted. "no_change" trains on the weights
-    in their compute dtype: layers kept in fp8 by the loader (``keep_fp8``) are dequantized,
-    as a load without it would have given them."""
+    refused), each converted layer built on `device` (None: where it is). Returns how many
+    Linear layers were converted. "no_change" trains on the weights in their compute dtype:
+    layers kept in fp8 by the loader (``keep_fp8``) are dequantized, as a load without it
+    would have given them."""
     precision = normalize_precision(precision)
     if precision == "no_change":
-        return dequantize_fp8(model)
+        return dequantize_fp8(model, device)
     if precision == "fp8":
-        return quantize_fp8(model)
-    return quantize_int8_quanto(model)
+        return quantize_fp8(model, device=device)
+    return quantize_int8_quanto(model, device)
 
 
 def keeps_fp8_on_load(config) -> bool:

@@ -56,7 +56,9 @@ def shared_weight_copy(model: nn.Module) -> nn.Module:
             return None
         if id(t) not in tensors:
             alias = _alias(t)
-            tensors[id(t)] = nn.Parameter(alias, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else alias
+            if isinstance(t, nn.Parameter):
+                alias = nn.Parameter(alias, requires_grad=t.requires_grad)
+            tensors[id(t)] = alias
         return tensors[id(t)]
 
     def module(m: nn.Module) -> nn.Module:
@@ -64,7 +66,8 @@ def shared_weight_copy(model: nn.Module) -> nn.Module:
             return modules[id(m)]
         new = object.__new__(type(m))
         modules[id(m)] = new
-        state = {key: type(value)(value) if type(value) in _CONTAINERS else value for key, value in m.__dict__.items()}
+        state = {key: type(value)(value) if type(value) in _CONTAINERS else value
+                 for key, value in m.__dict__.items()}
         state["_parameters"] = {name: tensor(p) for name, p in m._parameters.items()}
         state["_buffers"] = {name: tensor(b) for name, b in m._buffers.items()}
         state["_modules"] = {name: None if c is None else module(c) for name, c in m._modules.items()}

@@ -814,4 +814,3 @@ def set_threads_from_env() -> None:
     threads = os.environ.get("WAN_S2V_TRAIN_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
-
