@@ -140,8 +140,8 @@ def apply_memory_config(
         config, sentence = planned.config, planned.sentence
     if config.offload == "blocks" and getattr(model, "_hf_hook", None) is not None:
         raise MemoryConfigError(EXCLUSIVE_OFFLOAD_MESSAGE)
-    # Without offload the converted layers are built on the device: the run may share its host
-    # weights with a cached model (trainer.train.isolation), so no host copy is made beside them.
+    # Without offload each converted layer goes to the device at once: the run may share its host
+    # weights with a cached model (trainer.train.isolation), so no converted host copy builds up.
     converted = apply_precision(model, config.base_model_precision,
                                 device if config.offload == "none" else None)
     regions = compile_regions and regions_apply(config, bool(getattr(model, "token_routes", None)))
