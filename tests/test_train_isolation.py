@@ -263,8 +263,8 @@ def test_the_run_copy_shares_the_weights_and_nothing_else():
     assert all(a == b and x is not y and x.data_ptr() == y.data_ptr() and not y.is_inference()
                for (a, x), (b, y) in pairs)
     batch = SyntheticTalkingDataset(text_len=64)[0]
-    names = {"hidden_states": "latents", "encoder_hidden_states": "text_embeds", "audio_embeds": "audio_embeds",
-             "reference_latents": "reference_latents"}
+    names = {"hidden_states": "latents", "encoder_hidden_states": "text_embeds",
+             "audio_embeds": "audio_embeds", "reference_latents": "reference_latents"}
     inputs = {name: batch[key][None] for name, key in names.items()} | {"timestep": torch.tensor([500.0])}
     with torch.no_grad():
         assert torch.equal(copy(**inputs).sample, model(**inputs).sample)
