@@ -394,15 +394,16 @@ def check_gpu_count(gpus: int) -> None:
 def _train_here(transformer, dataset, config, extras: TrainExtras, relay: EventRelay, run):
     import torch
 
-    from ..trainer.train.loop import detach_inference_tensors, train
+    from ..trainer.train.isolation import run_local_model
+    from ..trainer.train.loop import train
 
     kwargs: dict[str, Any] = {}
     if extras.validation_settings is not None:
         kwargs.update(validation_bundle=extras.validation_model, on_validation=relay.on_validation)
-    with torch.inference_mode(False), torch.enable_grad():
-        detach_inference_tensors(transformer)
+    # ComfyUI hands every prompt the same cached transformer: train on the run's own copy of it.
+    with torch.inference_mode(False), torch.enable_grad(), run_local_model(transformer) as model:
         result = train(
-            transformer, _ClonedItems(dataset), config,
+            model, _ClonedItems(dataset), config,
             eval_dataset=None if extras.eval_dataset is None else _ClonedItems(extras.eval_dataset),
             progress=relay.progress, should_stop=comfy_adapter.interrupt_requested, keep_adapter=False,
             on_log=relay.on_log, run=run, **kwargs,

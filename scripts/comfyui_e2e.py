@@ -480,6 +480,77 @@ def check_memory_returns_to_baseline(ctx: E2EContext) -> str:
     return numbers
 
 
+ISOLATION_MEMORY = {"base_model_precision": "no_change", "device": "cpu", "offload": "none",
+                    "checkpointing_policy": "full", "checkpoint_interval": 1, "attention_blocks": -1,
+                    "offload_activations": False, "enable_chunked_feed_forward": False,
+                    "feed_forward_chunk_size": 0}
+
+
+def check_failed_runs_change_nothing(ctx: E2EContext) -> str:
+    """ComfyUI hands every prompt the same cached Load Wan S2V Transformer output. On it, in
+    one server: a normal run (the reference), a run with an unknown lora_target_modules
+    (fails), block offload in RAM and on disk, an int8-quanto run, each followed by a normal
+    run; every normal run writes a LoRA file bit-identical to the reference's."""
+    demo = tiny_demo_api(ctx)
+    ids = {v["class_type"]: k for k, v in demo.items()}
+    base = {ids[kind]: demo[ids[kind]] for kind in ("WanS2VLoadTransformer", "WanS2VDataset")}
+    lora_inputs = demo[ids["WanS2VLoraSettings"]]["inputs"]
+    train_inputs = {k: v for k, v in demo[ids["WanS2VTrainLora"]]["inputs"].items()  # no TREAD, CREPA, ...
+                    if not isinstance(v, list) or k in ("transformer", "dataset")}
+    import torch
+
+    loras = ctx.server.comfyui / "models" / "loras"
+    read_lora_file = _repo_import("trainer.lora.io").read_lora_file
+
+    def run(name: str, targets: str = "to_q,to_v", **memory: Any):
+        graph = {
+            **base,
+            "lora": {"class_type": "WanS2VLoraSettings",
+                     "inputs": {**lora_inputs, "lora_target_modules": targets}},
+            "memory": {"class_type": "WanS2VMemorySettings", "inputs": {**ISOLATION_MEMORY, **memory}},
+            "train": {"class_type": "WanS2VTrainLora", "inputs": {
+                **train_inputs, "output_name": f"e2e_isolation_{name}", "max_train_steps": 3,
+                "save_to": "loras", "resume_from_checkpoint": "none", "eval_step_interval": 0,
+                "lora_settings": ["lora", 0], "memory_settings": ["memory", 0]}},
+        }
+        return ctx.server.wait_for(ctx.server.queue_prompt(graph), timeout=600, raise_on_error=False)
+
+    def lora(name: str) -> dict[str, Any]:
+        path = loras / f"e2e_isolation_{name}.safetensors"
+        if not path.is_file():
+            raise CheckFailed(f"run {name} wrote no LoRA at {path}")
+        return read_lora_file(path).state
+
+    def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    for old in loras.glob("e2e_isolation_*.safetensors"):
+        old.unlink()
+    spill = ctx.server.output_dir / "e2e_isolation_spill"
+    steps = [("typo", {"targets": "to_qq"}), ("after_typo", {}),
+             ("blocks", {"offload": "blocks"}), ("after_blocks", {}),
+             ("disk", {"offload": "blocks", "offload_blocks_to_disk": str(spill)}), ("after_disk", {}),
+             ("int8", {"base_model_precision": "int8-quanto"}), ("after_int8", {})]
+    results = {"reference": run("reference")}
+    for name, changes in steps:
+        results[name] = run(name, **changes)
+    failed = [name for name, result in results.items() if (result.status != "success") != (name == "typo")]
+    if failed:
+        raise CheckFailed("unexpected outcome of " + "; ".join(
+            f"{name}: {results[name].status} {(results[name].error or {}).get('exception_message', '')}"
+            for name in failed))
+    reference = lora("reference")
+    differ = [name for name in ("after_typo", "after_blocks", "after_disk", "after_int8")
+              if not same(lora(name), reference)]
+    if differ:
+        raise CheckFailed(f"normal runs after {differ} trained another LoRA than the first normal run")
+    if same(lora("int8"), reference):
+        raise CheckFailed("the int8-quanto run trained the same LoRA as no_change: it did not quantize")
+    message = (results["typo"].error or {}).get("exception_message", "").strip().splitlines()[0]
+    return (f"{len(results)} prompts on one cached transformer; the unknown-target run failed ({message}); "
+            "4 normal runs after it, block offload (RAM, disk) and int8 match the reference LoRA bit for bit")
+
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 SCREENSHOT = REPO_ROOT / "docs" / "screenshot_loss_chart.png"
@@ -623,6 +694,7 @@ CHECKS: list[tuple[str, Check]] = [
     ("tiny demo workflow", check_tiny_demo_workflow),
     ("sampler VIDEO into native Save Video", check_sampler_video_into_native_save_video),
     ("memory returns to baseline", check_memory_returns_to_baseline),
+    ("failed runs change nothing", check_failed_runs_change_nothing),
     ("browser: workflows and loss chart", check_browser_workflows_and_loss_chart),
 ]
 

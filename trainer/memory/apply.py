@@ -140,7 +140,10 @@ def apply_memory_config(
         config, sentence = planned.config, planned.sentence
     if config.offload == "blocks" and getattr(model, "_hf_hook", None) is not None:
         raise MemoryConfigError(EXCLUSIVE_OFFLOAD_MESSAGE)
-    converted = apply_precision(model, config.base_model_precision)
+    # Without offload each converted layer goes to the device at once: the run may share its host
+    # weights with a cached model (trainer.train.isolation), so no converted host copy builds up.
+    converted = apply_precision(model, config.base_model_precision,
+                                device if config.offload == "none" else None)
     regions = compile_regions and regions_apply(config, bool(getattr(model, "token_routes", None)))
     labels = configure_checkpointing(model, config, compile_regions=regions)
     model.set_feed_forward_chunk_size(config.resolved_feed_forward_chunk_size())

@@ -20,6 +20,7 @@ and every copied tensor is `record_stream`-ed on the compute stream.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -175,6 +176,21 @@ class BlockOffloader:
         del self.model.__dict__["_block_and_audio"]
         self.model.__dict__.pop("_block_offloader", None)
         self._original = None
+
+    def close(self) -> None:
+        """End of the run without putting the weights back (`remove` does that): drop the
+        wrapper, the host copies, the copies in flight and the spill file. The swapped
+        weights stay placeholders, so the model cannot run blocks afterwards."""
+        self.model.__dict__.pop("_block_and_audio", None)
+        self.model.__dict__.pop("_block_offloader", None)
+        self._original = None
+        self.entries = [[] for _ in self.regions]
+        self.pending.clear()
+        self.active.clear()
+        if self._disk is not None:
+            self._disk = None
+            with contextlib.suppress(OSError):  # Windows keeps a file that is still mapped
+                (self.disk_dir / "block_offload.safetensors").unlink()
 
     # ------------------------------------------------------------------ swapping
 

@@ -39,6 +39,14 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _placed(layer: nn.Module, device: torch.device | None) -> nn.Module:
+    """A converted `layer` moved to `device` (None: left where it was converted) right away,
+    so that host memory never holds more than one converted layer beside the weights the
+    layers came from (which may be a cached model's). Converting stays on the CPU: the same
+    numbers as converting the whole model there first."""
+    return layer if device is None else layer.to(device)
+
+
 def _refuse_adapters(model: nn.Module) -> None:
     if getattr(model, "peft_config", None):
         raise RuntimeError("convert the base weights before adding a LoRA adapter")
@@ -113,8 +121,10 @@ class Fp8Linear(nn.Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8_e4m3fn, scale"
 
 
-def quantize_fp8(model: nn.Module, compute_dtype: torch.dtype | None = None) -> int:
-    """Replace the blocks' and audio injectors' Linears with `Fp8Linear`. Returns the count.
+def quantize_fp8(model: nn.Module, compute_dtype: torch.dtype | None = None,
+                 device: torch.device | None = None) -> int:
+    """Replace the blocks' and audio injectors' Linears with `Fp8Linear` (moved to `device`,
+    see `_placed`). Returns the count.
 
     Layers that already are `Fp8Linear` (loaded with ``load_transformer(..., keep_fp8=True)``
     from a scaled-fp8 file, or converted before) are left exactly as they are.
@@ -124,14 +134,15 @@ def quantize_fp8(model: nn.Module, compute_dtype: torch.dtype | None = None) -> 
     for name, linear in targets:
         if isinstance(linear, Fp8Linear):
             continue
-        _replace(model, name, Fp8Linear.from_linear(linear, compute_dtype))
+        _replace(model, name, _placed(Fp8Linear.from_linear(linear, compute_dtype), device))
     return len(targets)
 
 
-def quantize_int8_quanto(model: nn.Module) -> int:
+def quantize_int8_quanto(model: nn.Module, device: torch.device | None = None) -> int:
     """optimum-quanto qint8 weights (per output channel scales) on the same Linears, frozen
-    (the float weights are dropped). An `Fp8Linear` (a kept scaled-fp8 weight) is dequantized
-    to its compute dtype first, one layer at a time. Returns the count."""
+    (the float weights are dropped), moved to `device` (see `_placed`). An `Fp8Linear` (a
+    kept scaled-fp8 weight) is dequantized to its compute dtype first, one layer at a time.
+    Returns the count."""
     _refuse_adapters(model)
     quanto = import_optional("optimum.quanto", 'base_model_precision "int8-quanto"')
     QLinear, qint8 = quanto.QLinear, quanto.qint8
@@ -144,32 +155,34 @@ def quantize_int8_quanto(model: nn.Module) -> int:
         qlinear = QLinear.from_module(linear, weights=qint8)
         qlinear.freeze()
         qlinear.requires_grad_(False)
-        _replace(model, name, qlinear)
+        _replace(model, name, _placed(qlinear, device))
     return len(targets)
 
 
-def dequantize_fp8(model: nn.Module) -> int:
+def dequantize_fp8(model: nn.Module, device: torch.device | None = None) -> int:
     """Replace every `Fp8Linear` by a plain Linear in its compute dtype (w = fp8 * scale, the
-    values a dequantizing load gives), one layer at a time. Returns the count."""
+    values a dequantizing load gives), one layer at a time, moved to `device` (see
+    `_placed`). Returns the count."""
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, Fp8Linear)]
     if targets:  # nothing to do is fine with an adapter in place
         _refuse_adapters(model)
     for name, layer in targets:
-        _replace(model, name, layer.to_linear())
+        _replace(model, name, _placed(layer.to_linear(), device))
     return len(targets)
 
 
-def apply_precision(model: nn.Module, precision: str) -> int:
+def apply_precision(model: nn.Module, precision: str, device: torch.device | None = None) -> int:
     """Convert the base weights for `precision` ("no_change", "int8-quanto", "fp8"; NF4/int4 are
-    refused). Returns how many Linear layers were converted. "no_change" trains on the weights
-    in their compute dtype: layers kept in fp8 by the loader (``keep_fp8``) are dequantized,
-    as a load without it would have given them."""
+    refused), each converted layer moved to `device` (None: left where it is). Returns how many
+    Linear layers were converted. "no_change" trains on the weights in their compute dtype:
+    layers kept in fp8 by the loader (``keep_fp8``) are dequantized, as a load without it
+    would have given them."""
     precision = normalize_precision(precision)
     if precision == "no_change":
-        return dequantize_fp8(model)
+        return dequantize_fp8(model, device)
     if precision == "fp8":
-        return quantize_fp8(model)
-    return quantize_int8_quanto(model)
+        return quantize_fp8(model, device=device)
+    return quantize_int8_quanto(model, device)
 
 
 def keeps_fp8_on_load(config) -> bool:

@@ -873,20 +873,3 @@ def set_threads_from_env() -> None:
     threads = os.environ.get("WAN_S2V_TRAIN_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
-
-
-def detach_inference_tensors(model: torch.nn.Module) -> int:
-    """Replace parameters/buffers created under `torch.inference_mode()` (as ComfyUI runs every
-    node) by normal tensors, one at a time, so autograd can save them; returns how many."""
-    replaced = 0
-    with torch.inference_mode(False):
-        for module in model.modules():
-            for name, param in list(module._parameters.items()):
-                if param is not None and param.is_inference():
-                    module._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=param.requires_grad)
-                    replaced += 1
-            for name, buf in list(module._buffers.items()):
-                if buf is not None and buf.is_inference():
-                    module._buffers[name] = buf.clone()
-                    replaced += 1
-    return replaced
