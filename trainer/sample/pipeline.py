@@ -6,7 +6,8 @@ Per chunk r of `frames_per_chunk` (F, 4k) video frames:
 - audio features: window r of the per-frame wav2vec2 features (frames [rF, (r+1)F));
   the unconditional pass gets zeroed audio features and the negative prompt;
 - pose: F frames of the pose video (with its first frame prepended, VAE-encoded, first
-  latent dropped), or zero latents without a pose video (official);
+  latent dropped), or zero latents without a pose video (`trainer.model.conditioning`, the
+  same forward inputs training uses);
 - chunk 0 runs without motion tokens (the official `drop_first_motion`); it is decoded with
   the reference latent prepended, the last F frames kept and their first 3 dropped
   (F - 3 frames out);
@@ -35,6 +36,7 @@ import torch
 
 from ..model.audio_encoder import encode_speech
 from ..model.audio_features import audio_features_for_video, audio_window
+from ..model.conditioning import stack_pose_latents, transformer_inputs
 from ..model.text_encoder import encode_prompt
 from ..model.vae import decode_latents, encode_video
 from .bundle import ModelBundle
@@ -241,8 +243,7 @@ def sample_s2v(
                 _placed(transformer, device, offload):
             for r in range(chunks):
                 audio_in = audio_window(features, r, F)
-                pose = pose_latents[r] if pose_latents is not None else \
-                    torch.zeros(1, 16, latent_t, latent_h, latent_w, device=device)
+                pose = pose_latents[r] if pose_latents is not None else None
                 cond = {"context": context, "audio": audio_in, "pose": pose}
                 uncond = {"context": context_null, "audio": audio_in * 0.0, "pose": pose} if use_cfg else None
                 latents = denoise_chunk(
@@ -329,21 +330,25 @@ def _pose_latents(vae, pose_video, chunks: int, F: int, width: int, height: int,
 
 def _guided_velocity(transformer, latents, timestep, ref_latents, motion, cond, uncond, guidance: float,
                      cfg_mode: str, numerics: str | None) -> torch.Tensor:
-    """Classifier-free guided velocity u + g (c - u); uncond = negative prompt + zero audio."""
+    """Classifier-free guided velocity u + g (c - u); uncond = negative prompt + zero audio.
+    cond/uncond["pose"]: [1, 16, T, h, w] pose latents or None (no pose video)."""
+    numerics = numerics or transformer.numerics  # None: the model's own setting
 
     def run(x, t, context, audio, pose, ref, mot):
-        out = transformer(x, t, context, audio_embeds=audio, reference_latents=ref, pose_latents=pose,
-                          motion_latents=mot, numerics=numerics)
-        return out.sample.float()
+        kwargs = transformer_inputs(x, t, context, audio, ref, numerics=numerics, pose_latents=pose,
+                                    motion_latents=mot)
+        return transformer(**kwargs).sample.float()
 
     if uncond is None:
         return run(latents, timestep, cond["context"], cond["audio"], cond["pose"], ref_latents, motion)
     if cfg_mode == "batch":
+        pose = stack_pose_latents([None if p is None else p[0] for p in (cond["pose"], uncond["pose"])],
+                                  torch.cat([latents, latents]))
         both = run(
             torch.cat([latents, latents]), timestep.expand(2),
             torch.cat([cond["context"], uncond["context"]]),
             torch.cat([cond["audio"], uncond["audio"]]),
-            torch.cat([cond["pose"], uncond["pose"]]),
+            pose,
             torch.cat([ref_latents, ref_latents]),
             None if motion is None else torch.cat([motion, motion]),
         )

@@ -33,6 +33,7 @@ from ..io_utils import free_stem
 from ..lora.io import save_lora
 from ..memory import apply_memory_config
 from ..model.attention import describe_attention_kernel
+from ..model.conditioning import stack_pose_latents, transformer_inputs
 from .batching import BatchOrder, collate, mark_pose_dropout
 from .checkpoint import checkpoint_root, load_checkpoint, remove_partial, save_checkpoint
 from .config import TrainConfig
@@ -286,12 +287,17 @@ def prepare_inputs(
         text[drops[:, 0] < config.caption_dropout_probability] = 0.0
         audio[drops[:, 1] < config.audio_dropout_probability] = 0.0
     motion = batch.get("motion_latents") if (train and use_motion and motion_ok) else None
+    pose = stack_pose_latents(batch.get("pose_latents"), latents)
     return {
         "latents": latents.to(device),
         "encoder_hidden_states": text.to(device),
         "audio_embeds": audio.to(device),
         "reference_latents": ref.float().to(device),
         "motion_latents": None if motion is None else motion.float().to(device),
+        # [B, 16, T, H, W] or None; items without a pose video hold zero rows
+        "pose_latents": None if pose is None else pose.float().to(device),
+        # [B] bool of items trained as without a pose video (no pose video, or pose dropout), or None
+        "drop_pose": None if batch.get("pose_dropped") is None else batch["pose_dropped"].to(device),
         "teacher_frames": None if "teacher_frames" not in batch else batch["teacher_frames"].float().to(device),
     }
 
@@ -314,17 +320,14 @@ def compute_losses(
     noise = noise.to(device)
     noisy = add_noise(x0, noise, sigmas)
     crepa_weight = crepa.config.weight(step) if crepa is not None else 0.0
+    # the conditioning the sampler gives the model too (zero pose latents without a pose video)
+    kwargs = transformer_inputs(
+        noisy, timesteps_from_sigmas(sigmas).to(device), inputs["encoder_hidden_states"], inputs["audio_embeds"],
+        inputs["reference_latents"], numerics=config.numerics, pose_latents=inputs.get("pose_latents"),
+        drop_pose=inputs.get("drop_pose"), motion_latents=inputs["motion_latents"],
+    )
     with _autocast(config, device):
-        out = model(
-            hidden_states=noisy,
-            timestep=timesteps_from_sigmas(sigmas).to(device),
-            encoder_hidden_states=inputs["encoder_hidden_states"],
-            audio_embeds=inputs["audio_embeds"],
-            reference_latents=inputs["reference_latents"],
-            motion_latents=inputs["motion_latents"],
-            numerics=config.numerics,
-            capture_block=crepa.config.crepa_block_index if crepa_weight > 0 else None,
-        )
+        out = model(**kwargs, capture_block=crepa.config.crepa_block_index if crepa_weight > 0 else None)
     loss = flow_loss(out.sample, velocity_target(x0, noise))
     parts = {"flow_loss": loss.item()}
     if crepa_weight > 0:
