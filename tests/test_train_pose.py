@@ -25,7 +25,7 @@ def test_pose_dropout_probability_setting():
     assert TrainConfig.from_dict(config.to_flat_dict()) == config
     assert TrainConfig.from_dict({"pose_dropout_probability": 1}).pose_dropout_probability == 1
     for bad in (-0.1, 1.5, "0.5", True, None, math.nan):
-        with pytest.raises(ValueError, match=r"pose_dropout_probability must be a number in \[0, 1\]"):
+        with pytest.raises(ValueError, match=r"pose_dropout_probability must be a finite number in \[0, 1\]"):
             TrainConfig.from_dict({"pose_dropout_probability": bad})
 
 
