@@ -534,21 +534,25 @@ def check_failed_runs_change_nothing(ctx: E2EContext) -> str:
     results = {"reference": run("reference")}
     for name, changes in steps:
         results[name] = run(name, **changes)
-    failed = [name for name, result in results.items() if (result.status != "success") != (name == "typo")]
+    errors = {name: (r.error or {}).get("exception_message", "").strip() for name, r in results.items()}
+    # optimum-quanto is optional: without it in ComfyUI's environment the int8 run fails, clearly.
+    no_quanto = "optimum-quanto" in errors["int8"]
+    must_fail = {"typo", "int8"} if no_quanto else {"typo"}
+    failed = [name for name, r in results.items() if (r.status != "success") != (name in must_fail)]
     if failed:
         raise CheckFailed("unexpected outcome of " + "; ".join(
-            f"{name}: {results[name].status} {(results[name].error or {}).get('exception_message', '')}"
-            for name in failed))
+            f"{name}: {results[name].status} {errors[name]}" for name in failed))
     reference = lora("reference")
     differ = [name for name in ("after_typo", "after_blocks", "after_disk", "after_int8")
               if not same(lora(name), reference)]
     if differ:
         raise CheckFailed(f"normal runs after {differ} trained another LoRA than the first normal run")
-    if same(lora("int8"), reference):
+    if not no_quanto and same(lora("int8"), reference):
         raise CheckFailed("the int8-quanto run trained the same LoRA as no_change: it did not quantize")
-    message = (results["typo"].error or {}).get("exception_message", "").strip().splitlines()[0]
-    return (f"{len(results)} prompts on one cached transformer; the unknown-target run failed ({message}); "
-            "4 normal runs after it, block offload (RAM, disk) and int8 match the reference LoRA bit for bit")
+    int8 = "an int8 run that failed (no optimum-quanto in ComfyUI's environment)" if no_quanto else "int8"
+    return (f"{len(results)} prompts on one cached transformer; the unknown-target run failed "
+            f"({errors['typo'].splitlines()[0]}); the normal runs after it, after block offload (RAM, disk) "
+            f"and after {int8} match the reference LoRA bit for bit")
 
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -1,12 +1,12 @@
 """Training never changes the transformer ComfyUI caches.
 
 ComfyUI caches node outputs: the model of "Load Wan S2V Transformer" is the same object for
-every queued prompt (and for the sampler beside the training node). Each test here drives
-the training node's own code (`WanS2VTrainLora.train` -> `run_training_node`) on one such
-model (the tiny one, CPU), lets a run fail or use another memory mode first, and then
-requires a normal run on that model to train exactly (bit for bit) the LoRA that a normal
-run on a freshly loaded model trains; and the model's weights, modules, hooks and
-attributes to be exactly as loaded.
+every queued prompt (and for the sampler beside the training node). The tests drive the
+training node's own code (`WanS2VTrainLora.train` -> `run_training_node`) on one such model
+(the tiny one, CPU), let a run fail or use another memory mode first, and then require a
+normal run on that model to train exactly (bit for bit) the LoRA that a normal run on a
+freshly loaded model trains, the sampler to render what it renders on a fresh model, and
+the model's weights, modules, hooks and attributes to be exactly as loaded.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ def _load():
     return model
 
 
-def _defaults(node_class, group: str = "required", **changes):
-    values = {k: v[1]["default"] for k, v in node_class.INPUT_TYPES()[group].items() if "default" in v[1]}
+def _defaults(node_class, **changes):
+    values = {k: v[1]["default"] for k, v in node_class.INPUT_TYPES()["required"].items() if "default" in v[1]}
     values.update(changes)
     return values
 

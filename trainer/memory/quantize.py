@@ -42,8 +42,8 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def _placed(layer: nn.Module, device: torch.device | None) -> nn.Module:
     """A converted `layer` moved to `device` (None: left where it was converted) right away,
     so that host memory never holds more than one converted layer beside the weights the
-    layers came from (which may be a cached model's). Converting stays on the CPU: the same
-    numbers as converting the whole model there first."""
+    layers came from (which may be a cached model's). The conversion itself still runs where
+    the weights are: the same numbers as converting the whole model there first."""
     return layer if device is None else layer.to(device)
 
 
