@@ -286,7 +286,8 @@ def denoise_chunk(
     label: str = "",
 ) -> torch.Tensor:
     """Denoise one chunk from the noise of seed `cfg.seed + chunk`; returns the clean latents
-    [1, 16, T, h, w] (float32). cond/uncond: {"context", "audio", "pose"}; uncond None = no CFG."""
+    [1, 16, T, h, w] (float32). cond/uncond: {"context", "audio", "pose"} ("pose": None without a
+    pose video); uncond None = no CFG."""
     generator = torch.Generator().manual_seed(int(cfg.seed) + chunk)
     latents = torch.randn(*shape, generator=generator).to(device)
     scheduler = make_scheduler(cfg, device)

@@ -265,8 +265,9 @@ def prepare_inputs(
     batch: dict[str, Any], config: TrainConfig, generator: torch.Generator, device: torch.device, train: bool = True,
     global_size: int | None = None, offset: int = 0, motion_ok: bool = True,
 ) -> dict[str, Any]:
-    """Apply reference choice, caption/audio dropout and motion context to a collated batch.
-    Draws from `generator` in a fixed order (even for settings that are off).
+    """Apply reference choice, caption/audio dropout and motion context to a collated batch,
+    and stack its pose latents (``pose_latents``: a [B, 16, T, H, W] tensor or one [16, T, H, W]
+    or None per item). Draws from `generator` in a fixed order (even for settings that are off).
 
     Data parallel: `batch` is rows ``offset:offset + len`` of a global batch of `global_size`
     items; the per-item draws are made for the whole global batch and sliced, so every
