@@ -133,7 +133,9 @@ def test_trained_lora_renders_its_training_clips(tmp_path):
     ratio = sum(out["after"]) / sum(out["before"])
     print(f"RMS to clip untrained {out['before']} -> trained {out['after']}: ratio {ratio:.3f}; "
           f"loss {out['loss'][0]:.3f} -> {out['loss'][1]:.3f}; training {out['train_seconds']:.0f} s")
-    assert ratio < 0.6, out
+    # Reached: 0.30. Deliberately broken runs: LoRA file loaded one block off 0.69, the
+    # velocity target's sign flipped 1.72 (renders nearer other clips than their own).
+    assert ratio < 0.45, out
     for index, row in enumerate(out["cross"]):
         others = [d for j, d in enumerate(row) if j != index]
         assert row[index] < 0.75 * min(others), (index, row)
