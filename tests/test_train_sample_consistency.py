@@ -7,15 +7,16 @@ that clip, and integrating it from noise lands on the clip. A LoRA trained by th
 the real sampler (`denoise_chunk`: UniPC on the official shifted sigmas, integer timesteps,
 guidance 1), loaded back from the ComfyUI file the loop wrote, must therefore bring each
 render much nearer its own clip than the untrained model's render, and nearer its own clip
-than any other. A sign, sigma/timestep or shift mismatch between the trainer and the sampler,
-or a LoRA on the wrong modules, makes the renders drift away instead.
+than any other. A flipped velocity sign, or a LoRA on the wrong modules, makes the renders
+drift away instead.
 
-With one clip per conditioning the network can read the noise level off its input, so a
-wrong timestep hardly shows in the renders; the first test pins that part directly: the
-sampler, fed the training target as the velocity, gives the model the training loop's
-timestep for every noise level it visits and integrates the training path exactly.
+A wrong timestep does not show in those renders: with one clip per conditioning the network
+reads the noise level off its input (training with timestep 1000 (1 - sigma) rendered as
+well as the real one). The last test pins it directly: the sampler, fed the training target
+as the velocity, gives the model the training loop's timestep for every noise level it
+visits and integrates the training path exactly, so a sign, sigma/timestep or shift
+mismatch between the two fails there.
 """
-
 from __future__ import annotations
 
 import dataclasses
