@@ -17,6 +17,7 @@ as the velocity, gives the model the training loop's timestep for every noise le
 visits and integrates the training path exactly, so a sign, sigma/timestep or shift
 mismatch between the two fails there.
 """
+
 from __future__ import annotations
 
 import dataclasses
