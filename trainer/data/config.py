@@ -77,7 +77,7 @@ class DatasetConfig:
     #: a video, caption, audio or reference file that links elsewhere is skipped with the
     #: reason. Empty: folder, audio_folder, reference_folder and cache_dir themselves. The
     #: dataset node sets ComfyUI's folders.
-    allowed_roots: tuple[str, ...] = ()
+    allowed_roots: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ validation
