@@ -144,7 +144,7 @@ class WanS2VDataset:
             maximum_image_size=maximum_image_size, crop=crop, allow_zero_audio=allow_zero_audio,
             cache_dir=str(cache_dir), offload_during_startup=offload_during_startup, teacher_frames=teacher_frames,
             teacher_short_side=teacher_short_side, motion_context=motion_context,
-            allowed_roots=tuple(str(root) for root in comfy_adapter.allowed_roots()),
+            allowed_roots=[str(root) for root in comfy_adapter.allowed_roots()],
         ).validate()
         scan = scan_folder(config)
         if not scan.clips:

@@ -161,7 +161,7 @@ def test_scan_on_the_command_line_allows_only_the_folders_it_was_given(tmp_path)
     assert [(s.path.name, s.reason.split(",")[0]) for s in scan.skips] == [
         ("b.mp4", f"audio file b.wav resolves to {(outside / 'b.wav').resolve()}")]
     # the same link is fine when its target lies inside an allowed root
-    scan = scan_folder(DatasetConfig(**{**config.to_dict(), "allowed_roots": (str(tmp_path),)}))
+    scan = scan_folder(DatasetConfig(**{**config.to_dict(), "allowed_roots": [str(tmp_path)]}))
     assert [c.video.name for c in scan.clips] == ["a.mp4", "b.mp4"]
 
 

@@ -79,7 +79,7 @@ class DatasetConfig:
     #: a video, caption, audio or reference file that links elsewhere is skipped with the
     #: reason. Empty: folder, audio_folder, reference_folder and cache_dir themselves. The
     #: dataset node sets ComfyUI's folders.
-    allowed_roots: tuple[str, ...] = ()
+    allowed_roots: list[str] = field(default_factory=list)
     # Pose control: a clip's pose video is `<stem>.<ext>` (or `<stem>_pose.<ext>`) in pose_folder,
     # else `<stem>_pose.<ext>` beside the clip; its windows are cached as `pose_latents`.
     pose_folder: str = ""

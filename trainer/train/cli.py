@@ -97,7 +97,7 @@ def _folder_dataset(folder: str, config: TrainConfig):
 
     options = dict(config.dataset_options or {})
     options.setdefault("cache_dir", str(Path(config.output_dir) / "cache"))
-    options.setdefault("allowed_roots", tuple(str(root) for root in config.roots()))
+    options.setdefault("allowed_roots", [str(root) for root in config.roots()])
     data_config = DatasetConfig.from_dict({**options, "folder": folder}).validate()
     # cache what this run consumes: CREPA's teacher frames, the previous windows' motion latents
     teacher_side = config.crepa.teacher_geometry[0] if config.crepa.crepa_enabled else None
