@@ -239,33 +239,32 @@ def _train(output_name: str, **changes):
                           resume_from_checkpoint="latest", **settings)
 
 
-def test_run_folders_that_link_elsewhere_are_refused_before_anything_is_written(dirs):
-    run, outside = dirs["output"] / "wan_s2v_training" / "victim", dirs["outside"]
-    run.mkdir(parents=True)
+def test_run_folders_that_link_elsewhere_are_never_written_through(dirs):
+    base, outside = dirs["output"] / "wan_s2v_training", dirs["outside"]
     for step in (1, 2, 3):
         (outside / "ckpts" / f"checkpoint-{step}").mkdir(parents=True)
         (outside / "ckpts" / f"checkpoint-{step}" / "state.json").write_text(json.dumps({"step": step}))
     (outside / "logs").mkdir()
     (outside / "logs" / "train_log.jsonl").write_text("precious\n")
+    (outside / "empty").mkdir()
     before = tree(outside)
 
-    (run / "checkpoints").symlink_to(outside / "ckpts", target_is_directory=True)
-    with pytest.raises(PermissionError, match=r"checkpoints folder '.*victim/checkpoints' \(it resolves to "
-                                              r".*outside/ckpts\) is outside the allowed folders"):
-        _train("victim")
-    assert tree(outside) == before
+    # Links to folders with content look like another run: the run goes to a fresh folder.
+    for name, link, target in (("a", "checkpoints", "ckpts"), ("b", "logs", "logs")):
+        (base / name).mkdir(parents=True)
+        (base / name / link).symlink_to(outside / target, target_is_directory=True)
+        _train(name)
+        assert (base / f"{name}_2" / "run.json").is_file() and tree(outside) == before
 
-    (run / "checkpoints").unlink()
-    (run / "logs").symlink_to(outside / "logs", target_is_directory=True)
-    with pytest.raises(PermissionError, match="training log .* is outside the allowed folders"):
-        _train("victim")
-    assert tree(outside) == before
-
-    (run / "logs").unlink()
-    run.rmdir()
-    run.symlink_to(outside, target_is_directory=True)  # the run folder itself
-    with pytest.raises(PermissionError, match="run folder"):
-        _train("victim")
+    # A link to an empty folder is no run: the run refuses it before writing anything.
+    (base / "c").mkdir()
+    (base / "c" / "checkpoints").symlink_to(outside / "empty", target_is_directory=True)
+    with pytest.raises(PermissionError, match=r"checkpoints folder '.*c/checkpoints' \(it resolves to "
+                                              r".*outside/empty\) is outside the allowed folders"):
+        _train("c")
+    (base / "d").symlink_to(outside / "empty", target_is_directory=True)  # the run folder itself
+    with pytest.raises(PermissionError, match="is outside the allowed folders"):
+        _train("d")
     assert tree(outside) == before
 
 
@@ -436,7 +435,8 @@ def test_train_config_keeps_named_paths_inside_its_allowed_roots(tmp_path):
                        ("vae_path", str(outside / "vae.safetensors"))):
         with pytest.raises(OutsideAllowedFoldersError, match=f"^{key} '"):
             TrainConfig.from_dict({"output_dir": str(root / "run"), "allowed_roots": [str(root)], key: value})
-    # without allowed_roots (the CLI) the roots are what the config names
-    cli = TrainConfig.from_dict({"output_dir": str(root / "run"), "dataset": str(root / "data_link"),
+    # without allowed_roots (the CLI) the roots are what the config names, output_dir's parent
+    # for output_dir (a run may write to `run_2` beside it)
+    cli = TrainConfig.from_dict({"output_dir": str(root / "runs" / "run"), "dataset": str(root / "data_link"),
                                  "model_path": "tiny", "vae_path": "tiny"})
-    assert cli.roots() == ((root / "run").resolve(), outside.resolve())
+    assert cli.roots() == ((root / "runs").resolve(), outside.resolve())

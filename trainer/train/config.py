@@ -329,8 +329,8 @@ class TrainConfig:
     audio_encoder_path: str | None = None
     #: Folders every file of the run must resolve inside (symlinks followed): the files and
     #: folders named here, checkpoints, logs, LoRA files, validation media. Empty: the files
-    #: and folders this config names (`named_paths`, output_dir among them), so that a link
-    #: inside them cannot lead elsewhere. The training node sets ComfyUI's folders.
+    #: and folders this config names (see `roots`), so that a link inside them cannot lead
+    #: elsewhere. The training node sets ComfyUI's folders.
     allowed_roots: tuple[str, ...] = ()
 
     # --- length and batching
@@ -434,8 +434,17 @@ class TrainConfig:
                 if isinstance(value, (str, os.PathLike)) and str(value).strip() and str(value) != "tiny"}
 
     def roots(self) -> tuple[Path, ...]:
-        """The folders every file of the run must resolve inside (see `allowed_roots`)."""
-        return resolve_roots(self.allowed_roots or self.named_paths().values())
+        """The folders every file of the run must resolve inside (see `allowed_roots`).
+
+        Without `allowed_roots`: the paths this config names, with output_dir's parent in
+        place of output_dir, because a run whose output_dir holds another run writes to
+        `<output_dir>_2`, `<output_dir>_3`, ... beside it."""
+        if self.allowed_roots:
+            return resolve_roots(self.allowed_roots)
+        named = self.named_paths()
+        if "output_dir" in named:
+            named["output_dir"] = str(Path(named["output_dir"]).expanduser().absolute().parent)
+        return resolve_roots(named.values())
 
     def confine(self, path: str | os.PathLike, what: str = "") -> Path:
         """`path` resolved when it lies inside `roots()`, else `trainer.paths.OutsideAllowedFoldersError`."""
