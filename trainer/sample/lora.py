@@ -262,6 +262,14 @@ class _WeightPatches:
             parameter.copy_(original)
 
 
+def _set_adapters(model: torch.nn.Module, names: list[str], weights: list[float]) -> None:
+    """Activate the peft adapters `names` with their strengths. diffusers' `set_adapters`
+    does the same but, up to diffusers 0.36 at least, only for the model classes it lists."""
+    from diffusers.utils.peft_utils import set_weights_and_activate_adapters
+
+    set_weights_and_activate_adapters(model, names, weights)
+
+
 @contextlib.contextmanager
 def applied_loras(model: torch.nn.Module, loras: Sequence[LoraSpec] | None, keep_active: bool = False,
                   log: Callable[[str], None] | None = None) -> Iterator[list[str]]:
@@ -303,7 +311,7 @@ def applied_loras(model: torch.nn.Module, loras: Sequence[LoraSpec] | None, keep
         weights += [1.0] * (len(names) - len(added))
         if names:
             model.enable_adapters()
-            model.set_adapters(names, weights)
+            _set_adapters(model, names, weights)
         elif existing:
             model.disable_adapters()
         patches.apply(model)
@@ -316,7 +324,7 @@ def applied_loras(model: torch.nn.Module, loras: Sequence[LoraSpec] | None, keep
         if added and not existing and hasattr(model, "unload_lora"):
             model.unload_lora()  # no adapters before: remove the peft wrappers too
         if previous:
-            model.set_adapters(previous)
+            _set_adapters(model, previous, [1.0] * len(previous))
             if was_disabled:
                 model.disable_adapters()
             else:
