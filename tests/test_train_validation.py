@@ -1,5 +1,6 @@
 """Validation renders during training (tiny model, CPU): the mp4s at the interval and the end,
-the LoRA unchanged by rendering, the model restored, cancel, config errors, the CLI's JSON line."""
+the LoRA and optimizer unchanged by rendering (also with extra LoRAs in the renders), the model
+restored, cancel, config errors, the CLI's JSON line."""
 
 from __future__ import annotations
 
@@ -10,15 +11,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from sample_helpers import reference_image, speech, write_png, write_wav
 
+from trainer.lora.io import save_lora
 from trainer.model import TINY_TRANSFORMER_CONFIG, WanS2VTransformer3DModel
+from trainer.paths import OutsideAllowedFoldersError
 from trainer.sample import build_tiny_bundle
-from trainer.sample.media import probe_mp4
+from trainer.sample.media import probe_mp4, read_video_frames
+from trainer.train.checkpoint import load_checkpoint
 from trainer.train.config import TrainConfig, load_config
-from trainer.train.loop import _rng_state, add_lora, rendering_state, train
+from trainer.train.loop import _rng_state, add_lora, rendering_state, train, validation_extra_loras
 from trainer.train.synthetic import SyntheticTalkingDataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,9 +54,48 @@ def _model():
     return WanS2VTransformer3DModel(**TINY_TRANSFORMER_CONFIG)
 
 
-def test_renders_at_interval_and_end_and_leave_the_lora_bit_exact(tmp_path, media, caplog):
-    """Dropout, EMA and TREAD on: everything that draws random numbers or changes with the mode."""
-    settings = _settings(tmp_path, media, lora_dropout=0.2, use_ema=True, ema_decay=0.5, tread_config=TREAD)
+@pytest.fixture(scope="module")
+def extra_loras(tmp_path_factory) -> list[dict]:
+    """A step-distill-like stack for the renders: LoRA pairs on the self-attention the trained
+    LoRA also adapts and on the feed-forward it does not (written by `save_lora`), and a file
+    of full differences (``.diff``, as some distill releases ship) on a norm and the head."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("extra_loras")
+    model, g = _model(), torch.Generator().manual_seed(3)
+    state = {}
+    for name in ("blocks.0.attn1.to_q", "blocks.1.attn1.to_v", "blocks.0.ffn.net.0.proj", "blocks.2.ffn.net.2"):
+        layer = model.get_submodule(name)
+        state[f"{name}.lora_A.weight"] = torch.randn(2, layer.in_features, generator=g) * 0.3
+        state[f"{name}.lora_B.weight"] = torch.randn(layer.out_features, 2, generator=g) * 0.3
+    pairs = save_lora(state, folder / "distill_pairs.safetensors", alphas={"*": 2.0})
+    width = model.config.num_attention_heads * model.config.attention_head_dim
+    diffs = folder / "distill_diffs.safetensors"
+    save_file({"diffusion_model.blocks.1.norm3.diff": torch.randn(width, generator=g) * 0.2,
+               "diffusion_model.head.modulation.diff": torch.randn(1, 2, width, generator=g) * 0.2}, str(diffs))
+    return [{"path": str(pairs), "strength": 0.8}, {"path": str(diffs)}]
+
+
+def _nested_equal(a, b) -> bool:
+    """Bit-exact equality of nested dicts / lists of tensors and plain values."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, np.ndarray):  # NumPy's RNG state
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_nested_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_nested_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_renders_at_interval_and_end_and_leave_the_lora_bit_exact(tmp_path, media, extra_loras, caplog):
+    """Dropout, EMA and TREAD on: everything that draws random numbers or changes with the mode.
+    The renders take extra LoRAs (pairs and full differences) at 2 Euler steps, guidance 1: the
+    trained LoRA, the optimizer state and the model are bit-identical to a run without renders."""
+    settings = _settings(tmp_path, media, lora_dropout=0.2, use_ema=True, ema_decay=0.5, tread_config=TREAD,
+                         checkpoint_step_interval=4, validation_extra_loras=extra_loras,
+                         validation_num_inference_steps=2, validation_scheduler="euler", validation_shift=5.0)
     model = _model()
     seen = []
 
@@ -59,8 +103,13 @@ def test_renders_at_interval_and_end_and_leave_the_lora_bit_exact(tmp_path, medi
         # called after the renders: the model is training again, with its routes, grad on
         seen.append((step, paths, model.training, len(model.token_routes), torch.is_grad_enabled()))
 
-    result = train(model, SyntheticTalkingDataset(text_len=64), TrainConfig.from_dict(settings),
-                   validation_bundle=build_tiny_bundle(seed=0), on_validation=on_validation)
+    with caplog.at_level(logging.INFO, logger="trainer.train.loop"):
+        result = train(model, SyntheticTalkingDataset(text_len=64), TrainConfig.from_dict(settings),
+                       validation_bundle=build_tiny_bundle(seed=0), on_validation=on_validation)
+    # each render (steps 2 and 4) applied both extra LoRAs
+    assert caplog.text.count("LoRA distill_pairs.safetensors (strength 0.8): applied 4 LoRA pairs") == 2 + 1
+    assert caplog.text.count("LoRA distill_diffs.safetensors (strength 1): applied 2 full differences") == 2 + 1
+    caplog.clear()
     run = tmp_path / "run"
     assert [s[0] for s in seen] == [2, 4]
     assert [s[1] for s in seen] == [[run / "validation" / "step_2" / "man.mp4"],
@@ -73,14 +122,36 @@ def test_renders_at_interval_and_end_and_leave_the_lora_bit_exact(tmp_path, medi
     assert not [p for p in (run / "validation").rglob("*") if p.name.startswith(".")]  # no temporary leftovers
 
     # the same run without a bundle: a warning, no renders, the same LoRA bit for bit
+    plain_model = _model()
     with caplog.at_level(logging.WARNING, logger="trainer.train.loop"):
-        plain = train(_model(), SyntheticTalkingDataset(text_len=64),
+        plain = train(plain_model, SyntheticTalkingDataset(text_len=64),
                       TrainConfig.from_dict({**settings, "output_dir": str(tmp_path / "plain")}))
     assert "no validation_bundle" in caplog.text
     assert not (tmp_path / "plain" / "validation").exists() and plain.validation_history == []
     assert result.lora_state.keys() == plain.lora_state.keys()
     assert all(torch.equal(result.lora_state[k], plain.lora_state[k]) for k in plain.lora_state)
     assert result.loss_history == plain.loss_history
+    # the optimizer (Adam moments, step counts), scheduler, data order and RNG states of step 4
+    assert result.checkpoint.name == plain.checkpoint.name == "checkpoint-4"
+    rendered, not_rendered = load_checkpoint(result.checkpoint), load_checkpoint(plain.checkpoint)
+    assert rendered["training_state"]["optimizer"]["state"]  # Adam holds moments to compare
+    assert _nested_equal(rendered["training_state"], not_rendered["training_state"])
+    assert _nested_equal(rendered["ema"], not_rendered["ema"])
+    # the model itself: the same modules (no layer left wrapped by the extra LoRAs), the same
+    # base weights (the full differences restored, not subtracted), one adapter
+    trained, untouched = model.state_dict(), plain_model.state_dict()
+    assert list(trained) == list(untouched)
+    assert [k for k in trained if not torch.equal(trained[k], untouched[k])] == []
+    assert list(model.peft_config) == ["default"]
+
+    # the step-2 render without the extra LoRAs (same LoRA in training, same settings) differs
+    bare = train(_model(), SyntheticTalkingDataset(text_len=64), TrainConfig.from_dict(
+        {**settings, "output_dir": str(tmp_path / "bare"), "max_train_steps": 2, "validation_extra_loras": []}),
+        validation_bundle=build_tiny_bundle(seed=0))
+    with_extra = read_video_frames(run / "validation" / "step_2" / "man.mp4", FRAMES)
+    without_extra = read_video_frames(bare.validation_history[0][1][0], FRAMES)
+    assert with_extra.shape == without_extra.shape
+    assert (with_extra - without_extra).abs().max() > 0.05
 
 
 def test_rendering_state_swaps_the_ema_weights_and_restores_everything():

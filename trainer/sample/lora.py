@@ -282,6 +282,7 @@ def applied_loras(model: torch.nn.Module, loras: Sequence[LoraSpec] | None, keep
     say = log or (lambda message: None)
     previous = list(model.active_adapters()) if existing else []
     was_disabled = bool(existing) and _adapters_disabled(model)
+    wrapped = _tuner_layers(model)  # layers peft wraps already (the adapter in training)
     added: list[str] = []  # adapter names, including one whose loading failed half-way
     weights: list[float] = []
     patches = _WeightPatches()
@@ -315,12 +316,31 @@ def applied_loras(model: torch.nn.Module, loras: Sequence[LoraSpec] | None, keep
             model.delete_adapters(present)
         if added and not existing and hasattr(model, "unload_lora"):
             model.unload_lora()  # no adapters before: remove the peft wrappers too
+        elif added:
+            _unwrap_new_layers(model, wrapped)
         if previous:
             model.set_adapters(previous)
             if was_disabled:
                 model.disable_adapters()
             else:
                 model.enable_adapters()
+
+
+def _tuner_layers(model: torch.nn.Module) -> set[str]:
+    """Names of the model's peft-wrapped layers."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+
+
+def _unwrap_new_layers(model: torch.nn.Module, before: set[str]) -> None:
+    """Put back the original layer wherever peft wrapped one that `before` did not list, so
+    that a model in training (whose own adapter stays) has exactly its modules again (the
+    same objects, the same state_dict keys) after a LoRA was applied for one run."""
+    for name in sorted(_tuner_layers(model) - before, key=len, reverse=True):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, getattr(parent, child).get_base_layer())
 
 
 def _adapters_disabled(model: torch.nn.Module) -> bool:
