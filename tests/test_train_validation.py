@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -230,3 +231,72 @@ def test_cli_reports_validation_paths_in_the_json_stream(tmp_path, media):
     expected = tmp_path / "run" / "validation" / "step_2" / "man.mp4"
     assert events[2] == {"event": "validation", "step": 2, "paths": [str(expected)]}
     assert probe_mp4(expected)["video_frames"] == FRAMES
+
+
+def test_few_step_settings_reach_the_sampler_and_default_to_the_current_renders(tmp_path, media, extra_loras):
+    from trainer.sample.config import SCHEDULERS
+    from trainer.train.config import VALIDATION_SCHEDULERS
+
+    assert VALIDATION_SCHEDULERS == SCHEDULERS
+    default, _ = TrainConfig.from_dict(_settings(tmp_path, media)).validation.sampler_config(seed=0)
+    assert (default.scheduler, default.shift) == ("unipc", 0.0)  # 0: 3 at 480p, 5 at 720p, as before
+    assert TrainConfig().validation.validation_extra_loras == ()
+    config = TrainConfig.from_dict(_settings(tmp_path, media, validation_extra_loras=extra_loras,
+                                             validation_num_inference_steps=4, validation_scheduler="euler",
+                                             validation_shift=5.0))
+    sampler, _ = config.validation.sampler_config(seed=0)
+    assert (sampler.steps, sampler.guidance, sampler.scheduler, sampler.shift) == (4, 1.0, "euler", 5.0)
+    assert TrainConfig.from_dict(config.to_flat_dict()) == config  # the launch spec's JSON round trip
+    assert config.named_paths()["validation_extra_loras[1].path"] == extra_loras[1]["path"]
+    specs = config.validation.extra_loras()
+    assert [(s.label, s.strength) for s in specs] == [("distill_pairs.safetensors", 0.8),
+                                                      ("distill_diffs.safetensors", 1.0)]
+
+
+def test_extra_lora_and_sampler_errors_name_the_setting(tmp_path, media, extra_loras):
+    good = extra_loras[0]["path"]
+    bad = {
+        r"validation_extra_loras\[0\]: LoRA file not found: .*nowhere\.safetensors":
+            [{"path": str(tmp_path / "nowhere.safetensors")}],
+        r"validation_extra_loras\[1\]: 'path' \(a LoRA .safetensors file\) is required": [{"path": good}, {}],
+        r"validation_extra_loras\[0\]: unknown fields weight \(known: path, strength\)":
+            [{"path": good, "weight": 1.0}],
+        r"validation_extra_loras\[0\] strength must be a finite number .*, got nan": [{"path": good,
+                                                                                      "strength": math.nan}],
+        r"validation_extra_loras\[0\] must be a table of path, strength": [good],
+    }
+    for message, loras in bad.items():
+        with pytest.raises(ValueError, match=message):
+            TrainConfig.from_dict(_settings(tmp_path, media, validation_extra_loras=loras))
+    with pytest.raises(ValueError, match=r"validation_scheduler must be one of \('unipc', 'euler'\), got 'ddim'"):
+        TrainConfig.from_dict(_settings(tmp_path, media, validation_scheduler="ddim"))
+    with pytest.raises(ValueError, match=r"validation_shift must be a finite number >= 0 .*, got inf"):
+        TrainConfig.from_dict(_settings(tmp_path, media, validation_shift=math.inf))
+    # confined like every other file of the run
+    inside = tmp_path / "inside"
+    with pytest.raises(OutsideAllowedFoldersError, match=r"validation_extra_loras\[0\]\.path"):
+        TrainConfig.from_dict(_settings(tmp_path, media, allowed_roots=[str(inside), str(Path(media["audio"]).parent)],
+                                        output_dir=str(inside / "run"), validation_extra_loras=extra_loras))
+
+
+def test_an_extra_lora_that_cannot_serve_stops_the_run_before_the_first_step(tmp_path, media):
+    """Checked once against the model before training, not at every render."""
+    not_lora = tmp_path / "notes.safetensors"
+    not_lora.write_bytes(b"not a safetensors file")
+    elsewhere = save_lora({"blocks.9.attn1.to_q.lora_A.weight": torch.ones(2, 64),  # the tiny model has 4 blocks
+                           "blocks.9.attn1.to_q.lora_B.weight": torch.ones(64, 2)},
+                          tmp_path / "other_size.safetensors", alphas={"*": 2.0})
+    for loras, message in (([{"path": str(not_lora)}], r"validation_extra_loras\[0\]: .*notes\.safetensors"),
+                           ([{"path": str(elsewhere), "strength": 0.5}],
+                            r"validation_extra_loras\[0\]: nothing of LoRA other_size\.safetensors fits this model")):
+        steps = []
+        with pytest.raises(ValueError, match=message):
+            train(_model(), SyntheticTalkingDataset(text_len=64),
+                  TrainConfig.from_dict(_settings(tmp_path, media, validation_extra_loras=loras)),
+                  validation_bundle=build_tiny_bundle(seed=0), on_log=steps.append)
+        assert steps == []
+    model = _model()
+    config = TrainConfig.from_dict(_settings(tmp_path, media, validation_extra_loras=[{"path": str(elsewhere)}]))
+    add_lora(model, config)
+    with pytest.raises(ValueError, match="blocks.9.attn1.to_q: not in this model"):
+        validation_extra_loras(model, config.validation)
