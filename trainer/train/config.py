@@ -185,8 +185,9 @@ class ValidationConfig:
     one of lightx2v's step-distill LoRAs) applied on top of the LoRA in training for the
     renders only, and removed exactly after each; render those with their own
     `validation_num_inference_steps`, `validation_guidance` (1 = no unconditional pass),
-    `validation_scheduler` and `validation_shift` (lightx2v's 4-step settings: 4, 1.0,
-    "euler", 5.0). Without extra LoRAs the renders are as before.
+    `validation_scheduler` and `validation_shift` (for lightx2v's 4-step LoRAs: 4, 1.0,
+    "euler", 5.0, the Euler steps of its step-distill scheduler). Without extra LoRAs the
+    renders are as before.
     """
 
     validation_step_interval: int = 0
