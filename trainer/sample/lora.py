@@ -10,7 +10,9 @@ adapter cannot hold, full differences (``.diff``, ``.diff_b``), ``lora_B.bias`` 
 convolutions, is added into the weights as ``strength * delta`` for the run and undone
 bit-exactly after. Each LoRA says what went in and what did not fit (`LoraApplication`); a
 LoRA of which nothing fits is an error. The model's own adapters (a LoRA being trained) are
-switched off while the listed ones are applied, unless `keep_active=True`, and restored after.
+switched off while the listed ones are applied, unless `keep_active=True`, and restored after;
+layers that only the listed LoRAs wrapped are unwrapped again, so a model in training keeps
+exactly its modules (validation renders with a step-distill LoRA on top of the trained one).
 """
 
 from __future__ import annotations

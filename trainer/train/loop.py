@@ -542,6 +542,9 @@ def train(
     the raw ones -- into ``<output_dir>/validation/step_<N>/<name>.mp4``, in eval mode with
     TREAD routes and autograd off; afterwards the model, its LoRA, routes and every RNG
     state are exactly as before (a run with validation trains the same LoRA as one without).
+    ``validation_extra_loras`` (e.g. a step-distill LoRA) go on top of the LoRA in training
+    for each render and come off exactly after it; they are read and matched against the
+    model before the first step (a file that cannot serve is an error then).
     `validation_bundle` is a `trainer.sample.ModelBundle` with the VAE, text encoder +
     tokenizer and audio encoder (its transformer is replaced by `model`, its device by the
     training device); None = no renders (a warning is logged when validation is configured).
