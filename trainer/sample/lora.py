@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -296,7 +295,9 @@ def applied_loras(model: torch.nn.Module, loras: Sequence[LoraSpec] | None, keep
                 raise ValueError(f"nothing of LoRA {plan.application.label} fits this model: "
                                  f"{plan.application.text()}")
             if plan.linear:
-                added.append(f"s2v_sample_{index}_{uuid.uuid4().hex[:6]}")
+                # one name per position, the same at every run: blocks compiled for training see
+                # the same module structure at every validation render
+                added.append(f"s2v_sample_{index}")
                 load_lora(model, lora.subset(plan.linear), adapter_name=added[-1])
                 weights.append(float(spec.strength))
             for parameter, delta in plan.deltas.items():
