@@ -16,6 +16,7 @@ from .train_runner import (  # noqa: F401 - re-exported for tests and other node
     memory_config,
     run_training_node,
     tread_routes,
+    validation_lora_entries,
     validation_pose_video,
 )
 
@@ -116,6 +117,12 @@ TOOLTIPS = {
     "the render settings of this node apply to all.",
     "pose_video": "Optional pose video of this case (a file under ComfyUI's input folder, read at 16 fps from its "
     "start) driving the motion; empty = none.",
+    "extra_loras": "Optional: LoRAs (Load Wan S2V LoRA) applied on top of the LoRA in training for the validation "
+    "renders only and removed exactly after each, e.g. one of lightx2v's step-distill LoRAs to render in 4 steps "
+    "(then num_inference_steps 4, guidance 1, scheduler euler, shift 5). Training is bit-identical with or without.",
+    "scheduler": "Sampler of the validation renders: unipc (the official Wan2.2 solver) or euler (flow-matching "
+    "Euler, as step-distill LoRAs are sampled).",
+    "shift": "Sigma shift of the validation renders; 0 = the official default (3 at 480p, 5 at 720p).",
     # training node extras
     "crepa_settings": "Optional: CREPA regularizer (Wan S2V CREPA Settings). The dataset must carry teacher "
     "frames (the Dataset node's CREPA option).",
@@ -344,8 +351,14 @@ class WanS2VValidationSettings:
                 "num_video_frames": ("INT", {"default": 81, "min": 1, "max": 401, "step": 4}),
                 "validation_seed": ("INT", {"default": 42, "min": 0, "max": 2**31 - 1}),
             },
-            "optional": {"validation_settings": (types.VALIDATION_SETTINGS, {}),
-                         "pose_video": ("STRING", {"default": ""})},
+            "optional": {
+                "validation_settings": (types.VALIDATION_SETTINGS, {}),
+                "pose_video": ("STRING", {"default": ""}),
+                # appended last: saved workflows keep their widget values in order
+                "extra_loras": (types.LORA_STACK, {}),
+                "scheduler": (["unipc", "euler"], {"default": "unipc"}),
+                "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1}),
+            },
         })
 
     RETURN_TYPES = (types.VALIDATION_SETTINGS,)
@@ -356,7 +369,8 @@ class WanS2VValidationSettings:
                    "folder, the videos under output/wan_s2v_training/<name>/validation/ and on the node.")
 
     def build(self, image, audio, prompt, negative_prompt, validation_step_interval, num_inference_steps, guidance,
-              width, height, num_video_frames, validation_seed, validation_settings=None, pose_video=""):
+              width, height, num_video_frames, validation_seed, validation_settings=None, pose_video="",
+              extra_loras=None, scheduler="unipc", shift=0.0):
         cases = list(validation_settings.cases) if validation_settings is not None else []
         cases.append(ValidationCaseInput(image, audio, prompt, negative_prompt, validation_pose_video(pose_video)))
         from ..trainer.train.config import ValidationConfig
@@ -365,6 +379,8 @@ class WanS2VValidationSettings:
             validation_step_interval=validation_step_interval, validation_num_inference_steps=num_inference_steps,
             validation_guidance=guidance, validation_resolution=f"{width}x{height}",
             validation_num_video_frames=num_video_frames, validation_seed=validation_seed,
+            validation_extra_loras=validation_lora_entries(extra_loras), validation_scheduler=scheduler,
+            validation_shift=shift,
         )
         config.validate()
         return (ValidationSettings(cases, config),)

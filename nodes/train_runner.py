@@ -247,6 +247,23 @@ def validation_pose_video(path: str) -> str:
     return str(resolved)
 
 
+def validation_lora_entries(loras) -> tuple[dict[str, Any], ...]:
+    """A LoRA list (Load Wan S2V LoRA) as `validation_extra_loras` entries {path, strength}:
+    the training run reads the files itself (in launched processes too), so each LoRA must
+    be a file inside ComfyUI's folders."""
+    entries = []
+    for spec in loras or []:
+        source = spec.source
+        if not isinstance(source, (str, Path)):  # a read LoraFile (.source) or a TrainedLora (.path)
+            source = getattr(source, "path", None) or getattr(source, "source", None)
+        path = source and comfy_adapter.confine_path(source, comfy_adapter.allowed_roots(), "validation extra LoRA")
+        if not path or not path.is_file():
+            raise ValueError(f"extra_loras: LoRA '{spec.label}' is not a file; validation renders take LoRA files "
+                             "(Load Wan S2V LoRA, or a trained LoRA once saved)")
+        entries.append({"path": str(path), "strength": float(spec.strength)})
+    return tuple(entries)
+
+
 def write_validation_inputs(settings: ValidationSettings, out_dir: Path) -> ValidationConfig:
     """Save every case's reference image (PNG) and speech (WAV) under
     `<out_dir>/validation_inputs/` (named by content, so a rerun rewrites nothing) and return

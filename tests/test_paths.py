@@ -375,6 +375,9 @@ def test_nan_and_inf_inputs_of_the_nodes_are_refused_naming_the_input(dirs, bad)
         "validation_guidance": lambda: train_nodes.WanS2VValidationSettings().build(
             torch.zeros(1, 16, 16, 3), {"waveform": torch.zeros(1, 1, 16000), "sample_rate": 16000}, "p", "", 10, 2,
             bad, 64, 64, 9, 0),
+        "validation_shift": lambda: train_nodes.WanS2VValidationSettings().build(
+            torch.zeros(1, 16, 16, 3), {"waveform": torch.zeros(1, 1, 16000), "sample_rate": 16000}, "p", "", 10, 4,
+            1.0, 64, 64, 9, 0, scheduler="euler", shift=bad),
         "shift": lambda: sample_nodes.WanS2VSampler().sample(None, None, None, "p", "", 64, 64, 8, 1, 2, 4.5, bad, 0,
                                                               "unipc", "batch"),
         "guidance": lambda: sample_nodes.WanS2VSampler().sample(None, None, None, "p", "", 64, 64, 8, 1, 2, bad, 0.0,
@@ -405,7 +408,7 @@ def test_config_numbers_from_files_are_checked(tmp_path):
 
     path = tmp_path / "run.json"
     for key in ("lora_alpha", "max_grad_norm", "lr_power", "flow_logit_std", "crepa_adjacent_tau",
-                "validation_guidance", "adam_beta2", "lr_end"):
+                "validation_guidance", "validation_shift", "adam_beta2", "lr_end"):
         path.write_text(json.dumps({key: NAN}))
         with pytest.raises(ValueError, match=rf"^{key} must be a finite number .*, got nan$"):
             load_config(path)

@@ -20,6 +20,7 @@ from pack_helpers import import_pack
 from trainer.data import DatasetConfig, Encoders, build_dataset
 from trainer.data.synthetic import write_video
 from trainer.lora.io import read_lora_file
+from trainer.model import TINY_TRANSFORMER_CONFIG
 from trainer.model.tiny import COMFYUI_FILES, build_tiny_model_set
 from trainer.model.transformer_io import load_transformer
 from trainer.train.config import TrainConfig
@@ -166,16 +167,25 @@ def test_loader_node_records_the_model_source():
 
 def test_one_process_tiny_model_relays_validation_renders(tmp_path):
     """One child without torchrun, the tiny model by name, the built-in synthetic data, and a
-    validation render every 2 steps: on_validation gets each step's mp4 paths."""
+    validation render every 2 steps with an extra LoRA (the child reads the file named in the
+    launch spec): on_validation gets each step's mp4 paths."""
     from sample_helpers import reference_image, speech, write_png, write_wav
+
+    from trainer.lora.io import save_lora
 
     write_png(tmp_path / "ref.png", reference_image())
     write_wav(tmp_path / "speech.wav", speech(0.5), 16_000)
     case = {"reference_image": str(tmp_path / "ref.png"), "audio": str(tmp_path / "speech.wav"),
             "prompt": "a person talks", "name": "talk"}
+    width = TINY_TRANSFORMER_CONFIG["num_attention_heads"] * TINY_TRANSFORMER_CONFIG["attention_head_dim"]
+    extra = save_lora({"blocks.0.attn1.to_q.lora_A.weight": torch.ones(2, width),
+                       "blocks.0.attn1.to_q.lora_B.weight": torch.ones(width, 2)},
+                      tmp_path / "distill.safetensors", alphas={"*": 2.0})
     config = _config(tmp_path / "run", 1, max_train_steps=2, use_ema=False, save_diffusers_lora=False,
                      dataset="synthetic", validation_step_interval=2, validation_num_inference_steps=1,
-                     validation_resolution=32, validation_num_video_frames=5, validation_cases=[case])
+                     validation_resolution=32, validation_num_video_frames=5, validation_cases=[case],
+                     validation_guidance=1.0, validation_scheduler="euler",
+                     validation_extra_loras=[{"path": str(extra), "strength": 0.5}])
     renders: list[tuple[int, list[Path]]] = []
     result = train_in_subprocess(config, num_processes=1, model_source=ModelSource("tiny", dtype="float32"),
                                  on_validation=lambda step, paths: renders.append((step, paths)), env=ENV)
@@ -184,6 +194,14 @@ def test_one_process_tiny_model_relays_validation_renders(tmp_path):
     (paths,) = [p for _, p in renders]
     assert [p.name for p in paths] == ["talk.mp4"] and paths[0].is_file()
     assert paths[0].parent == tmp_path / "run" / "validation" / "step_2"
+
+    # the child checks the extra LoRA against its model before the first step
+    other = save_lora({"blocks.0.attn1.to_q.lora_A.weight": torch.ones(2, 2 * width),
+                       "blocks.0.attn1.to_q.lora_B.weight": torch.ones(2 * width, 2)},
+                      tmp_path / "other_size.safetensors", alphas={"*": 2.0})
+    config.validation.validation_extra_loras = ({"path": str(other)},)
+    with pytest.raises(TrainingProcessError, match=r"validation_extra_loras\[0\]: nothing of LoRA other_size"):
+        train_in_subprocess(config, num_processes=1, model_source=ModelSource("tiny", dtype="float32"), env=ENV)
 
 
 def test_one_process_builds_the_dataset_from_a_dataset_config(setup, tmp_path):

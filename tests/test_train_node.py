@@ -252,3 +252,43 @@ def test_more_processes_need_a_transformer_from_a_file(comfy_dirs):
         with pytest.raises(ValueError, match="Load Wan S2V Transformer"):
             node.train(model, SyntheticTalkingDataset(text_len=64), "no_source", gpus=2,
                        **_defaults(node, max_train_steps=1))
+
+
+def test_validation_settings_take_an_extra_lora_stack_and_few_step_settings(comfy_dirs, monkeypatch):
+    """Load Wan S2V LoRA's stack becomes {path, strength} entries of the validation config (the
+    run reads the files itself); steps, guidance, scheduler and shift reach the renders."""
+    from trainer.lora.io import save_lora
+
+    nodes, sample_nodes = _pack(), _pack("sample_nodes")
+    # ComfyUI's folder_paths lists the loras folder; without ComfyUI, name the file there directly
+    monkeypatch.setattr(sample_nodes.comfy_adapter, "model_file_path", lambda kind, name: comfy_dirs[kind] / name)
+    comfy_dirs["loras"].mkdir(parents=True)
+    model = WanS2VTransformer3DModel(**TINY_TRANSFORMER_CONFIG)
+    layer = model.get_submodule("blocks.0.attn1.to_q")
+    save_lora({"blocks.0.attn1.to_q.lora_A.weight": torch.randn(2, layer.in_features),
+               "blocks.0.attn1.to_q.lora_B.weight": torch.randn(layer.out_features, 2)},
+              comfy_dirs["loras"] / "step_distill.safetensors", alphas={"*": 2.0})
+    stack, _ = sample_nodes.WanS2VLoadLoRA().load("step_distill.safetensors", 0.75)
+    image, audio = torch.rand(1, 16, 16, 3), {"waveform": torch.zeros(1, 1, 16000), "sample_rate": 16000}
+    node = nodes.WanS2VValidationSettings()
+    assert list(node.INPUT_TYPES()["optional"])[-3:] == ["extra_loras", "scheduler", "shift"]  # appended last
+    (settings,) = node.build(image, audio, "p", "", 10, 4, 1.0, 64, 64, 9, 0, extra_loras=stack,
+                             scheduler="euler", shift=5.0)
+    config = settings.config
+    assert config.validation_extra_loras == (
+        {"path": str((comfy_dirs["loras"] / "step_distill.safetensors").resolve()), "strength": 0.75},)
+    sampler, _ = config.sampler_config(seed=0)
+    assert (sampler.steps, sampler.guidance, sampler.scheduler, sampler.shift) == (4, 1.0, "euler", 5.0)
+    (plain,) = node.build(image, audio, "p", "", 10, 20, 4.5, 64, 64, 9, 0)  # a workflow saved before
+    assert (plain.config.validation_extra_loras, plain.config.validation_scheduler,
+            plain.config.validation_shift) == ((), "unipc", 0.0)
+
+    in_memory = sample_nodes.WanS2VApplyLoRA().apply(nodes.TrainedLora({}, {}, None, 0), 1.0)[0]
+    with pytest.raises(ValueError, match="extra_loras: LoRA 'trained LoRA' is not a file"):
+        node.build(image, audio, "p", "", 10, 4, 1.0, 64, 64, 9, 0, extra_loras=in_memory)
+    outside = comfy_dirs["output"].parent / "elsewhere.safetensors"
+    shutil.copyfile(comfy_dirs["loras"] / "step_distill.safetensors", outside)
+    from trainer.sample.lora import LoraSpec
+
+    with pytest.raises(PermissionError, match="validation extra LoRA.*elsewhere.safetensors"):
+        node.build(image, audio, "p", "", 10, 4, 1.0, 64, 64, 9, 0, extra_loras=[LoraSpec(str(outside), 1.0)])

@@ -227,6 +227,27 @@ def test_train_and_validate_uses_tread_crepa_at_the_seed_settings_and_validates(
     assert train["gpus"] == 1
 
 
+def test_train_and_validate_offers_few_step_validation_switched_off(info):
+    """A step-distill LoRA node feeds the validation's extra_loras, bypassed: as shipped the renders
+    keep the current settings and no extra LoRA; un-bypassed its stack reaches the node."""
+    workflow = _load(REPO / "example_workflows" / "wan_s2v_lora_train_and_validate.json")
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    (distill,) = [n for n in workflow["nodes"] if n["type"] == "WanS2VLoadLoRA"]
+    assert distill["mode"] == make_workflows.BYPASSED and distill["widgets_values"][0] == make_workflows.LIGHTX2V_4STEP
+    (link,) = [lk for lk in workflow["links"] if lk[1] == distill["id"]]
+    target = nodes[link[3]]
+    assert target["type"] == "WanS2VValidationSettings" and target["inputs"][link[4]]["name"] == "extra_loras"
+    _, by_type = _api_by_type("wan_s2v_lora_train_and_validate", info)
+    _, validation = by_type["WanS2VValidationSettings"]
+    assert "WanS2VLoadLoRA" not in by_type and "extra_loras" not in validation
+    assert (validation["num_inference_steps"], validation["guidance"], validation["scheduler"],
+            validation["shift"]) == (20, 4.5, "unipc", 0.0)
+    distill["mode"] = 0  # what Ctrl+B in the front end does
+    api = workflow_api.ui_to_api(workflow, info)
+    (validation,) = [v["inputs"] for v in api.values() if v["class_type"] == "WanS2VValidationSettings"]
+    assert validation["extra_loras"] == [str(distill["id"]), 0]
+
+
 def test_tiny_demo_trains_with_tread_crepa_and_validation_previews(info):
     api, by_type = _api_by_type("wan_s2v_tiny_demo", info)
     _, train = by_type["WanS2VTrainLora"]

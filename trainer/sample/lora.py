@@ -10,14 +10,15 @@ adapter cannot hold, full differences (``.diff``, ``.diff_b``), ``lora_B.bias`` 
 convolutions, is added into the weights as ``strength * delta`` for the run and undone
 bit-exactly after. Each LoRA says what went in and what did not fit (`LoraApplication`); a
 LoRA of which nothing fits is an error. The model's own adapters (a LoRA being trained) are
-switched off while the listed ones are applied, unless `keep_active=True`, and restored after.
+switched off while the listed ones are applied, unless `keep_active=True`, and restored after;
+layers that only the listed LoRAs wrapped are unwrapped again, so a model in training keeps
+exactly its modules (validation renders with a step-distill LoRA on top of the trained one).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -290,6 +291,7 @@ def applied_loras(model: torch.nn.Module, loras: Sequence[LoraSpec] | None, keep
     say = log or (lambda message: None)
     previous = list(model.active_adapters()) if existing else []
     was_disabled = bool(existing) and _adapters_disabled(model)
+    wrapped = _tuner_layers(model)  # layers peft wraps already (the adapter in training)
     added: list[str] = []  # adapter names, including one whose loading failed half-way
     weights: list[float] = []
     patches = _WeightPatches()
@@ -301,7 +303,9 @@ def applied_loras(model: torch.nn.Module, loras: Sequence[LoraSpec] | None, keep
                 raise ValueError(f"nothing of LoRA {plan.application.label} fits this model: "
                                  f"{plan.application.text()}")
             if plan.linear:
-                added.append(f"s2v_sample_{index}_{uuid.uuid4().hex[:6]}")
+                # one name per position, the same at every run: blocks compiled for training see
+                # the same module structure at every validation render
+                added.append(f"s2v_sample_{index}")
                 load_lora(model, lora.subset(plan.linear), adapter_name=added[-1])
                 weights.append(float(spec.strength))
             for parameter, delta in plan.deltas.items():
@@ -323,12 +327,31 @@ def applied_loras(model: torch.nn.Module, loras: Sequence[LoraSpec] | None, keep
             model.delete_adapters(present)
         if added and not existing and hasattr(model, "unload_lora"):
             model.unload_lora()  # no adapters before: remove the peft wrappers too
+        elif added:
+            _unwrap_new_layers(model, wrapped)
         if previous:
             _set_adapters(model, previous, [1.0] * len(previous))
             if was_disabled:
                 model.disable_adapters()
             else:
                 model.enable_adapters()
+
+
+def _tuner_layers(model: torch.nn.Module) -> set[str]:
+    """Names of the model's peft-wrapped layers."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+
+
+def _unwrap_new_layers(model: torch.nn.Module, before: set[str]) -> None:
+    """Put back the original layer wherever peft wrapped one that `before` did not list, so
+    that a model in training (whose own adapter stays) has exactly its modules again (the
+    same objects, the same state_dict keys) after a LoRA was applied for one run."""
+    for name in sorted(_tuner_layers(model) - before, key=len, reverse=True):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, getattr(parent, child).get_base_layer())
 
 
 def _adapters_disabled(model: torch.nn.Module) -> bool:

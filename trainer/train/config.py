@@ -160,6 +160,10 @@ class CrepaConfig:
 
 #: Fields of one validation case (`validation_cases` entries).
 VALIDATION_CASE_FIELDS = ("reference_image", "audio", "prompt", "name", "negative_prompt", "seed", "pose_video")
+#: Fields of one extra LoRA of the validation renders (`validation_extra_loras` entries).
+VALIDATION_LORA_FIELDS = ("path", "strength")
+#: Samplers of the validation renders (`trainer.sample.config.SCHEDULERS`).
+VALIDATION_SCHEDULERS = ("unipc", "euler")
 FIRST_CHUNK_DROP = 3  # frames the sampler's first chunk drops after the reference (official decode)
 
 
@@ -176,6 +180,14 @@ class ValidationConfig:
     ``pose_video`` (a video file read at 16 fps from its start, driving the motion).
     Paths are read relative to the working directory; the node may pass in-memory values
     (an IMAGE tensor / AUDIO dict) instead, which are not checked here.
+
+    Few-step renders: `validation_extra_loras` lists LoRA files (``{path, strength}``, e.g.
+    one of lightx2v's step-distill LoRAs) applied on top of the LoRA in training for the
+    renders only, and removed exactly after each; render those with their own
+    `validation_num_inference_steps`, `validation_guidance` (1 = no unconditional pass),
+    `validation_scheduler` and `validation_shift` (for lightx2v's 4-step LoRAs: 4, 1.0,
+    "euler", 5.0, the Euler steps of its step-distill scheduler). Without extra LoRAs the
+    renders are as before.
     """
 
     validation_step_interval: int = 0
@@ -196,6 +208,14 @@ class ValidationConfig:
     validation_on_start: bool = False
     #: Also render after the last step (when the interval does not land on it).
     validation_on_end: bool = True
+    #: LoRA files applied with the LoRA in training for the renders only:
+    #: ``{"path": "<file>.safetensors", "strength": 1.0}`` tables (any layout
+    #: `trainer.lora.io.read_lora_file` reads; strength any finite number, default 1).
+    validation_extra_loras: tuple[dict[str, Any], ...] = ()
+    #: The renders' sampler: "unipc" (the official solver) or "euler" (flow-matching Euler).
+    validation_scheduler: str = "unipc"
+    #: Sigma shift of the renders; 0 = the sampler's default (3 at 480p, 5 at 720p).
+    validation_shift: float = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -234,11 +254,19 @@ class ValidationConfig:
         check_number("validation_num_video_frames", self.validation_num_video_frames, 1, integer=True)
         if self.validation_seed is not None:
             check_number("validation_seed", self.validation_seed, integer=True, hint="(or None)")
+        check_number("validation_shift", self.validation_shift, 0, hint="(0 = 3 at 480p, 5 at 720p)")
+        if self.validation_scheduler not in VALIDATION_SCHEDULERS:
+            raise ValueError(f"validation_scheduler must be one of {VALIDATION_SCHEDULERS}, "
+                             f"got {self.validation_scheduler!r}")
         self.size()
         if not isinstance(self.validation_cases, (list, tuple)):
             raise ValueError("validation_cases must be a list of {reference_image, audio, prompt, ...} tables")
         for index, case in enumerate(self.validation_cases):
             _validate_case(index, case)
+        if not isinstance(self.validation_extra_loras, (list, tuple)):
+            raise ValueError("validation_extra_loras must be a list of {path, strength} tables")
+        for index, lora in enumerate(self.validation_extra_loras):
+            _validate_extra_lora(index, lora)
 
     def sampler_config(self, seed: int, numerics: str = "model"):
         """The shared `trainer.sample.SamplerConfig` of every case (size snapped to multiples of
@@ -250,10 +278,25 @@ class ValidationConfig:
         config = SamplerConfig(
             negative_prompt=self.validation_negative_prompt, width=width, height=height,
             frames_per_chunk=self.frames_per_chunk, max_chunks=1, steps=self.validation_num_inference_steps,
-            guidance=self.validation_guidance, seed=seed if self.validation_seed is None else self.validation_seed,
-            numerics=numerics, offload=True,
+            guidance=self.validation_guidance, shift=self.validation_shift, scheduler=self.validation_scheduler,
+            seed=seed if self.validation_seed is None else self.validation_seed, numerics=numerics, offload=True,
         ).validate()
         return config, [f"validation: {note}"] if note else []
+
+    def extra_loras(self) -> list:
+        """`validation_extra_loras` as `trainer.sample.LoraSpec`s, each file read here (a file
+        that cannot be used raises, naming the setting)."""
+        from ..lora.io import read_lora_file
+        from ..sample.lora import LoraSpec
+
+        specs = []
+        for index, entry in enumerate(self.validation_extra_loras):
+            try:
+                lora = read_lora_file(entry["path"])
+            except ValueError as error:
+                raise ValueError(f"validation_extra_loras[{index}]: {error}") from None
+            specs.append(LoraSpec(lora, entry.get("strength", 1.0), name=Path(entry["path"]).name))
+        return specs
 
     def cases(self) -> list[dict[str, Any]]:
         """The cases as `trainer.sample.ValidationCase` fields (image, audio, prompt, ...)."""
@@ -290,6 +333,21 @@ def _validate_case(index: int, case: Any) -> None:
         raise ValueError(f"{label}: prompt must be a string")
     if case.get("seed") is not None and (isinstance(case["seed"], bool) or not isinstance(case["seed"], int)):
         raise ValueError(f"{label}: seed must be an int")
+
+
+def _validate_extra_lora(index: int, lora: Any) -> None:
+    label = f"validation_extra_loras[{index}]"
+    if not isinstance(lora, dict):
+        raise ValueError(f"{label} must be a table of {', '.join(VALIDATION_LORA_FIELDS)}")
+    unknown = sorted(set(lora) - set(VALIDATION_LORA_FIELDS))
+    if unknown:
+        raise ValueError(f"{label}: unknown fields {', '.join(unknown)} (known: {', '.join(VALIDATION_LORA_FIELDS)})")
+    path = lora.get("path")
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise ValueError(f"{label}: 'path' (a LoRA .safetensors file) is required")
+    if not Path(path).is_file():
+        raise ValueError(f"{label}: LoRA file not found: {path}")
+    check_number(f"{label} strength", lora.get("strength", 1.0), hint="(0 = off, negative inverts the LoRA)")
 
 
 @dataclass
@@ -430,6 +488,9 @@ class TrainConfig:
             if isinstance(case, dict):
                 named.update({f"validation_cases[{index}].{key}": case.get(key)
                               for key in ("reference_image", "audio", "pose_video")})
+        for index, lora in enumerate(self.validation.validation_extra_loras):
+            if isinstance(lora, dict):
+                named[f"validation_extra_loras[{index}].path"] = lora.get("path")
         return {key: str(value) for key, value in named.items()
                 if isinstance(value, (str, os.PathLike)) and str(value).strip() and str(value) != "tiny"}
 

@@ -36,7 +36,7 @@ from ..model.attention import describe_attention_kernel
 from ..model.conditioning import stack_pose_latents, transformer_inputs
 from .batching import BatchOrder, collate, mark_pose_dropout
 from .checkpoint import checkpoint_root, load_checkpoint, remove_partial, save_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, ValidationConfig
 from .crepa import CrepaRegularizer
 from .flow import add_noise, auto_shift, flow_loss, sample_sigmas, timesteps_from_sigmas, velocity_target
 from .runs import RunFolder, check_checkpoint_lora, prepare_run_everywhere
@@ -467,6 +467,28 @@ def rendering_state(
         _set_rng_state(generator, rng, dist)
 
 
+def validation_extra_loras(model: torch.nn.Module, validation: ValidationConfig) -> list:
+    """The validation renders' extra LoRAs (`trainer.sample.LoraSpec`), read once before the
+    first step and checked against `model`, so that a file that cannot serve fails the run
+    at its start rather than every render."""
+    if not validation.validation_extra_loras:
+        return []
+    if getattr(model, "_block_offloader", None) is not None:
+        # the offloaded blocks hold placeholders between uses: no adapter can be added to them
+        raise ValueError("validation_extra_loras cannot be applied while the blocks are offloaded (memory offload "
+                         "'blocks'): remove the extra LoRAs or train without block offload")
+    from ..sample.lora import plan_lora, read_lora
+
+    specs = validation.extra_loras()
+    for index, spec in enumerate(specs):
+        application = plan_lora(model, read_lora(spec), spec.label, spec.strength).application
+        if application.count == 0:
+            raise ValueError(f"validation_extra_loras[{index}]: nothing of LoRA {spec.label} fits this model: "
+                             f"{application.text()}")
+        logger.info("validation renders with %s", application.text())
+    return specs
+
+
 def validation_dir(output_dir: str | os.PathLike, step: int) -> Path:
     """Where the renders of `step` go: ``<output_dir>/validation/step_<step>``."""
     return Path(output_dir) / "validation" / f"step_{step}"
@@ -520,6 +542,9 @@ def train(
     the raw ones -- into ``<output_dir>/validation/step_<N>/<name>.mp4``, in eval mode with
     TREAD routes and autograd off; afterwards the model, its LoRA, routes and every RNG
     state are exactly as before (a run with validation trains the same LoRA as one without).
+    ``validation_extra_loras`` (e.g. a step-distill LoRA) go on top of the LoRA in training
+    for each render and come off exactly after it; they are read and matched against the
+    model before the first step (a file that cannot serve is an error then).
     `validation_bundle` is a `trainer.sample.ModelBundle` with the VAE, text encoder +
     tokenizer and audio encoder (its transformer is replaced by `model`, its device by the
     training device); None = no renders (a warning is logged when validation is configured).
@@ -628,6 +653,16 @@ def _train(model, dataset, config: TrainConfig, eval_dataset, progress, should_s
         logger.warning("validation_cases are configured but no validation_bundle (VAE, text and audio encoders) "
                        "was given: no validation renders in this run")
     validation_history: list[tuple[int, list[Path]]] = []
+    extra_loras, problem = [], None
+    if validating and vcfg.validation_extra_loras:
+        if main:
+            try:
+                extra_loras = validation_extra_loras(model, vcfg)
+            except ValueError as error:
+                problem = str(error)
+        problem = dist.broadcast_object(problem)  # every process stops, not rank 0 alone
+        if problem:
+            raise ValueError(problem)
 
     def validate() -> bool:
         """Render the cases at `global_step` (rank 0; the others wait). True when `should_stop`
@@ -650,7 +685,7 @@ def _train(model, dataset, config: TrainConfig, eval_dataset, progress, should_s
                 try:
                     with rendering_state(model, params, weights, config.tread_config, generator, dist):
                         paths += render_validation(bundle, [case], sampler_config, output_dir=folder,
-                                                   should_stop=should_stop, log=logger.info)
+                                                   loras=extra_loras, should_stop=should_stop, log=logger.info)
                 except SamplingCancelled as error:
                     cancelled = True
                     logger.info("validation at step %d cancelled: %s", global_step, error)
