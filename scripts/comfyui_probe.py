@@ -296,32 +296,37 @@ def check_demo_media_links(ctx: E2EContext) -> str:
 
 
 def check_run_folder_links(ctx: E2EContext) -> str:
-    """A run folder whose checkpoints/ or logs/ link to folders outside (with checkpoints and a
-    log in them), and a run folder that is itself such a link: the runs never list, read,
-    prune or write through them."""
+    """Run folders whose checkpoints/ or logs/ link to folders outside (holding checkpoints and
+    a log), one whose checkpoint's files link outside, and a run folder that is itself such a
+    link: resume "latest" never lists, reads, prunes or writes through them."""
     far = outside(ctx, "run_folders")
     for step in (1, 2, 3):
         (far / "ckpts" / f"checkpoint-{step}").mkdir(parents=True)
-        (far / "ckpts" / f"checkpoint-{step}" / "state.json").write_text(json.dumps({"step": step}))
+        for file in ("state.json", "training_state.json"):
+            (far / "ckpts" / f"checkpoint-{step}" / file).write_text(json.dumps({"step": step}))
     (far / "logs").mkdir()
     (far / "logs" / "train_log.jsonl").write_text("precious\n")
     (far / "empty").mkdir()
     base = ctx.server.output_dir / RUNS
-    lines = []
+    checkpoint = far / "ckpts" / "checkpoint-3"
+    links = {base / "probe_link_ckpt" / "checkpoints": far / "ckpts", base / "probe_link_logs" / "logs": far / "logs",
+             **{base / "probe_link_files" / "checkpoints" / checkpoint.name / f.name: f for f in checkpoint.iterdir()}}
+    for link, target in links.items():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(target, target_is_directory=target.is_dir())
+    trained = []
     with untouched(far):
-        for name, link, target in (("probe_link_ckpt", "checkpoints", "ckpts"), ("probe_link_logs", "logs", "logs")):
-            (base / name).mkdir(parents=True)
-            (base / name / link).symlink_to(far / target, target_is_directory=True)
+        for name in ("probe_link_ckpt", "probe_link_logs", "probe_link_files"):
             graph = tiny_train_graph(ctx, name, max_train_steps=2, checkpoint_step_interval=1,
                                      checkpoints_total_limit=1, resume_from_checkpoint="latest")
-            expect_success(run(ctx, graph), f"training with {link}/ linking outside")
+            expect_success(run(ctx, graph), f"training beside {name}'s links")
             if not (base / f"{name}_2" / "run.json").is_file():
-                raise CheckFailed(f"the run with {link}/ linking outside did not train in {name}_2")
-            lines.append(f"{link}/ link: trained in {name}_2")
+                raise CheckFailed(f"the run beside {name}'s links did not train in a fresh {name}_2")
+            trained.append(f"{name}_2")
         (base / "probe_link_run").symlink_to(far / "empty", target_is_directory=True)
         refused = expect_error(run(ctx, tiny_train_graph(ctx, "probe_link_run", max_train_steps=1)),
                                "outside the allowed folders")
-    return "; ".join(lines) + f"; run folder link refused: {refused[:80]}..."
+    return f"links never followed, runs trained in {', '.join(trained)}; a linked run folder: {refused[:60]}..."
 
 
 # --------------------------------------------------------------------------------------
