@@ -33,7 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # scripts/ is not a package: the e2e module is imported from this folder.
 import comfyui_e2e as e2e
-from comfyui_e2e import CheckFailed, E2EContext, _repo_import, _sampler_inputs, tiny_demo_api, tiny_train_graph
+from comfyui_e2e import (
+    CheckFailed,
+    E2EContext,
+    _repo_import,
+    _sampler_inputs,
+    tiny_demo_api,
+    tiny_train_graph,
+)
 from comfyui_server import PromptResult
 
 RUNS = "wan_s2v_training"  # the run folders, under ComfyUI's output folder
@@ -238,8 +245,8 @@ def check_uploaded_pickle_never_runs(ctx: E2EContext) -> str:
     folders = [p.name for p in run_folders(ctx, name)]
     if folders != [name, f"{name}_2"] or not (planted / "training_state.pt").is_file():
         raise CheckFailed(f"expected the run in {name}_2 beside the planted folder, got {folders}")
-    return (f"uploaded into output/{subfolder}; the pickle never ran (no marker); the run trained in {name}_2 "
-            f"and logged: {skipped[-1].split('skipped checkpoint', 1)[1][:110].strip()}...")
+    reason = skipped[-1].split(f"{planted}: ", 1)[1].split(", which")[0]
+    return f"planted through POST /upload/image; never loaded (no marker); skipped: {reason}; trained in {name}_2"
 
 
 def check_dataset_folder_empty(ctx: E2EContext) -> str:
@@ -271,7 +278,8 @@ def check_dataset_links_outside(ctx: E2EContext) -> str:
     leaked = [p.name for p in cache if str(secrets).encode() in p.read_bytes()]
     if not cache or leaked:
         raise CheckFailed(f"the cache records the outside path in {leaked}" if leaked else "nothing was cached")
-    return f"outside files never opened; report: {reasons[0][:90]}..."
+    shown = "; ".join(r.split(" resolves to")[0] for r in reasons)
+    return f"outside files never opened, no outside path cached; the report: {shown}, resolves outside"
 
 
 def check_demo_media_links(ctx: E2EContext) -> str:
@@ -431,10 +439,11 @@ def check_bad_names_refused(ctx: E2EContext) -> str:
         error = expect_error(result, "output_name", "cannot be used as a file name")
         if (result.error or {}).get("node_type") != "WanS2VTrainLora" or run_folders(ctx, name):
             raise CheckFailed(f"{name[:10]}...: refused too late (a run folder exists) or by another node")
-        lines.append(error[:70] + "...")
+        why = error.split("file name: ")[1].split(";")[0]
+        lines.append(f"{len(name)} characters ({why})" if len(name) > 10 else f"{name!r} ({why})")
     if any(p.name.startswith(("x" * 100, "~")) for p in _loras(ctx).glob("*")):
         raise CheckFailed("a LoRA file was written for a refused name")
-    return "; ".join(lines)
+    return "refused before training: " + "; ".join(lines)
 
 
 def check_latest_with_other_rank(ctx: E2EContext) -> str:
@@ -448,7 +457,7 @@ def check_latest_with_other_rank(ctx: E2EContext) -> str:
     said = log_lines(ctx, "skipped checkpoint", f"{name}/checkpoints", "LoRA rank: checkpoint 8, this run 4")
     if not said or [f.name for f in run_folders(ctx, name)] != [name, f"{name}_2"]:
         raise CheckFailed(f"no skip message or no fresh folder: {said}, {run_folders(ctx, name)}")
-    return said[-1].split("(", 1)[1].rstrip(")")[:100] + "; trained afresh in " + f"{name}_2"
+    return f"skipped with the reason ({said[-1].split('(', 1)[1]}, no size mismatch; trained afresh in {name}_2"
 
 
 # --------------------------------------------------------------------------------------
@@ -508,9 +517,9 @@ def check_bad_lora_files_named(ctx: E2EContext) -> str:
     errors = []
     for name in ("probe_truncated", "probe_empty", "probe_not_safetensors", "probe_nan"):
         errors.append(expect_error(run(ctx, load_lora_graph(f"{name}.safetensors")), f"{name}.safetensors"))
-    reasons = [e.split(".safetensors", 1)[1].strip(" :") for e in errors]
-    return f"good file loads ({report.splitlines()[0][:40]}...); errors name the file: " + " | ".join(
-        r[:45] for r in reasons)
+    reasons = [e.split(".safetensors", 1)[1].split(":")[0].split(" (")[0].strip() for e in errors]
+    named = ", ".join(f"{n} {r}" for n, r in zip(("truncated", "empty", "text", "NaN"), reasons))
+    return f"a good file loads ({len(report.splitlines())} report lines); errors name the file: {named}"
 
 
 def check_disk_offload_leaves_nothing(ctx: E2EContext) -> str:
