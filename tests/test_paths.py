@@ -408,6 +408,7 @@ def test_nan_and_inf_inputs_of_the_nodes_are_refused_naming_the_input(dirs, bad)
         "guidance": lambda: sample_nodes.WanS2VSampler().sample(None, None, None, "p", "", 64, 64, 8, 1, 2, bad, 0.0,
                                                                  0, "unipc", "batch"),
         "strength": lambda: sample_nodes.WanS2VApplyLoRA().apply(train_runner.TrainedLora({}, {}, None, 0), bad),
+        "strength of LoRA 'style.safetensors'": lambda: sample_nodes.WanS2VLoadLoRA().load("style.safetensors", bad),
     }
     node = train_nodes.WanS2VTrainLora()
     defaults = {k: v[1]["default"] for k, v in node.INPUT_TYPES()["required"].items()
