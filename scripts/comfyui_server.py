@@ -1,6 +1,6 @@
 """Start a real ComfyUI server with this pack installed, and talk to it.
 
-Used by the end-to-end checks (`scripts/comfyui_e2e.py`, `tests/test_comfyui_e2e.py`) and by
+Used by the end-to-end checks and the probe (`scripts/comfyui_e2e.py`, `scripts/comfyui_probe.py`, their tests) and by
 hand::
 
     python scripts/comfyui_server.py serve --comfyui /tmp/ComfyUI --port 8188
