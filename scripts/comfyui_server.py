@@ -1,7 +1,7 @@
 """Start a real ComfyUI server with this pack installed, and talk to it.
 
-Used by the end-to-end checks and the probe (`scripts/comfyui_e2e.py`, `scripts/comfyui_probe.py`, their tests) and by
-hand::
+Used by the end-to-end checks and the probe (`scripts/comfyui_e2e.py`, `scripts/comfyui_probe.py`,
+their tests) and by hand::
 
     python scripts/comfyui_server.py serve --comfyui /tmp/ComfyUI --port 8188
     python scripts/comfyui_server.py stub      # build the CUDA stub, print the LD_PRELOAD value
