@@ -22,6 +22,7 @@ import ctypes
 import json
 import os
 import pickle
+import re
 import struct
 import sys
 import time
@@ -98,7 +99,7 @@ def log_lines(ctx: E2EContext, *words: str) -> list[str]:
 def run_folders(ctx: E2EContext, name: str) -> list[Path]:
     """output/wan_s2v_training/<name> and its numbered siblings, in order."""
     base = ctx.server.output_dir / RUNS
-    found = [p for p in base.glob(f"{name}*") if p.name == name or p.name[len(name):].lstrip("_").isdigit()]
+    found = [p for p in base.iterdir() if re.fullmatch(rf"{re.escape(name)}(_\d+)?", p.name)] if base.is_dir() else []
     return sorted(found, key=lambda p: (len(p.name), p.name))
 
 
