@@ -486,33 +486,41 @@ ISOLATION_MEMORY = {"base_model_precision": "no_change", "device": "cpu", "offlo
                     "feed_forward_chunk_size": 0}
 
 
+def tiny_train_graph(ctx: E2EContext, output_name: str, *, lora: dict[str, Any] | None = None,
+                     memory: dict[str, Any] | None = None, **train: Any) -> dict[str, Any]:
+    """The tiny demo's transformer and dataset into a plain training node (no TREAD, CREPA, eval
+    or validation; 3 steps, resume "none", the LoRA into models/loras) with LoRA Settings (the
+    demo's, updated with `lora`) and Memory Settings (ISOLATION_MEMORY updated with `memory`);
+    `train` updates the training node's inputs. Node ids: "lora", "memory", "train"."""
+    demo = tiny_demo_api(ctx)
+    ids = {v["class_type"]: k for k, v in demo.items()}
+    base = {ids[kind]: demo[ids[kind]] for kind in ("WanS2VLoadTransformer", "WanS2VDataset")}
+    train_inputs = {k: v for k, v in demo[ids["WanS2VTrainLora"]]["inputs"].items()
+                    if not isinstance(v, list) or k in ("transformer", "dataset")}
+    return {
+        **base,
+        "lora": {"class_type": "WanS2VLoraSettings",
+                 "inputs": {**demo[ids["WanS2VLoraSettings"]]["inputs"], **(lora or {})}},
+        "memory": {"class_type": "WanS2VMemorySettings", "inputs": {**ISOLATION_MEMORY, **(memory or {})}},
+        "train": {"class_type": "WanS2VTrainLora", "inputs": {
+            **train_inputs, "output_name": output_name, "max_train_steps": 3, "save_to": "loras",
+            "resume_from_checkpoint": "none", "eval_step_interval": 0, "lora_settings": ["lora", 0],
+            "memory_settings": ["memory", 0], **train}},
+    }
+
+
 def check_failed_runs_change_nothing(ctx: E2EContext) -> str:
     """ComfyUI hands every prompt the same cached Load Wan S2V Transformer output. On it, in
     one server: a normal run (the reference), a run with an unknown lora_target_modules
     (fails), block offload in RAM and on disk, an int8-quanto run, each followed by a normal
     run; every normal run writes a LoRA file bit-identical to the reference's."""
-    demo = tiny_demo_api(ctx)
-    ids = {v["class_type"]: k for k, v in demo.items()}
-    base = {ids[kind]: demo[ids[kind]] for kind in ("WanS2VLoadTransformer", "WanS2VDataset")}
-    lora_inputs = demo[ids["WanS2VLoraSettings"]]["inputs"]
-    train_inputs = {k: v for k, v in demo[ids["WanS2VTrainLora"]]["inputs"].items()  # no TREAD, CREPA, ...
-                    if not isinstance(v, list) or k in ("transformer", "dataset")}
     import torch
 
-    loras = ctx.server.comfyui / "models" / "loras"
+    loras = ctx.server.models_dir / "loras"
     read_lora_file = _repo_import("trainer.lora.io").read_lora_file
 
     def run(name: str, targets: str = "to_q,to_v", **memory: Any):
-        graph = {
-            **base,
-            "lora": {"class_type": "WanS2VLoraSettings",
-                     "inputs": {**lora_inputs, "lora_target_modules": targets}},
-            "memory": {"class_type": "WanS2VMemorySettings", "inputs": {**ISOLATION_MEMORY, **memory}},
-            "train": {"class_type": "WanS2VTrainLora", "inputs": {
-                **train_inputs, "output_name": f"e2e_isolation_{name}", "max_train_steps": 3,
-                "save_to": "loras", "resume_from_checkpoint": "none", "eval_step_interval": 0,
-                "lora_settings": ["lora", 0], "memory_settings": ["memory", 0]}},
-        }
+        graph = tiny_train_graph(ctx, f"e2e_isolation_{name}", lora={"lora_target_modules": targets}, memory=memory)
         return ctx.server.wait_for(ctx.server.queue_prompt(graph), timeout=600, raise_on_error=False)
 
     def lora(name: str) -> dict[str, Any]:
@@ -724,19 +732,21 @@ def run_checks(ctx: E2EContext, checks: list[tuple[str, Check]] = CHECKS) -> lis
     return results
 
 
-def format_report(results: list[CheckResult]) -> str:
+def format_report(results: list[CheckResult], title: str = "comfyui e2e") -> str:
     lines = []
     for result in results:
         head, *rest = (result.detail or "").splitlines() or [""]
         lines.append(f"{'PASS' if result.ok else 'FAIL'}  {result.name}: {head}")
         lines.extend(f"      {line}" for line in rest)
     passed = sum(r.ok for r in results)
-    lines.append(f"comfyui e2e: {passed} passed, {len(results) - passed} failed")
+    lines.append(f"{title}: {passed} passed, {len(results) - passed} failed")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, checks: list[tuple[str, Check]] = CHECKS, *,
+         description: str | None = __doc__, title: str = "comfyui e2e") -> int:
+    """Start ComfyUI, run `checks` (all, or those --only names), print the report; 1 if any failed."""
+    parser = argparse.ArgumentParser(description=(description or "").split("\n\n")[0])
     parser.add_argument("--comfyui", default=None, help="ComfyUI checkout (default: env COMFYUI_PATH)")
     parser.add_argument(
         "--python", default=None, help="interpreter for the server (default: see comfyui_server)"
@@ -748,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", default=None,
                         help="run only the checks whose name contains this (repeatable)")
     args = parser.parse_args(argv)
-    checks = [c for c in CHECKS if not args.only or any(o in c[0] for o in args.only)]
+    checks = [c for c in checks if not args.only or any(o in c[0] for o in args.only)]
 
     try:
         server = ComfyUIServer(
@@ -769,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.show_log:
         print(log)
-    print(format_report(results))
+    print(format_report(results, title))
     return 0 if all(r.ok for r in results) else 1
 
 

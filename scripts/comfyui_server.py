@@ -1,7 +1,7 @@
 """Start a real ComfyUI server with this pack installed, and talk to it.
 
-Used by the end-to-end checks (`scripts/comfyui_e2e.py`, `tests/test_comfyui_e2e.py`) and by
-hand::
+Used by the end-to-end checks and the probe (`scripts/comfyui_e2e.py`, `scripts/comfyui_probe.py`,
+their tests) and by hand::
 
     python scripts/comfyui_server.py serve --comfyui /tmp/ComfyUI --port 8188
     python scripts/comfyui_server.py stub      # build the CUDA stub, print the LD_PRELOAD value
@@ -637,11 +637,31 @@ class ComfyUIServer:
     # -- HTTP API ------------------------------------------------------------------------
 
     def request(self, method: str, path: str, body: Any = None, timeout: float = 60.0) -> Any:
-        """Call the API; returns the decoded JSON (or text). Raises ComfyUIError on HTTP errors."""
+        """Call the API; returns the decoded JSON (or text). Raises ComfyUIError on HTTP errors.
+
+        The body is sent as Python's json writes it, NaN and Infinity included (ComfyUI's
+        parser, Python's json, reads them back as floats)."""
         data = None if body is None else json.dumps(body).encode()
+        return self._send(method, path, data, "application/json", timeout)
+
+    def upload(self, filename: str, data: bytes, *, subfolder: str = "", kind: str = "input",
+               overwrite: bool = False, timeout: float = 60.0) -> dict[str, Any]:
+        """`POST /upload/image` as the front end sends it: any bytes, saved by ComfyUI as
+        `<kind folder>/<subfolder>/<filename>` (`kind`: "input", "output" or "temp"); returns
+        ComfyUI's answer ({"name", "subfolder", "type"})."""
+        boundary = uuid.uuid4().hex
+        fields = {"type": kind, "subfolder": subfolder, "overwrite": "true" if overwrite else "false"}
+        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+                 for name, value in fields.items()]
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
+                     "Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
+        body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+        return dict(self._send("POST", "/upload/image", body, f"multipart/form-data; boundary={boundary}", timeout))
+
+    def _send(self, method: str, path: str, data: bytes | None, content_type: str, timeout: float) -> Any:
         req = urllib.request.Request(f"{self.base_url}{path}", data=data, method=method)
         if data is not None:
-            req.add_header("Content-Type", "application/json")
+            req.add_header("Content-Type", content_type)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 raw = resp.read()

@@ -256,16 +256,44 @@ def test_run_folders_that_link_elsewhere_are_never_written_through(dirs):
         _train(name)
         assert (base / f"{name}_2" / "run.json").is_file() and tree(outside) == before
 
-    # A link to an empty folder is no run: the run refuses it before writing anything.
+    # A link to an empty folder too: it is never listed, so whatever it holds, it is not this run's.
     (base / "c").mkdir()
     (base / "c" / "checkpoints").symlink_to(outside / "empty", target_is_directory=True)
-    with pytest.raises(PermissionError, match=r"checkpoints folder '.*c/checkpoints' \(it resolves to "
-                                              r".*outside/empty\) is outside the allowed folders"):
-        _train("c")
+    _train("c")
+    assert (base / "c_2" / "run.json").is_file() and tree(outside) == before
     (base / "d").symlink_to(outside / "empty", target_is_directory=True)  # the run folder itself
     with pytest.raises(PermissionError, match="is outside the allowed folders"):
         _train("d")
     assert tree(outside) == before
+
+
+def test_checkpoints_behind_links_are_never_read(dirs):
+    """A complete checkpoint that fits this run, reached through a link that leads outside (the
+    checkpoints folder, a numbered run folder, the files of a checkpoint folder, run.json):
+    resume "latest" opens nothing behind the link and trains afresh in a free folder."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from comfyui_probe import untouched  # inotify: fails on any open, listing or change
+    finally:
+        sys.path.pop(0)
+    base, outside = dirs["output"] / "wan_s2v_training", dirs["outside"]
+    _train("src")
+    os.rename(base / "src", outside / "src")
+    src = outside / "src"
+    (base / "a").mkdir()
+    (base / "a" / "checkpoints").symlink_to(src / "checkpoints", target_is_directory=True)
+    (base / "b_2").symlink_to(src, target_is_directory=True)  # its run.json names "src", as "b"'s would
+    (base / "c" / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    for file in (src / "checkpoints" / "checkpoint-2").iterdir():
+        (base / "c" / "checkpoints" / "checkpoint-2" / file.name).symlink_to(file)
+    (base / "c" / "run.json").symlink_to(src / "run.json")
+    (base / "src_2").symlink_to(src, target_is_directory=True)
+
+    with untouched(outside):
+        trained = {name: Path(_train(name)[1]).parent.name for name in ("a", "b", "c", "src")}
+    assert trained == {"a": "a_2", "b": "b", "c": "c_2", "src": "src"}
+    for folder in trained.values():
+        assert json.loads((base / folder / "run.json").read_text())["resumed_from"] is None
 
 
 def test_checkpoint_links_are_never_listed_resumed_or_deleted(tmp_path):
@@ -383,6 +411,7 @@ def test_nan_and_inf_inputs_of_the_nodes_are_refused_naming_the_input(dirs, bad)
         "guidance": lambda: sample_nodes.WanS2VSampler().sample(None, None, None, "p", "", 64, 64, 8, 1, 2, bad, 0.0,
                                                                  0, "unipc", "batch"),
         "strength": lambda: sample_nodes.WanS2VApplyLoRA().apply(train_runner.TrainedLora({}, {}, None, 0), bad),
+        "strength of LoRA 'style.safetensors'": lambda: sample_nodes.WanS2VLoadLoRA().load("style.safetensors", bad),
     }
     node = train_nodes.WanS2VTrainLora()
     defaults = {k: v[1]["default"] for k, v in node.INPUT_TYPES()["required"].items()

@@ -71,9 +71,12 @@ def checkpoint_root(output_dir: str | os.PathLike) -> Path:
 
 
 def _owned(entry: Path) -> bool:
-    """A real folder of the checkpoints folder, not a symlink to a folder elsewhere: the only
-    kind that is listed, resumed from or deleted."""
-    return entry.is_dir() and not entry.is_symlink()
+    """A real folder of real files, the only kind this trainer writes, so the only kind that
+    is listed, resumed from or deleted: a link (the folder, or a file in it) may lead to
+    files outside the allowed folders, which are never read."""
+    if not entry.is_dir() or entry.is_symlink():
+        return False
+    return not any(child.is_symlink() for child in entry.iterdir())
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..paths import is_inside
 from .checkpoint import (
     CHECKPOINT_DIR,
     OLDER_VERSION,
@@ -212,10 +213,11 @@ def prepare_run(config: TrainConfig, identity: RunIdentity) -> RunFolder:
     base = Path(os.path.abspath(config.output_dir))
     value = config.resume_from_checkpoint
     mode = "none" if value is None or str(value).strip().lower() in ("", "none", "false") else str(value).strip()
-    family = _family(base)
+    roots = config.roots()
+    family = _family(base, roots)
     resume = None
     if mode.lower() == "latest":
-        resume = _newest_compatible(family, identity)
+        resume = _newest_compatible(family, identity, roots)
         if resume is not None:
             return _continue(resume, base.name, identity)
     elif mode != "none":
@@ -226,7 +228,7 @@ def prepare_run(config: TrainConfig, identity: RunIdentity) -> RunFolder:
             raise IncompatibleCheckpointError(f"checkpoint {resume} does not fit this run: {'; '.join(problems)}")
         if resume.parent.name == CHECKPOINT_DIR and resume.parent.parent in family:
             return _continue(resume, base.name, identity)
-    return _claim_new(base, identity, resume)
+    return _claim_new(base, identity, resume, roots)
 
 
 def _locate(value: str, base: Path) -> Path:
@@ -240,21 +242,26 @@ def _locate(value: str, base: Path) -> Path:
 
 
 def read_run_file(folder: Path) -> dict[str, Any] | None:
-    """A folder's run.json (None: none, or unreadable)."""
+    """A folder's run.json (None: none, unreadable, or a link, which this trainer never writes
+    and which may lead outside the allowed folders)."""
+    path = folder / RUN_FILE
+    if path.is_symlink():
+        return None
     try:
-        data = json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return None
     return data if isinstance(data, dict) else None
 
 
-def _family(base: Path) -> list[Path]:
-    """`base` and its numbered siblings ``<name>_<n>`` whose run.json names `base`'s name."""
-    folders = [base]
+def _family(base: Path, roots: tuple[Path, ...]) -> list[Path]:
+    """`base` and its numbered siblings ``<name>_<n>`` whose run.json names `base`'s name
+    (folders that resolve outside `roots` are left out, unread)."""
+    folders = [base] if is_inside(base, roots) else []
     pattern = re.compile(re.escape(base.name) + r"_(\d+)$")
     if base.parent.is_dir():
         numbered = sorted((int(m.group(1)), p) for p in base.parent.iterdir()
-                          if (m := pattern.match(p.name)) and p.is_dir())
+                          if (m := pattern.match(p.name)) and p.is_dir() and is_inside(p, roots))
         folders += [p for _, p in numbered if (read_run_file(p) or {}).get("name") == base.name]
     return folders
 
@@ -270,11 +277,17 @@ def _problems(summary: dict[str, Any], identity: RunIdentity) -> list[str]:
     return identity.mismatches(saved)
 
 
-def _newest_compatible(family: list[Path], identity: RunIdentity) -> Path | None:
-    """The most recently saved checkpoint of `family` that fits; logs why each other one does not."""
+def _newest_compatible(family: list[Path], identity: RunIdentity, roots: tuple[Path, ...]) -> Path | None:
+    """The most recently saved checkpoint of `family` that fits; logs why each other one does not
+    (a checkpoints folder that resolves outside `roots` is skipped unread)."""
     best, best_key = None, None
     for folder in family:
-        for step, path in list_checkpoints(checkpoint_root(folder)):
+        root = checkpoint_root(folder)
+        if not is_inside(root, roots):
+            logger.warning("resume 'latest': skipped %s: it resolves to %s, outside the allowed folders (not read)",
+                           root, root.resolve())
+            continue
+        for step, path in list_checkpoints(root):
             try:
                 summary = read_summary(path)
             except OlderCheckpointError:
@@ -316,10 +329,10 @@ def _continue(checkpoint: Path, name: str, identity: RunIdentity) -> RunFolder:
     return run
 
 
-def _claim_new(base: Path, identity: RunIdentity, resume: Path | None) -> RunFolder:
+def _claim_new(base: Path, identity: RunIdentity, resume: Path | None, roots: tuple[Path, ...]) -> RunFolder:
     for n in range(1, 1_000_000):
         folder = base if n == 1 else base.with_name(f"{base.name}_{n}")
-        if _holds_a_run(folder):
+        if _holds_a_run(folder, roots):
             continue
         run_id = new_run_id(base.name)
         info = {"run_id": run_id, "name": base.name, "identity": identity.to_dict(),
@@ -332,11 +345,14 @@ def _claim_new(base: Path, identity: RunIdentity, resume: Path | None) -> RunFol
     raise RuntimeError(f"no free run folder next to {base}")
 
 
-def _holds_a_run(folder: Path) -> bool:
-    """A run.json, or what a run of an older version left (checkpoints, logs, LoRA files)."""
+def _holds_a_run(folder: Path, roots: tuple[Path, ...]) -> bool:
+    """A run.json, or what a run of an older version left (checkpoints, logs, LoRA files); a
+    folder or checkpoints folder that links outside `roots` counts as taken, unread."""
+    checkpoints = folder / CHECKPOINT_DIR
+    if not (is_inside(folder, roots) and is_inside(checkpoints, roots)):
+        return True
     if (folder / RUN_FILE).exists():
         return True
-    checkpoints = folder / CHECKPOINT_DIR
     return ((checkpoints.is_dir() and any(checkpoints.iterdir())) or (folder / "logs").exists()
             or (folder.is_dir() and any(folder.glob("*.safetensors"))))
 
