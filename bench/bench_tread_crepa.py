@@ -146,7 +146,7 @@ def main() -> None:
                 row["host_gib"] = f"{moved:.1f}"
         except torch.OutOfMemoryError as exc:
             row = {"variant": name, "error": "OOM: " + str(exc).splitlines()[0][:120]}
-        except Exception as exc:  # a compiler failure in one variant should not hide the others
+        except Exception as exc:  # noqa: BLE001 - a compiler failure in one variant should not hide the others
             row = {"variant": name, "error": f"{type(exc).__name__}: " + str(exc).splitlines()[0][:160]}
         row["policy"] = args.policy + (", compiled" if args.compile else ", eager")
         print(row, flush=True)

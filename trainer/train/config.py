@@ -20,8 +20,8 @@ from typing import Any
 
 from ..checks import check_number
 from ..memory.config import MemoryConfig
-from ..paths import confine, resolve_roots
 from ..names import validate_name
+from ..paths import confine, resolve_roots
 
 #: q/k/v/o of self-attention (attn1), cross-attention (attn2) and the audio injectors.
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
