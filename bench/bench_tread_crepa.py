@@ -69,7 +69,7 @@ def main() -> None:
     from trainer.model.transformer_s2v import WanS2VTransformer3DModel
     from trainer.train.config import CrepaConfig, TrainConfig
     from trainer.train.crepa import CrepaRegularizer
-    from trainer.train.loop import compute_losses
+    from trainer.train.objective import compute_losses
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="plain,plain+host,tread+host,crepa+host,tread+crepa+host")
