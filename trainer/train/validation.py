@@ -15,7 +15,8 @@ from ..distributed import SINGLE, Dist
 from .config import ValidationConfig
 from .state import rng_state, set_rng_state
 
-logger = logging.getLogger(__name__)
+# a run's messages all go to the loop's logger, the one users configure for training
+logger = logging.getLogger("trainer.train.loop")
 
 
 @contextlib.contextmanager
