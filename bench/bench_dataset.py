@@ -23,7 +23,7 @@ import torch
 from trainer.data import DatasetConfig, scan_folder
 from trainer.data import synthetic as S
 from trainer.data.dataset import clip_audio, window_audio_features
-from trainer.data.media import audio_segment, frames_to_tensor, iter_windows
+from trainer.media import audio_segment, frames_to_tensor, iter_windows
 
 
 def random_init(model: torch.nn.Module, device: str, dtype: torch.dtype) -> torch.nn.Module:

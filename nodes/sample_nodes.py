@@ -288,7 +288,7 @@ class WanS2VSaveVideo:
     DESCRIPTION = "Saves an mp4 with its audio muxed (PyAV: libx264 + AAC) and shows it."
 
     def save(self, frames, filename_prefix, fps, audio=None):
-        from ..trainer.sample.media import write_mp4
+        from ..trainer.media import write_mp4
 
         prefix = "".join(c if c.isalnum() or c in "-_" else "_" for c in filename_prefix) or "wan_s2v"
         path = _next_path("wan_s2v_videos", prefix)

@@ -25,7 +25,7 @@ from trainer.data import (
     window_audio_features,
 )
 from trainer.data import synthetic as S
-from trainer.data.media import iter_frames_16fps, probe_video
+from trainer.media import iter_frames_16fps, probe_video
 
 FRAME = 1 / 16
 

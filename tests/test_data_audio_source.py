@@ -21,7 +21,7 @@ from trainer.data import (
     window_audio_features,
 )
 from trainer.data import synthetic as S
-from trainer.data.media import audio_segment, decode_audio
+from trainer.media import audio_segment, decode_audio
 
 AHEAD = 3.0  # seconds the clips' own tracks are ahead of the sidecar files
 

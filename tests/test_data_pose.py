@@ -28,7 +28,7 @@ from trainer.data import (
     scan_folder,
 )
 from trainer.data import synthetic as S
-from trainer.data.media import frame_to_array, frames_to_tensor
+from trainer.media import frame_to_array, frames_to_tensor
 from trainer.train.batching import collate as train_collate
 
 STARTS = [0, 16, 32]

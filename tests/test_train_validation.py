@@ -18,10 +18,10 @@ import torch
 from sample_helpers import reference_image, speech, write_png, write_wav
 
 from trainer.lora.io import save_lora
+from trainer.media import probe_mp4, read_video_frames
 from trainer.model import TINY_TRANSFORMER_CONFIG, WanS2VTransformer3DModel
 from trainer.paths import OutsideAllowedFoldersError
 from trainer.sample import build_tiny_bundle
-from trainer.sample.media import probe_mp4, read_video_frames
 from trainer.train.adapter import add_lora
 from trainer.train.checkpoint import load_checkpoint
 from trainer.train.config import TrainConfig, load_config

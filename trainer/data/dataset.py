@@ -11,12 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..paths import confine
-from .cache import CacheStore, stable_hash
-from .config import MOTION_FRAMES, SAMPLE_RATE, DatasetConfig
-from .discovery import Clip, ScanResult, Skip, scan_folder
-from .encoders import Encoders
-from .media import (
+from ..media import (
     FrameRequest,
     MediaError,
     audio_segment,
@@ -27,6 +22,11 @@ from .media import (
     load_image,
     video_start_time,
 )
+from ..paths import confine
+from .cache import CacheStore, stable_hash
+from .config import MOTION_FRAMES, SAMPLE_RATE, DatasetConfig
+from .discovery import Clip, ScanResult, Skip, scan_folder
+from .encoders import Encoders
 from .teacher import (
     frames_to_uint8,
     load_teacher_frames,

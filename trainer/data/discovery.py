@@ -7,10 +7,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..media import MediaError, VideoInfo, probe_audio, probe_video
 from ..paths import confine, is_inside
 from .buckets import bucket_for, image_size
 from .config import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, TARGET_FPS, VIDEO_EXTENSIONS, DatasetConfig
-from .media import MediaError, VideoInfo, probe_audio, probe_video
 
 
 @dataclass

@@ -34,6 +34,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..media import (
+    cover_resize,
+    cut_audio,
+    decode_audio_file,
+    load_image_tensor,
+    read_video_frames,
+    speech_16k_mono,
+    write_mp4,
+)
 from ..model.audio_encoder import encode_speech
 from ..model.audio_features import audio_features_for_video, audio_window
 from ..model.conditioning import stack_pose_latents, transformer_inputs
@@ -42,15 +51,6 @@ from ..model.vae import decode_latents, encode_video
 from .bundle import ModelBundle
 from .config import MOTION_FRAMES, SamplerConfig
 from .lora import LoraSpec, applied_loras
-from .media import (
-    cover_resize,
-    cut_audio,
-    decode_audio_file,
-    load_image,
-    read_video_frames,
-    speech_16k_mono,
-    write_mp4,
-)
 
 ProgressFn = Callable[[int, int, "torch.Tensor | None"], None]
 SPEECH_SAMPLE_RATE = 16_000  # Hz, what wav2vec2 takes
@@ -128,7 +128,7 @@ def _placed(module: torch.nn.Module, device: torch.device, offload: bool) -> Ite
 
 def _image_tensor(image: torch.Tensor | str | os.PathLike) -> torch.Tensor:
     if isinstance(image, (str, os.PathLike)):
-        image = load_image(image)
+        image = load_image_tensor(image)
     image = torch.as_tensor(image).float()
     if image.ndim == 3:
         image = image[None]
