@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..trainer import options
 from . import comfy_adapter
 from . import socket_types as types
 
@@ -198,9 +199,9 @@ class WanS2VSampler:
                 "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1,
                           "tooltip": "Sigma shift; 0 = 3 at 480p, 5 at 720p (official)."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "tooltip": "Chunk r uses seed + r."}),
-                "scheduler": (["unipc", "euler"], {"default": "unipc", "tooltip": "UniPC multistep (flow) as the "
+                "scheduler": (list(options.SAMPLER_SCHEDULERS), {"default": "unipc", "tooltip": "UniPC multistep (flow) as the "
                               "official sampler, or flow-matching Euler."}),
-                "cfg_mode": (["batch", "sequential"], {"default": "batch", "tooltip": "Cond and uncond as one "
+                "cfg_mode": (list(options.CFG_MODES), {"default": "batch", "tooltip": "Cond and uncond as one "
                              "batch (faster) or one after the other (less memory)."}),
             },
             "optional": {

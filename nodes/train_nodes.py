@@ -3,6 +3,7 @@ and the training node itself. The work is in `nodes.train_runner` and `trainer/`
 
 from __future__ import annotations
 
+from ..trainer import options
 from . import socket_types as types
 from .train_runner import (  # noqa: F401 - re-exported for tests and other nodes
     TINY_TEACHER,
@@ -146,8 +147,8 @@ def _tips(inputs: dict) -> dict:
     return inputs
 
 
-OPTIMIZERS = ["adamw", "adamw8bit", "lion", "lion8bit_paged", "prodigy"]
-SCHEDULERS = ["constant", "constant_with_warmup", "cosine", "linear", "polynomial"]
+OPTIMIZERS = list(options.OPTIMIZERS)
+SCHEDULERS = list(options.LR_SCHEDULERS)
 
 
 class WanS2VLoraSettings:
@@ -191,7 +192,7 @@ class WanS2VOptimizerSettings:
                                            "tooltip": "8-bit and paged variants need bitsandbytes."}),
                 "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-8, "max": 10.0, "step": 1e-6}),
                 "weight_decay": ("FLOAT", {"default": 0.01, "min": 0.0, "max": 1.0, "step": 0.001}),
-                "grad_clip_mode": (["norm", "value", "none"], {"default": "norm"}),
+                "grad_clip_mode": (list(options.CLIP_MODES), {"default": "norm"}),
                 "max_grad_norm": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1}),
                 "max_grad_value": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1}),
             }
@@ -356,7 +357,7 @@ class WanS2VValidationSettings:
                 "pose_video": ("STRING", {"default": ""}),
                 # appended last: saved workflows keep their widget values in order
                 "extra_loras": (types.LORA_STACK, {}),
-                "scheduler": (["unipc", "euler"], {"default": "unipc"}),
+                "scheduler": (list(options.SAMPLER_SCHEDULERS), {"default": "unipc"}),
                 "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1}),
             },
         })
@@ -402,13 +403,13 @@ class WanS2VTrainLora:
                 "seed": ("INT", {"default": 42, "min": 0, "max": 2**31 - 1}),
                 "mixed_precision": (["bf16", "no"], {"default": "bf16"}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": True}),
-                "flow_weighting_scheme": (["logit_normal", "uniform", "beta"], {"default": "logit_normal"}),
+                "flow_weighting_scheme": (list(options.WEIGHTING_SCHEMES), {"default": "logit_normal"}),
                 "flow_schedule_shift": ("FLOAT", {"default": 3.0, "min": 0.1, "max": 20.0, "step": 0.1}),
                 "flow_schedule_auto_shift": ("BOOLEAN", {"default": False}),
                 "caption_dropout_probability": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 1.0, "step": 0.01}),
                 "audio_dropout_probability": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 1.0, "step": 0.01}),
                 "motion_context_probability": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01}),
-                "reference_frame": (["first", "random"], {"default": "first"}),
+                "reference_frame": (list(options.REFERENCE_FRAMES), {"default": "first"}),
                 "use_ema": ("BOOLEAN", {"default": False}),
                 "ema_decay": ("FLOAT", {"default": 0.999, "min": 0.5, "max": 0.99999, "step": 0.0001}),
                 "checkpoint_step_interval": ("INT", {"default": 250, "min": 0, "max": 1000000}),

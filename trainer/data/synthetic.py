@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..constants import SPEECH_SAMPLE_RATE
+
 TIME_RANGE = 12.0
 PERIOD = 0.5
 F0 = 300.0
@@ -51,7 +53,7 @@ def chirp(t: np.ndarray) -> np.ndarray:
     return 0.5 * np.sin(2 * np.pi * (F0 * t + SLOPE * t * t / 2))
 
 
-def decode_audio_time(segment: np.ndarray, sample_rate: int = 16000) -> float:
+def decode_audio_time(segment: np.ndarray, sample_rate: int = SPEECH_SAMPLE_RATE) -> float:
     """Time (relative to the chirp's start) at the centre of `segment` from its peak frequency."""
     n = len(segment)
     spectrum = np.abs(np.fft.rfft(segment * np.hanning(n), 1 << 16))

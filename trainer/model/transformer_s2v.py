@@ -32,6 +32,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..constants import DEFAULT_AUDIO_INJECT_LAYERS, MOTION_FRAMES
 from .attention import WanS2VAttention
 from .audio_modules import AudioInjector, CausalAudioEncoder, inject_audio
 from .checkpointing import CHECKPOINT_POLICIES, checkpoint_function, compiled_checkpoint
@@ -40,7 +41,6 @@ from .rope import rope_tables, video_positions
 from .routing import TokenRoute, kept_video_tokens, parse_routes
 
 NUMERICS = ("official", "comfyui")
-DEFAULT_AUDIO_INJECT_LAYERS = (0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39)
 
 #: A complete model small enough for CPU tests (same widths as the shared tiny golden set).
 TINY_TRANSFORMER_CONFIG: dict[str, Any] = {
@@ -243,7 +243,7 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         adain_mode: str = "attn_norm",
         pose_dim: int = 16,
         framepack_drop_mode: str = "padd",
-        motion_frames: int = 73,
+        motion_frames: int = MOTION_FRAMES,
         rope_theta: float = 10000.0,
         numerics: str = "official",
     ):

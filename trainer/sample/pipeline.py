@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..constants import MOTION_FRAMES, SPEECH_SAMPLE_RATE
 from ..media import (
     cover_resize,
     cut_audio,
@@ -49,11 +50,10 @@ from ..model.conditioning import stack_pose_latents, transformer_inputs
 from ..model.text_encoder import encode_prompt
 from ..model.vae import decode_latents, encode_video
 from .bundle import ModelBundle
-from .config import MOTION_FRAMES, SamplerConfig
+from .config import SamplerConfig
 from .lora import LoraSpec, applied_loras
 
 ProgressFn = Callable[[int, int, "torch.Tensor | None"], None]
-SPEECH_SAMPLE_RATE = 16_000  # Hz, what wav2vec2 takes
 FIRST_CHUNK_DROP = 3  # frames the official decode drops after the reference frame in chunk 0
 
 

@@ -21,17 +21,20 @@ from typing import Any
 from ..checks import check_number
 from ..memory.config import MemoryConfig
 from ..names import validate_name
+from ..options import (
+    CLIP_MODES,
+    LR_SCHEDULERS,
+    MIXED_PRECISION,
+    OPTIMIZERS,
+    REFERENCE_FRAMES,
+    SAMPLER_SCHEDULERS,
+    WEIGHTING_SCHEMES,
+)
 from ..paths import confine, resolve_roots
 
 #: q/k/v/o of self-attention (attn1), cross-attention (attn2) and the audio injectors.
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
-OPTIMIZERS = ("adamw", "adamw8bit", "lion", "lion8bit_paged", "prodigy")
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear", "polynomial")
-WEIGHTING_SCHEMES = ("logit_normal", "uniform", "beta")
-REFERENCE_FRAMES = ("first", "random")
-MIXED_PRECISION = ("auto", "no", "bf16")
-CLIP_MODES = ("norm", "value", "none")
 
 
 @dataclass
@@ -162,8 +165,8 @@ class CrepaConfig:
 VALIDATION_CASE_FIELDS = ("reference_image", "audio", "prompt", "name", "negative_prompt", "seed", "pose_video")
 #: Fields of one extra LoRA of the validation renders (`validation_extra_loras` entries).
 VALIDATION_LORA_FIELDS = ("path", "strength")
-#: Samplers of the validation renders (`trainer.sample.config.SCHEDULERS`).
-VALIDATION_SCHEDULERS = ("unipc", "euler")
+#: Samplers of the validation renders (the sampler's, `trainer.sample.config.SCHEDULERS`).
+VALIDATION_SCHEDULERS = SAMPLER_SCHEDULERS
 FIRST_CHUNK_DROP = 3  # frames the sampler's first chunk drops after the reference (official decode)
 
 
