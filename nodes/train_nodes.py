@@ -75,7 +75,7 @@ TOOLTIPS = {
     "crepa_adjacent_tau": "Temperature of the neighbour weights exp(-distance / tau).",
     "crepa_warmup_steps": "Ramp lambda linearly from 0 over this many steps (0: full weight at once).",
     "crepa_cutoff_step": "Turn CREPA off from this step on (0: never).",
-    "teacher": "DINOv2 teacher: dinov2_vitg14 (518 px, the seed's) or dinov2_vits14 (224 px, light). The tiny "
+    "teacher": "DINOv2 teacher: dinov2_vitg14 (518 px, SimpleTuner's Wan S2V default) or dinov2_vits14 (224 px, light). The tiny "
     "entry writes a tiny random DINOv2 (demo and tests only).",
     "teacher_folder": "transformers Dinov2Model folder (config.json + model.safetensors) relative to "
     "ComfyUI/models/dinov2; empty = the teacher's name (models/dinov2/dinov2_vitg14). Nothing is downloaded.",
@@ -240,7 +240,7 @@ class WanS2VScheduleSettings:
 
 
 class WanS2VTreadSettings:
-    """TREAD token routing as the seed configures it: a share of the video tokens skips a
+    """TREAD token routing in SimpleTuner's format: a share of the video tokens skips a
     range of blocks (faster steps, same model at inference)."""
 
     @classmethod
@@ -258,7 +258,7 @@ class WanS2VTreadSettings:
     RETURN_NAMES = ("tread_settings",)
     FUNCTION = "build"
     CATEGORY = CATEGORY
-    DESCRIPTION = "A TREAD route for the training node (the seed's routes format)."
+    DESCRIPTION = "A TREAD route for the training node (SimpleTuner's {\"routes\": [...]} format)."
 
     def build(self, selection_ratio, start_layer_idx, end_layer_idx, tread_settings=None):
         return (tread_routes(selection_ratio, start_layer_idx, end_layer_idx, tread_settings),)
@@ -286,7 +286,7 @@ class WanS2VCrepaSettings:
     RETURN_NAMES = ("crepa_settings",)
     FUNCTION = "build"
     CATEGORY = CATEGORY
-    DESCRIPTION = "CREPA settings (the seed's defaults) with a local DINOv2 teacher from models/dinov2."
+    DESCRIPTION = "CREPA settings (SimpleTuner's Wan S2V defaults) with a local DINOv2 teacher from models/dinov2."
 
     def build(self, crepa_lambda, crepa_block_index, crepa_adjacent_distance, crepa_adjacent_tau,
               crepa_warmup_steps, crepa_cutoff_step, teacher, teacher_folder):

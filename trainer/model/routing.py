@@ -31,7 +31,7 @@ class TokenRoute:
 
 def parse_routes(routes: Mapping[str, Any] | Iterable[Mapping[str, Any] | TokenRoute] | None,
                  num_layers: int) -> list[TokenRoute]:
-    """Normalise a routes config (the seed's `{"routes": [...]}` or a plain list) to sorted
+    """Normalise a routes config (SimpleTuner's `{"routes": [...]}` or a plain list) to sorted
     routes with non-negative block indices; negative indices count from the last block."""
     if routes is None:
         return []

@@ -1,6 +1,6 @@
 """Typed training settings shared by the CLI (`python -m trainer train CONFIG`) and the nodes.
 
-A config file (JSON or TOML) is either flat, with the seed's key names
+A config file (JSON or TOML) is either flat, with SimpleTuner's key names
 (``learning_rate``, ``lora_rank``, ``max_train_steps``, ``checkpoint_step_interval`` ...), or
 nested with ``[lora]``, ``[optimizer]`` and ``[schedule]`` sections whose keys are the field
 names of `LoraConfig`, `OptimizerConfig`, `ScheduleConfig`, `CrepaConfig`, `MemoryConfig` and
@@ -116,7 +116,7 @@ TEACHERS = {"dinov2_vitg14": (518, 14), "dinov2_vits14": (224, 14)}
 
 @dataclass
 class CrepaConfig:
-    """CREPA settings (the seed's names)."""
+    """CREPA settings (SimpleTuner's names and Wan S2V defaults)."""
 
     crepa_enabled: bool = False
     crepa_lambda: float = 0.5
@@ -172,7 +172,7 @@ FIRST_CHUNK_DROP = 3  # frames the sampler's first chunk drops after the referen
 
 @dataclass
 class ValidationConfig:
-    """Validation renders during training (the seed's ``validation_*`` names).
+    """Validation renders during training (SimpleTuner's ``validation_*`` names).
 
     Every `validation_step_interval` optimizer steps (0 = never) the loop renders each case
     of `validation_cases` with the LoRA being trained, one chunk of
@@ -404,7 +404,7 @@ class TrainConfig:
     mixed_precision: str = "auto"
     numerics: str = "official"
     #: torch.compile every transformer block on CUDA (fuses the norm/modulation/RoPE work
-    #: around the matmuls: 14B step 12.95 s instead of 16.07 s, after a one-off compile of
+    #: around the matmuls: faster 14B steps, docs/benchmarks.md, after a one-off compile of
     #: about a minute). Ignored on CPU.
     compile_blocks: bool = True
 
@@ -430,7 +430,7 @@ class TrainConfig:
     #: with 0 no extra random number is drawn, so runs repeat those of earlier versions exactly.
     pose_dropout_probability: float = 0.0
 
-    # --- TREAD token routing (the seed's format): {"routes": [{"selection_ratio": 0.5,
+    # --- TREAD token routing (SimpleTuner's format): {"routes": [{"selection_ratio": 0.5,
     #: "start_layer_idx": 2, "end_layer_idx": -2}]}; selection_ratio = fraction of video
     #: tokens DROPPED inside the route. None = off.
     tread_config: dict | None = None
