@@ -147,20 +147,3 @@ def write_audio(path: str | Path, duration: float, rate: int = 44100, codec: str
     finally:
         container.close()
     return path
-
-
-def write_image(path: str | Path, array: np.ndarray) -> Path:
-    import av
-
-    path = Path(path)
-    container = av.open(str(path), "w")
-    try:
-        stream = container.add_stream("png")
-        stream.width, stream.height, stream.pix_fmt = array.shape[1], array.shape[0], "rgb24"
-        for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
-            container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
-    finally:
-        container.close()
-    return path

@@ -71,8 +71,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
         kwargs = {"num_warmup_steps": s.lr_warmup_steps}
     elif s.lr_scheduler == "cosine":
         kwargs["num_cycles"] = s.lr_num_cycles
-    elif s.lr_scheduler == "polynomial":
-        kwargs["power"] = s.lr_power
+    elif s.lr_scheduler == "polynomial":  # with lr_end, which get_scheduler does not pass on
         return _polynomial(optimizer, s.lr_warmup_steps, config.max_train_steps, s.lr_end, s.lr_power)
     return get_scheduler(s.lr_scheduler, optimizer, **kwargs)
 
