@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..checks import check_number
+from ..checks import check_number, reject_unknown_keys
 from ..constants import MOTION_FRAMES
 from ..paths import resolve_roots
 
@@ -150,10 +150,7 @@ class DatasetConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DatasetConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise DatasetConfigError(f"unknown dataset settings: {', '.join(unknown)}")
+        reject_unknown_keys(cls, data, DatasetConfigError, "dataset settings")
         return cls(**data)
 
     # Settings each cache depends on (a change re-encodes only the caches that list it).

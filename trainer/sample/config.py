@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..checks import check_number
+from ..checks import check_number, reject_unknown_keys
 from ..constants import VIDEO_FPS
 from ..options import CFG_MODES, SAMPLER_SCHEDULERS
 
@@ -125,8 +125,5 @@ class SamplerConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SamplerConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise SamplerConfigError(f"unknown sampler settings: {', '.join(unknown)}")
+        reject_unknown_keys(cls, data, SamplerConfigError, "sampler settings")
         return cls(**data)

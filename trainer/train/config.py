@@ -50,7 +50,7 @@ class LoraConfig:
     #: "default" (kaiming A, zero B), "gaussian" (normal A, zero B).
     lora_init: str = "default"
 
-    def validate(self) -> None:
+    def validate(self) -> LoraConfig:
         check_number("lora_rank", self.lora_rank, 1, integer=True)
         check_number("lora_alpha", self.lora_alpha, 0, low_open=True)
         check_number("lora_dropout", self.lora_dropout, 0, 1, high_open=True)
@@ -58,6 +58,7 @@ class LoraConfig:
             raise ValueError("lora_target_modules is empty")
         if self.lora_init not in ("default", "gaussian"):
             raise ValueError(f"lora_init must be 'default' or 'gaussian', got {self.lora_init!r}")
+        return self
 
 
 @dataclass
@@ -76,7 +77,7 @@ class OptimizerConfig:
     max_grad_norm: float = 1.0
     max_grad_value: float = 1.0
 
-    def validate(self) -> None:
+    def validate(self) -> OptimizerConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.grad_clip_mode not in CLIP_MODES:
@@ -89,6 +90,7 @@ class OptimizerConfig:
         # a clipping bound of 0 would zero every gradient it applies to
         check_number("max_grad_norm", self.max_grad_norm, 0, low_open=self.grad_clip_mode == "norm")
         check_number("max_grad_value", self.max_grad_value, 0, low_open=self.grad_clip_mode == "value")
+        return self
 
 
 @dataclass
@@ -101,13 +103,14 @@ class ScheduleConfig:
     lr_power: float = 1.0  # polynomial
     lr_end: float = 1e-7  # polynomial
 
-    def validate(self) -> None:
+    def validate(self) -> ScheduleConfig:
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}")
         check_number("lr_warmup_steps", self.lr_warmup_steps, 0, integer=True)
         check_number("lr_num_cycles", self.lr_num_cycles, 0)
         check_number("lr_power", self.lr_power, 0)
         check_number("lr_end", self.lr_end, 0)
+        return self
 
 
 #: DINOv2 teachers for CREPA: (input short side in px, patch size).
@@ -130,7 +133,7 @@ class CrepaConfig:
     #: A local transformers Dinov2 folder or a .safetensors file beside its config.json.
     crepa_teacher_path: str | None = None
 
-    def validate(self) -> None:
+    def validate(self) -> CrepaConfig:
         if self.crepa_teacher not in TEACHERS:
             raise ValueError(f"crepa_teacher must be one of {sorted(TEACHERS)}, got {self.crepa_teacher!r}")
         check_number("crepa_lambda", self.crepa_lambda, 0)
@@ -146,6 +149,7 @@ class CrepaConfig:
                 f"(config.json + model.safetensors) for {self.crepa_teacher}, e.g. ComfyUI/models/dinov2/"
                 f"{self.crepa_teacher}/; nothing is downloaded at run time"
             )
+        return self
 
     @property
     def teacher_geometry(self) -> tuple[int, int]:
@@ -250,7 +254,7 @@ class ValidationConfig:
         """The sampler chunk length (4k) that renders at least `validation_num_video_frames` frames."""
         return 4 * math.ceil((self.validation_num_video_frames + FIRST_CHUNK_DROP) / 4)
 
-    def validate(self) -> None:
+    def validate(self) -> ValidationConfig:
         check_number("validation_step_interval", self.validation_step_interval, 0, integer=True, hint="(0 = never)")
         check_number("validation_num_inference_steps", self.validation_num_inference_steps, 1, integer=True)
         check_number("validation_guidance", self.validation_guidance, 0, hint="(<= 1 = no CFG)")
@@ -270,6 +274,7 @@ class ValidationConfig:
             raise ValueError("validation_extra_loras must be a list of {path, strength} tables")
         for index, lora in enumerate(self.validation_extra_loras):
             _validate_extra_lora(index, lora)
+        return self
 
     def sampler_config(self, seed: int, numerics: str = "model"):
         """The shared `trainer.sample.SamplerConfig` of every case (size snapped to multiples of
@@ -514,7 +519,7 @@ class TrainConfig:
         """`path` resolved when it lies inside `roots()`, else `trainer.paths.OutsideAllowedFoldersError`."""
         return confine(path, self.roots(), what=what)
 
-    def validate(self) -> None:
+    def validate(self) -> TrainConfig:
         self.lora.validate()
         self.optimizer.validate()
         self.schedule.validate()
@@ -563,6 +568,7 @@ class TrainConfig:
             for name, path in self.named_paths().items():
                 self.confine(path, what=name)
         validate_name(self.output_name, "output_name")
+        return self
 
     # ------------------------------------------------------------------ (de)serialisation
 
