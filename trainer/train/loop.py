@@ -244,6 +244,8 @@ class _TrainingRun:
         self.last_checkpoint: Path | None = resume_path
         lora_modules = {peft_key(n).rsplit(".lora_", 1)[0] for n in self.params}
         self.alphas = {name: config.lora.lora_alpha for name in lora_modules}
+        # set when the steps start: the ETA counts only this call's steps and time
+        self.started, self.start_step = time.perf_counter(), self.global_step
 
     def resume(self, path: Path) -> None:
         """Load the LoRA, optimizer, schedule, EMA, data position, CREPA projector, RNG streams
