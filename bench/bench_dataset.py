@@ -18,12 +18,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
+import torch
 
-from trainer.data import DatasetConfig, scan_folder  # noqa: E402
-from trainer.data import synthetic as S  # noqa: E402
-from trainer.data.dataset import clip_audio, window_audio_features  # noqa: E402
-from trainer.data.media import audio_segment, frames_to_tensor, iter_windows  # noqa: E402
+from trainer.data import DatasetConfig, scan_folder
+from trainer.data import synthetic as S
+from trainer.data.dataset import clip_audio, window_audio_features
+from trainer.media import audio_segment, frames_to_tensor, iter_windows
 
 
 def random_init(model: torch.nn.Module, device: str, dtype: torch.dtype) -> torch.nn.Module:

@@ -14,7 +14,6 @@ import argparse
 import gc
 
 import torch
-
 from common import build_on_device, environment, peak_gib, print_table, save_json, time_cuda
 
 FLOOR_S = 2.8  # ../shared/spec/performance.md, H100
@@ -61,7 +60,7 @@ def bench_ours(args, compile_blocks: bool, motion: bool) -> dict:
         "peak_gib": f"{peak_gib():.1f}",
         "weights_gib": f"{weights_gib:.1f}",
     }
-    del model, inputs
+    model = inputs = None  # frees the weights before the next row; `run` holds the same cells
     gc.collect()
     torch.cuda.empty_cache()
     return row
@@ -106,7 +105,7 @@ def bench_diffusers(args) -> dict:
         "peak_gib": f"{peak_gib():.1f}",
         "weights_gib": f"{weights_gib:.1f}",
     }
-    del model
+    model = None  # frees the weights before the next row; `run` holds the same cell
     gc.collect()
     torch.cuda.empty_cache()
     return row
@@ -132,7 +131,7 @@ def main() -> None:
     if args.compile:
         rows.append(bench_ours(args, compile_blocks=True, motion=False))
         if args.contiguous_qkv:
-            import trainer.model.attention as attention
+            from trainer.model import attention
 
             plain = attention.scaled_dot_product_attention
             attention.scaled_dot_product_attention = lambda q, k, v: plain(q.contiguous(), k.contiguous(), v.contiguous())
@@ -144,7 +143,7 @@ def main() -> None:
             rows.append(bench_ours(args, compile_blocks=True, motion=True))
     if not args.no_diffusers:
         rows.append(bench_diffusers(args))
-    rows.append({"model": f"floor (performance.md, H100)", "median_s": FLOOR_S})
+    rows.append({"model": "floor (performance.md, H100)", "median_s": FLOOR_S})
     rows.append({"model": "SimpleTuner 4.10.1 S2V (reported, H100)", "median_s": SIMPLETUNER["time_s"],
                  "peak_gib": SIMPLETUNER["peak_gib"]})
     title = (f"S2V 14B forward, {args.width}x{args.height}x{args.frames}, batch 1, bf16 - "

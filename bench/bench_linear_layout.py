@@ -30,10 +30,10 @@ def main() -> None:
         flop = 2 * tokens * n_in * n_out
         for layout, weight in (("row", weight_row), ("col", weight_col)):
             cases = {
-                "forward, bias": lambda w=weight: F.linear(x, w, bias),
-                "forward, no bias": lambda w=weight: F.linear(x, w),
-                "forward, mm then bias add": lambda w=weight: F.linear(x, w).add_(bias),
-                "input grad": lambda w=weight: dy @ w,
+                "forward, bias": lambda w=weight, x=x, bias=bias: F.linear(x, w, bias),
+                "forward, no bias": lambda w=weight, x=x: F.linear(x, w),
+                "forward, mm then bias add": lambda w=weight, x=x, bias=bias: F.linear(x, w).add_(bias),
+                "input grad": lambda w=weight, dy=dy: dy @ w,
             }
             for case, fn in cases.items():
                 median, _ = time_cuda(fn, 20, 30)

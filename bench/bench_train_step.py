@@ -13,7 +13,6 @@ import argparse
 import gc
 
 import torch
-
 from bench_forward import s2v_inputs
 from common import (
     add_bench_lora,

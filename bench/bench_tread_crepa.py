@@ -69,7 +69,7 @@ def main() -> None:
     from trainer.model.transformer_s2v import WanS2VTransformer3DModel
     from trainer.train.config import CrepaConfig, TrainConfig
     from trainer.train.crepa import CrepaRegularizer
-    from trainer.train.loop import compute_losses
+    from trainer.train.objective import compute_losses
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="plain,plain+host,tread+host,crepa+host,tread+crepa+host")
@@ -146,7 +146,7 @@ def main() -> None:
                 row["host_gib"] = f"{moved:.1f}"
         except torch.OutOfMemoryError as exc:
             row = {"variant": name, "error": "OOM: " + str(exc).splitlines()[0][:120]}
-        except Exception as exc:  # a compiler failure in one variant should not hide the others
+        except Exception as exc:  # noqa: BLE001 - a compiler failure in one variant should not hide the others
             row = {"variant": name, "error": f"{type(exc).__name__}: " + str(exc).splitlines()[0][:160]}
         row["policy"] = args.policy + (", compiled" if args.compile else ", eager")
         print(row, flush=True)

@@ -143,7 +143,7 @@ def add_bench_lora(model: torch.nn.Module, rank: int = 16, peft_cast: bool = Fal
     """
     from peft import LoraConfig
 
-    from trainer.train.loop import disable_lora_input_cast
+    from trainer.train.adapter import disable_lora_input_cast
 
     model.requires_grad_(False)
     model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))

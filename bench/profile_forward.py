@@ -14,10 +14,9 @@ import argparse
 from collections import defaultdict
 
 import torch
-from torch.profiler import ProfilerActivity, profile
-
 from bench_forward import s2v_inputs
 from common import add_bench_lora, build_on_device, lora_train_step
+from torch.profiler import ProfilerActivity, profile
 
 
 def classify(name: str) -> str:

@@ -20,10 +20,6 @@ def _folder_paths():
     return folder_paths
 
 
-def comfyui_available() -> bool:
-    return _folder_paths() is not None
-
-
 def list_model_files(kind: str) -> list[str]:
     """Files ComfyUI knows in a model folder kind ("diffusion_models", "vae", ...)."""
     fp = _folder_paths()

@@ -187,7 +187,7 @@ class WanS2VDataset:
         import numpy as np
         import torch
 
-        from ..trainer.data.media import MediaError, first_frame
+        from ..trainer.media import MediaError, first_frame
 
         h, w = scan.clips[0].bucket
         images = []

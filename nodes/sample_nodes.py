@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..trainer import options
 from . import comfy_adapter
 from . import socket_types as types
 
@@ -198,9 +199,9 @@ class WanS2VSampler:
                 "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1,
                           "tooltip": "Sigma shift; 0 = 3 at 480p, 5 at 720p (official)."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "tooltip": "Chunk r uses seed + r."}),
-                "scheduler": (["unipc", "euler"], {"default": "unipc", "tooltip": "UniPC multistep (flow) as the "
+                "scheduler": (list(options.SAMPLER_SCHEDULERS), {"default": "unipc", "tooltip": "UniPC multistep (flow) as the "
                               "official sampler, or flow-matching Euler."}),
-                "cfg_mode": (["batch", "sequential"], {"default": "batch", "tooltip": "Cond and uncond as one "
+                "cfg_mode": (list(options.CFG_MODES), {"default": "batch", "tooltip": "Cond and uncond as one "
                              "batch (faster) or one after the other (less memory)."}),
             },
             "optional": {
@@ -288,7 +289,7 @@ class WanS2VSaveVideo:
     DESCRIPTION = "Saves an mp4 with its audio muxed (PyAV: libx264 + AAC) and shows it."
 
     def save(self, frames, filename_prefix, fps, audio=None):
-        from ..trainer.sample.media import write_mp4
+        from ..trainer.media import write_mp4
 
         prefix = "".join(c if c.isalnum() or c in "-_" else "_" for c in filename_prefix) or "wan_s2v"
         path = _next_path("wan_s2v_videos", prefix)

@@ -3,6 +3,7 @@ and the training node itself. The work is in `nodes.train_runner` and `trainer/`
 
 from __future__ import annotations
 
+from ..trainer import options
 from . import socket_types as types
 from .train_runner import (  # noqa: F401 - re-exported for tests and other nodes
     TINY_TEACHER,
@@ -74,7 +75,7 @@ TOOLTIPS = {
     "crepa_adjacent_tau": "Temperature of the neighbour weights exp(-distance / tau).",
     "crepa_warmup_steps": "Ramp lambda linearly from 0 over this many steps (0: full weight at once).",
     "crepa_cutoff_step": "Turn CREPA off from this step on (0: never).",
-    "teacher": "DINOv2 teacher: dinov2_vitg14 (518 px, the seed's) or dinov2_vits14 (224 px, light). The tiny "
+    "teacher": "DINOv2 teacher: dinov2_vitg14 (518 px, SimpleTuner's Wan S2V default) or dinov2_vits14 (224 px, light). The tiny "
     "entry writes a tiny random DINOv2 (demo and tests only).",
     "teacher_folder": "transformers Dinov2Model folder (config.json + model.safetensors) relative to "
     "ComfyUI/models/dinov2; empty = the teacher's name (models/dinov2/dinov2_vitg14). Nothing is downloaded.",
@@ -146,8 +147,8 @@ def _tips(inputs: dict) -> dict:
     return inputs
 
 
-OPTIMIZERS = ["adamw", "adamw8bit", "lion", "lion8bit_paged", "prodigy"]
-SCHEDULERS = ["constant", "constant_with_warmup", "cosine", "linear", "polynomial"]
+OPTIMIZERS = list(options.OPTIMIZERS)
+SCHEDULERS = list(options.LR_SCHEDULERS)
 
 
 class WanS2VLoraSettings:
@@ -191,7 +192,7 @@ class WanS2VOptimizerSettings:
                                            "tooltip": "8-bit and paged variants need bitsandbytes."}),
                 "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-8, "max": 10.0, "step": 1e-6}),
                 "weight_decay": ("FLOAT", {"default": 0.01, "min": 0.0, "max": 1.0, "step": 0.001}),
-                "grad_clip_mode": (["norm", "value", "none"], {"default": "norm"}),
+                "grad_clip_mode": (list(options.CLIP_MODES), {"default": "norm"}),
                 "max_grad_norm": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1}),
                 "max_grad_value": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1}),
             }
@@ -239,7 +240,7 @@ class WanS2VScheduleSettings:
 
 
 class WanS2VTreadSettings:
-    """TREAD token routing as the seed configures it: a share of the video tokens skips a
+    """TREAD token routing in SimpleTuner's format: a share of the video tokens skips a
     range of blocks (faster steps, same model at inference)."""
 
     @classmethod
@@ -257,7 +258,7 @@ class WanS2VTreadSettings:
     RETURN_NAMES = ("tread_settings",)
     FUNCTION = "build"
     CATEGORY = CATEGORY
-    DESCRIPTION = "A TREAD route for the training node (the seed's routes format)."
+    DESCRIPTION = "A TREAD route for the training node (SimpleTuner's {\"routes\": [...]} format)."
 
     def build(self, selection_ratio, start_layer_idx, end_layer_idx, tread_settings=None):
         return (tread_routes(selection_ratio, start_layer_idx, end_layer_idx, tread_settings),)
@@ -285,7 +286,7 @@ class WanS2VCrepaSettings:
     RETURN_NAMES = ("crepa_settings",)
     FUNCTION = "build"
     CATEGORY = CATEGORY
-    DESCRIPTION = "CREPA settings (the seed's defaults) with a local DINOv2 teacher from models/dinov2."
+    DESCRIPTION = "CREPA settings (SimpleTuner's Wan S2V defaults) with a local DINOv2 teacher from models/dinov2."
 
     def build(self, crepa_lambda, crepa_block_index, crepa_adjacent_distance, crepa_adjacent_tau,
               crepa_warmup_steps, crepa_cutoff_step, teacher, teacher_folder):
@@ -356,7 +357,7 @@ class WanS2VValidationSettings:
                 "pose_video": ("STRING", {"default": ""}),
                 # appended last: saved workflows keep their widget values in order
                 "extra_loras": (types.LORA_STACK, {}),
-                "scheduler": (["unipc", "euler"], {"default": "unipc"}),
+                "scheduler": (list(options.SAMPLER_SCHEDULERS), {"default": "unipc"}),
                 "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1}),
             },
         })
@@ -402,13 +403,13 @@ class WanS2VTrainLora:
                 "seed": ("INT", {"default": 42, "min": 0, "max": 2**31 - 1}),
                 "mixed_precision": (["bf16", "no"], {"default": "bf16"}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": True}),
-                "flow_weighting_scheme": (["logit_normal", "uniform", "beta"], {"default": "logit_normal"}),
+                "flow_weighting_scheme": (list(options.WEIGHTING_SCHEMES), {"default": "logit_normal"}),
                 "flow_schedule_shift": ("FLOAT", {"default": 3.0, "min": 0.1, "max": 20.0, "step": 0.1}),
                 "flow_schedule_auto_shift": ("BOOLEAN", {"default": False}),
                 "caption_dropout_probability": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 1.0, "step": 0.01}),
                 "audio_dropout_probability": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 1.0, "step": 0.01}),
                 "motion_context_probability": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01}),
-                "reference_frame": (["first", "random"], {"default": "first"}),
+                "reference_frame": (list(options.REFERENCE_FRAMES), {"default": "first"}),
                 "use_ema": ("BOOLEAN", {"default": False}),
                 "ema_decay": ("FLOAT", {"default": 0.999, "min": 0.5, "max": 0.99999, "step": 0.0001}),
                 "checkpoint_step_interval": ("INT", {"default": 250, "min": 0, "max": 1000000}),

@@ -115,7 +115,7 @@ class _ClonedItems:
 
 def tread_routes(selection_ratio: float, start_layer_idx: int, end_layer_idx: int,
                  earlier: dict | None = None) -> dict:
-    """The seed's TREAD format {"routes": [...]}, with the routes of `earlier` (chained
+    """SimpleTuner's TREAD format {"routes": [...]}, with the routes of `earlier` (chained
     nodes) first. Block ranges are checked against the model when training starts."""
     if not 0.0 <= selection_ratio < 1.0:
         raise ValueError(f"selection_ratio is the fraction of video tokens dropped and must be in [0, 1), "

@@ -374,8 +374,8 @@ def text_embeddings(bundle, settings: ParitySettings) -> dict[str, torch.Tensor]
 
 def audio_hidden_states(bundle, audio_path: Path) -> dict[str, torch.Tensor]:
     """Our wav2vec2 hidden states [25, N, 1024] of the speech, as `sample_s2v` computes them."""
+    from trainer.media import decode_audio_file, speech_16k_mono
     from trainer.model.audio_encoder import encode_speech
-    from trainer.sample.media import decode_audio_file, speech_16k_mono
 
     wave_, rate = decode_audio_file(audio_path)
     speech = speech_16k_mono(wave_, rate)

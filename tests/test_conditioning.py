@@ -12,7 +12,7 @@ from trainer.model.conditioning import stack_pose_latents, transformer_inputs
 from trainer.sample import pipeline
 from trainer.train.batching import collate
 from trainer.train.config import TrainConfig
-from trainer.train.loop import compute_losses, prepare_inputs
+from trainer.train.objective import compute_losses, prepare_inputs
 from trainer.train.synthetic import SyntheticTalkingDataset
 
 CPU = torch.device("cpu")

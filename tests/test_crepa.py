@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig
-
 from test_transformer_s2v import H, T, W, inputs
+
 from trainer.model import TINY_TRANSFORMER_CONFIG, WanS2VTransformer3DModel
 from trainer.train.crepa import (
     CrepaConfig,

@@ -12,9 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.data import DatasetConfig, Encoders, build_dataset, load_window, scan_folder, window_audio_features
+from trainer.data import (
+    DatasetConfig,
+    Encoders,
+    build_dataset,
+    load_window,
+    scan_folder,
+    window_audio_features,
+)
 from trainer.data import synthetic as S
-from trainer.data.media import audio_segment, decode_audio
+from trainer.media import audio_segment, decode_audio
 
 AHEAD = 3.0  # seconds the clips' own tracks are ahead of the sidecar files
 
@@ -70,7 +77,7 @@ def test_auto_picks_a_source_per_clip_and_reports_it(media):
     allowed = scan_folder(_config(media, allow_zero_audio=True))  # no audio_folder: only files beside the clips
     assert _sources(allowed, root)["infolder.mp4"] == "videos/infolder.wav"
     assert [c.zero_audio for c in allowed.clips if c.video.name == "none.mp4"] == [True]
-    assert [line for line in allowed.report().splitlines() if "none.mp4:" in line][0].endswith(
+    assert next(line for line in allowed.report().splitlines() if "none.mp4:" in line).endswith(
         "audio: none (zero audio)")
 
 

@@ -28,7 +28,7 @@ from trainer.data import (
     scan_folder,
 )
 from trainer.data import synthetic as S
-from trainer.data.media import frames_to_tensor, frame_to_array
+from trainer.media import frame_to_array, frames_to_tensor
 from trainer.train.batching import collate as train_collate
 
 STARTS = [0, 16, 32]
@@ -131,7 +131,7 @@ def test_pose_of_another_frame_rate_is_read_on_the_clip_frame_times(built):
     for i in _by_clip(dataset, "fast.mp4"):
         entry = dataset.entries[i]
         pose = load_pose_window(config, entry.clip, entry.start)
-        frames, times, _ = load_window(config, entry.clip, entry.start)
+        frames, _, _ = load_window(config, entry.clip, entry.start)
         for j in range(9):
             t = (entry.start + j) / 16
             nearest = round(t * fps) / fps  # the one source frame the resampling must pick

@@ -24,8 +24,8 @@ from trainer.data import (
     open_cached_dataset,
 )
 from trainer.data import synthetic as S
-from trainer.data.media import frames_to_tensor, iter_frames_16fps
 from trainer.data.teacher import teacher_frame_indices
+from trainer.media import frames_to_tensor, iter_frames_16fps
 
 STARTS = [0, 40, 80]
 

@@ -25,7 +25,7 @@ def test_demo_command(tmp_path):
     with safe_open(str(out / "lora" / "demo_s2v_lora.safetensors"), framework="pt") as lora:
         keys = list(lora.keys())
     assert keys and all(k.startswith("diffusion_model.") for k in keys)  # ComfyUI's key format
-    from trainer.sample.media import probe_mp4
+    from trainer.media import probe_mp4
 
     info = probe_mp4(out / "validation.mp4")
     assert info["has_audio"] and info["video_frames"] == 13

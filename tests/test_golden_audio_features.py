@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from golden import golden_folders, relative_error
 from safetensors.torch import load_file
 
-from golden import golden_folders, relative_error
 from trainer.model.audio_features import (
     audio_features_for_video,
     audio_window,

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from golden import golden_folders, golden_root, relative_error
 from safetensors.torch import load_file
 
-from golden import golden_folders, golden_root, relative_error
 from trainer.model import load_transformer
 
 TOLERANCE = 1e-5

@@ -43,7 +43,8 @@ def _trained_lora_model(rank=4, alpha=8.0):
 
 def _lora_tensors(path):
     with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        # safe_open handles are not iterable: keys() is needed
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
 
 
 def test_comfyui_keys_cover_every_targeted_native_weight(tmp_path):
@@ -101,7 +102,7 @@ def test_round_trip_is_bit_exact(tmp_path, fmt):
     path = save_lora(m, tmp_path / f"{fmt}.safetensors", fmt=fmt)
     if fmt == "diffusers":
         keys = _lora_tensors(path)[0]
-        assert all(k.startswith("transformer.blocks.") or k.startswith("transformer.audio_injector.") for k in keys)
+        assert all(k.startswith(("transformer.blocks.", "transformer.audio_injector.")) for k in keys)
     loaded = _model()
     lora = load_lora(loaded, path)
     assert lora.format == fmt

@@ -21,7 +21,7 @@ from pack_helpers import import_pack
 
 from trainer.data import CacheStore, DatasetConfig, scan_folder
 from trainer.data import synthetic as S
-from trainer.data.media import probe_video
+from trainer.media import probe_video
 from trainer.paths import OutsideAllowedFoldersError, confine, is_inside, resolve_roots
 from trainer.train.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 

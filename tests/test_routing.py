@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from test_transformer_s2v import H, T, W, inputs
+
 from trainer.model import TINY_TRANSFORMER_CONFIG, WanS2VTransformer3DModel
 from trainer.model.routing import TokenRoute, kept_video_tokens, parse_routes
 

@@ -7,21 +7,21 @@ import pytest
 import torch
 from sample_helpers import reference_image, speech, write_png, write_wav
 
+from trainer.media import (
+    cover_resize,
+    decode_audio_file,
+    load_image_tensor,
+    probe_mp4,
+    read_video_frames,
+    speech_16k_mono,
+    write_mp4,
+)
 from trainer.sample.config import (
     DEFAULT_NEGATIVE_PROMPT,
     SamplerConfig,
     SamplerConfigError,
     default_shift,
     snap_size,
-)
-from trainer.sample.media import (
-    cover_resize,
-    decode_audio_file,
-    load_image,
-    probe_mp4,
-    read_video_frames,
-    speech_16k_mono,
-    write_mp4,
 )
 from trainer.sample.pipeline import make_scheduler
 
@@ -69,7 +69,7 @@ def test_mp4_odd_rate_audio_is_resampled(tmp_path):
 def test_image_and_video_readers(tmp_path):
     image = reference_image(40, 60)
     write_png(tmp_path / "r.png", image)
-    loaded = load_image(tmp_path / "r.png")
+    loaded = load_image_tensor(tmp_path / "r.png")
     assert loaded.shape == (1, 40, 60, 3)
     assert (loaded - image).abs().max() <= 1 / 255 + 1e-6
     write_mp4(tmp_path / "p.mp4", torch.rand(10, 32, 48, 3), 16)

@@ -11,7 +11,7 @@ import torch
 from pack_helpers import import_pack
 from sample_helpers import reference_image, speech, write_png, write_wav
 
-from trainer.sample.media import probe_mp4
+from trainer.media import probe_mp4
 
 REPO = Path(__file__).resolve().parents[1]
 

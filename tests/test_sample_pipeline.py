@@ -7,6 +7,8 @@ import pytest
 import torch
 from sample_helpers import SIZE, lora_file, reference_image, speech, write_png, write_wav
 
+from trainer.constants import MOTION_FRAMES
+from trainer.media import probe_mp4
 from trainer.model.vae import encode_video
 from trainer.sample import (
     LoraSpec,
@@ -17,8 +19,6 @@ from trainer.sample import (
     sample_s2v,
 )
 from trainer.sample import pipeline as pipeline_module
-from trainer.sample.config import MOTION_FRAMES
-from trainer.sample.media import probe_mp4
 
 CHUNK = 8  # frames per chunk: 2 latent frames
 

@@ -9,13 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from trainer.model import transformer_io, transformer_s2v
 from trainer.model.audio_encoder import encode_speech, load_audio_encoder
 from trainer.model.audio_features import audio_features_for_video, audio_window
 from trainer.model.text_encoder import encode_prompt, load_text_encoder
 from trainer.model.tiny import build_tiny_model_set
 from trainer.model.vae import encode_video, load_vae
-
-from trainer.model import transformer_io, transformer_s2v
 
 TINY = transformer_s2v.TINY_TRANSFORMER_CONFIG
 

@@ -251,9 +251,9 @@ def test_the_run_copy_shares_the_weights_and_nothing_else():
     chunking, casts, int8, LoRA, block offload) never reaches the model; the copy computes
     what the model computes, over the same storage, with normal (not inference) tensors."""
     from trainer.memory import MemoryConfig, apply_memory_config
+    from trainer.train.adapter import add_lora
     from trainer.train.config import TrainConfig
     from trainer.train.isolation import release, shared_weight_copy
-    from trainer.train.loop import add_lora
 
     model = _load()
     before = _snapshot(model)

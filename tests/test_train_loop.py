@@ -10,7 +10,8 @@ from trainer.lora.io import load_lora, read_lora_file
 from trainer.model import TINY_TRANSFORMER_CONFIG, WanS2VTransformer3DModel
 from trainer.train.checkpoint import list_checkpoints, load_checkpoint
 from trainer.train.config import TrainConfig
-from trainer.train.loop import NonFiniteLossError, evaluate, train
+from trainer.train.loop import NonFiniteLossError, train
+from trainer.train.objective import evaluate
 from trainer.train.synthetic import SyntheticTalkingDataset
 
 

@@ -141,7 +141,7 @@ def test_crepa_teacher_folder_is_confined_and_must_exist(comfy_dirs, tmp_path):
 def test_validation_renders_send_events_with_view_urls(comfy_dirs, sent):
     nodes = _pack()
     sample_nodes = _pack("sample_nodes")
-    from trainer.sample.media import probe_mp4
+    from trainer.media import probe_mp4
 
     with torch.inference_mode():
         torch.manual_seed(0)

@@ -36,8 +36,10 @@ from trainer.train.checkpoint import (
     save_checkpoint,
 )
 from trainer.train.config import TrainConfig
-from trainer.train.loop import NonFiniteLossError, _rng_state, build_optimizer, build_scheduler, train
+from trainer.train.loop import NonFiniteLossError, train
+from trainer.train.optim import build_optimizer, build_scheduler
 from trainer.train.runs import IncompatibleCheckpointError
+from trainer.train.state import rng_state
 from trainer.train.synthetic import SyntheticTalkingDataset
 
 
@@ -113,7 +115,7 @@ def test_training_state_round_trips_bit_for_bit(tmp_path, name):
     scheduler = build_scheduler(optimizer, config)
     run(optimizer, scheduler, params, grads[:3])
     generator = torch.Generator().manual_seed(5)
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(generator),
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(generator),
              "loss_history": [(1, 0.5), (2, float("nan"))]}
     if name == "adamw8bit":  # the 8-bit state is really there, and really uint8
         quant = state["optimizer"]["state"][0]["__bnb_optimizer_quant_state__"]

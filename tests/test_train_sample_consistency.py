@@ -24,7 +24,6 @@ import dataclasses
 import time
 
 import pytest
-
 import torch
 
 from trainer.model.tiny import build_tiny_transformer

@@ -18,14 +18,17 @@ import torch
 from sample_helpers import reference_image, speech, write_png, write_wav
 
 from trainer.lora.io import save_lora
+from trainer.media import probe_mp4, read_video_frames
 from trainer.model import TINY_TRANSFORMER_CONFIG, WanS2VTransformer3DModel
 from trainer.paths import OutsideAllowedFoldersError
 from trainer.sample import build_tiny_bundle
-from trainer.sample.media import probe_mp4, read_video_frames
+from trainer.train.adapter import add_lora
 from trainer.train.checkpoint import load_checkpoint
 from trainer.train.config import TrainConfig, load_config
-from trainer.train.loop import _rng_state, add_lora, rendering_state, train, validation_extra_loras
+from trainer.train.loop import train
+from trainer.train.state import rng_state
 from trainer.train.synthetic import SyntheticTalkingDataset
+from trainer.train.validation import rendering_state, validation_extra_loras
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMES = 5  # one sampler chunk of 8 frames (the first chunk drops 3)
@@ -164,7 +167,7 @@ def test_rendering_state_swaps_the_ema_weights_and_restores_everything():
     before = {n: p.detach().clone() for n, p in params.items()}
     ema = {n: torch.randn_like(p) for n, p in params.items()}
     generator = torch.Generator().manual_seed(5)
-    rng = _rng_state(generator)
+    rng = rng_state(generator)
     with rendering_state(model, params, ema, TREAD, generator):
         assert not model.training and model.token_routes == [] and not torch.is_grad_enabled()
         assert all(torch.equal(p, ema[n]) for n, p in params.items())

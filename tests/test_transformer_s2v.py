@@ -203,7 +203,7 @@ def test_chunked_feed_forward_matches_and_keeps_less_for_backward():
     for chunk in (None, 16):
         m.set_feed_forward_chunk_size(chunk)
         sizes = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, sizes=sizes: sizes.append(t.numel()) or t, lambda t: t):
             out = m.blocks[0]._feed_forward(torch.randn(1, 128, 64))
         saved_bytes[chunk] = sum(sizes)
         del out

@@ -1,4 +1,9 @@
-"""The numeric checks of the typed configs: a number, finite, in range, named in the error.
+"""The checks the typed configs share.
+
+The configs (`DatasetConfig`, `SamplerConfig`, `TrainConfig` and its sections,
+`MemoryConfig`) are dataclasses with one convention: `validate()` raises a `ValueError`
+(subclass) that names the setting and returns the config, so ``Config(...).validate()``
+reads as one expression; `from_dict` refuses unknown keys by name (`reject_unknown_keys`).
 
 NaN compares false with everything, so a bare ``if value <= 0: fail`` lets it through (and
 ComfyUI's min/max checks do too); `check_number` states what is allowed instead and refuses
@@ -7,9 +12,20 @@ everything else: ``lora_alpha must be a finite number > 0, got nan``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
+from collections.abc import Mapping
 from typing import Any
+
+
+def reject_unknown_keys(cls: type, data: Mapping[str, Any], error: type[Exception], what: str) -> None:
+    """Raise `error` naming every key of `data` that is not a field of the dataclass `cls`,
+    e.g. ``unknown dataset settings: fps, size``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise error(f"unknown {what}: {', '.join(unknown)}")
 
 
 def _bound(value: float) -> str:

@@ -29,16 +29,16 @@ def _run_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .cli_inspect import add_inspect_parser
     from .data.cli import add_dataset_parser
+    from .sample.cli import add_sample_parser
+    from .train.cli import add_train_parser
 
     parser = argparse.ArgumentParser(prog="python -m trainer", description="Wan 2.2 S2V LoRA trainer")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_demo_parser(subparsers)
     add_inspect_parser(subparsers)
     add_dataset_parser(subparsers)
-    from .train.cli import add_train_parser
-
     add_train_parser(subparsers)
-    from .sample.cli import add_sample_parser; add_sample_parser(subparsers)  # noqa: E702
+    add_sample_parser(subparsers)
     return parser
 
 

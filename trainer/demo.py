@@ -98,10 +98,9 @@ def _train(model: torch.nn.Module, dataset, out: Path):
 
 
 def _validate(paths: dict[str, Path], lora_path: Path, video: Path, caption: str, out: Path):
-    from .data.media import first_frame
+    from .media import first_frame, probe_mp4
     from .sample import SamplerConfig, load_model_bundle, sample_s2v
     from .sample.lora import LoraSpec
-    from .sample.media import probe_mp4
 
     bundle = load_model_bundle(
         paths["transformer_comfyui"], paths["vae_comfyui"], paths["text_encoder_comfyui"],

@@ -40,7 +40,7 @@ indices) or `DataLoader(dataset, batch_sampler=dataset.sampler(batch_size, seed)
 collate_fn=collate)`.
 
 Pieces: `DatasetConfig` (config.py, shared by node and CLI), `scan_folder` (discovery and the
-skip report), media.py (PyAV decode, 16 fps resampling, 16 kHz audio), cache.py (safetensors
+skip report), `trainer.media` (PyAV decode, 16 fps resampling, 16 kHz audio), cache.py (safetensors
 shards + manifest, atomic), `Encoders` (lazy VAE / UMT5 / wav2vec2, released after caching).
 """
 
@@ -59,7 +59,7 @@ _LAZY = {
     "open_cached_dataset": ".dataset", "window_audio_features": ".dataset",
     "Clip": ".discovery", "ScanResult": ".discovery", "Skip": ".discovery", "scan_folder": ".discovery",
     "Encoders": ".encoders",
-    "MediaError": ".media",
+    "MediaError": "..media",
 }
 
 

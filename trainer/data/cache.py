@@ -101,7 +101,7 @@ class CacheStore:
                 return False
             with safe_open(str(file), framework="pt") as handle:
                 return set(handle.keys()) >= set(entry.get("tensors", []))
-        except Exception:
+        except Exception:  # noqa: BLE001 - a truncated or foreign file is a cache miss, whatever it raises
             return False
 
     def _save_manifest(self) -> None:

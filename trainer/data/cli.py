@@ -70,8 +70,8 @@ def add_dataset_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_scan(args: argparse.Namespace) -> int:
+    from ..media import MediaError
     from .discovery import scan_folder
-    from .media import MediaError
 
     try:
         result = scan_folder(config_from_args(args))

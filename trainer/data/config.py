@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..checks import check_number
+from ..checks import check_number, reject_unknown_keys
+from ..constants import MOTION_FRAMES
 from ..paths import resolve_roots
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi")
@@ -21,13 +22,7 @@ RESOLUTION_TYPES = ("pixel_area", "area")
 AUDIO_SOURCES = ("auto", "video", "folder")
 REFERENCE_MODES = ("first_frame", "random_frame", "image")
 
-#: Video frame rate the S2V model works at (windows, audio features).
-TARGET_FPS = 16
-#: Audio sample rate of wav2vec2; 16000 / 16 = 1000 samples per video frame.
-SAMPLE_RATE = 16000
-#: Pixel frames the official pipeline carries from one chunk to the next (FramePack context):
-#: the VAE encoding of the last 73 frames, 1 + 72 / 4 = 19 latent frames.
-MOTION_FRAMES = 73
+#: Latent frames of the motion context: 1 + 72 / 4 = 19.
 MOTION_LATENT_FRAMES = (MOTION_FRAMES - 1) // 4 + 1
 #: Default stored short side of CREPA teacher frames: dinov2_vitg14's input (dinov2_vits14: 224).
 TEACHER_SHORT_SIDE = 518
@@ -155,10 +150,7 @@ class DatasetConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DatasetConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise DatasetConfigError(f"unknown dataset settings: {', '.join(unknown)}")
+        reject_unknown_keys(cls, data, DatasetConfigError, "dataset settings")
         return cls(**data)
 
     # Settings each cache depends on (a change re-encodes only the caches that list it).

@@ -11,12 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..paths import confine
-from .cache import CacheStore, stable_hash
-from .config import MOTION_FRAMES, SAMPLE_RATE, DatasetConfig
-from .discovery import Clip, ScanResult, Skip, scan_folder
-from .encoders import Encoders
-from .media import (
+from ..constants import MOTION_FRAMES, SPEECH_SAMPLE_RATE
+from ..media import (
     FrameRequest,
     MediaError,
     audio_segment,
@@ -27,6 +23,11 @@ from .media import (
     load_image,
     video_start_time,
 )
+from ..paths import confine
+from .cache import CacheStore, stable_hash
+from .config import DatasetConfig
+from .discovery import Clip, ScanResult, Skip, scan_folder
+from .encoders import Encoders
 from .teacher import (
     frames_to_uint8,
     load_teacher_frames,
@@ -79,7 +80,7 @@ def window_audio_features(audio_encoder, segment: np.ndarray, audio_frames: int,
     from ..model.audio_encoder import encode_speech, num_audio_frames
     from ..model.audio_features import audio_features_for_video
 
-    if segment is None or len(segment) < SAMPLE_RATE // 50 or num_audio_frames(len(segment), audio_encoder.config) < 2:
+    if segment is None or len(segment) < SPEECH_SAMPLE_RATE // 50 or num_audio_frames(len(segment), audio_encoder.config) < 2:
         return torch.zeros(*shape, audio_frames, dtype=torch.float16)
     hidden = encode_speech(audio_encoder, segment)
     features, _ = audio_features_for_video(hidden, audio_frames)

@@ -7,10 +7,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..constants import VIDEO_FPS
+from ..media import MediaError, VideoInfo, probe_audio, probe_video
 from ..paths import confine, is_inside
 from .buckets import bucket_for, image_size
-from .config import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, TARGET_FPS, VIDEO_EXTENSIONS, DatasetConfig
-from .media import MediaError, VideoInfo, probe_audio, probe_video
+from .config import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, DatasetConfig
 
 
 @dataclass
@@ -62,7 +63,7 @@ class ScanResult:
         posed = sum(clip.pose is not None for clip in self.clips)
         lines = [f"S2V dataset: {cfg.folder}",
                  f"{len(self.clips)} usable clip(s), {self.num_windows} window(s) of {cfg.num_frames} frames at "
-                 f"{TARGET_FPS} fps (stride {cfg.stride}), {len(self.skips)} skipped"
+                 f"{VIDEO_FPS} fps (stride {cfg.stride}), {len(self.skips)} skipped"
                  + (f", {posed} with a pose video" if posed else "")]
         if self.clips:
             lines.append("buckets (h x w: windows): " + ", ".join(
@@ -232,7 +233,7 @@ def _clip(path: Path, config: DatasetConfig, found: _Companions) -> Clip:
                          f"{'px' if config.resolution_type == 'pixel_area' else 'MP'})")
     frames = info.frames_16fps
     if frames < config.num_frames:
-        raise MediaError(f"shorter than one window ({info.duration:.2f} s = {frames} frames at {TARGET_FPS} fps "
+        raise MediaError(f"shorter than one window ({info.duration:.2f} s = {frames} frames at {VIDEO_FPS} fps "
                          f"< num_frames {config.num_frames})")
     starts = window_starts(frames, config)
     audio, zero_audio = _audio_for(path, info, config, found)
@@ -265,7 +266,7 @@ def _audio_for(video: Path, info: VideoInfo, config: DatasetConfig, found: _Comp
             audio_duration = probe_audio(sidecar)
         except MediaError as error:
             raise MediaError(f"audio file {sidecar.name}: {error}") from error
-        if audio_duration + 1.0 / TARGET_FPS < info.duration:
+        if audio_duration + 1.0 / VIDEO_FPS < info.duration:
             raise MediaError(f"audio file shorter than the video ({sidecar.name}: {audio_duration:.2f} s "
                              f"< {info.duration:.2f} s)")
         return sidecar, False
@@ -300,6 +301,6 @@ def _pose_for(video: Path, info: VideoInfo, starts: list[int], config: DatasetCo
     needed = max(starts) + config.num_frames
     if pose_info.frames_16fps < needed:
         raise MediaError(f"pose video {pose.name} shorter than the clip's windows ({pose_info.duration:.2f} s = "
-                         f"{pose_info.frames_16fps} frames at {TARGET_FPS} fps < {needed} for the window at frame "
+                         f"{pose_info.frames_16fps} frames at {VIDEO_FPS} fps < {needed} for the window at frame "
                          f"{max(starts)})")
     return pose

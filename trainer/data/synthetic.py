@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..constants import SPEECH_SAMPLE_RATE
+
 TIME_RANGE = 12.0
 PERIOD = 0.5
 F0 = 300.0
@@ -51,7 +53,7 @@ def chirp(t: np.ndarray) -> np.ndarray:
     return 0.5 * np.sin(2 * np.pi * (F0 * t + SLOPE * t * t / 2))
 
 
-def decode_audio_time(segment: np.ndarray, sample_rate: int = 16000) -> float:
+def decode_audio_time(segment: np.ndarray, sample_rate: int = SPEECH_SAMPLE_RATE) -> float:
     """Time (relative to the chirp's start) at the centre of `segment` from its peak frequency."""
     n = len(segment)
     spectrum = np.abs(np.fft.rfft(segment * np.hanning(n), 1 << 16))
@@ -142,23 +144,6 @@ def write_audio(path: str | Path, duration: float, rate: int = 44100, codec: str
         container.start_encoding()
         signal = chirp(np.arange(int(round(duration * rate))) / rate).astype(np.float32)
         _mux_audio(container, stream, signal[None], rate)
-    finally:
-        container.close()
-    return path
-
-
-def write_image(path: str | Path, array: np.ndarray) -> Path:
-    import av
-
-    path = Path(path)
-    container = av.open(str(path), "w")
-    try:
-        stream = container.add_stream("png")
-        stream.width, stream.height, stream.pix_fmt = array.shape[1], array.shape[0], "rgb24"
-        for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
-            container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
     finally:
         container.close()
     return path

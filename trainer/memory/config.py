@@ -12,9 +12,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..checks import check_number
+
+if TYPE_CHECKING:
+    import torch
 
 PRECISIONS = ("no_change", "int8-quanto", "fp8")
 #: Accepted spellings -> canonical name.
@@ -127,7 +130,7 @@ class MemoryConfig:
             return value
         return 4096
 
-    def resolved_device(self) -> "torch.device":
+    def resolved_device(self) -> torch.device:
         """The compute device `device` names."""
         import torch
 

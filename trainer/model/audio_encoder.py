@@ -26,6 +26,7 @@ import torch
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Model
 from transformers.modeling_utils import PreTrainedModel
 
+from ..constants import SPEECH_SAMPLE_RATE
 from ..io_utils import atomic_folder
 from .single_file import (
     CheckpointKeyError,
@@ -43,7 +44,6 @@ from .single_file import (
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
 #: wav2vec2 frames per second of audio (conv feature encoder stride 320 at 16 kHz).
 FRAMES_PER_SECOND = 50
 #: jonatasgrosman/wav2vec2-large-xlsr-53-english (what the official code downloads).
@@ -55,7 +55,7 @@ XLSR53_ENGLISH_CONFIG = {
     "layer_norm_eps": 1e-5, "vocab_size": 33, "pad_token_id": 0,
 }
 FEATURE_EXTRACTOR_DEFAULTS = {
-    "feature_size": 1, "sampling_rate": SAMPLE_RATE, "padding_value": 0.0, "do_normalize": True, "return_attention_mask": True,
+    "feature_size": 1, "sampling_rate": SPEECH_SAMPLE_RATE, "padding_value": 0.0, "do_normalize": True, "return_attention_mask": True,
 }
 _POS_CONV = "encoder.pos_conv_embed.conv."
 _FEATURE_EXTRACTOR_FOLDERS = ("audio_processor", "feature_extractor", "processor")
@@ -203,7 +203,7 @@ def encode_speech(
     audio_encoder: AudioEncoder,
     waveform: torch.Tensor | np.ndarray,
     feature_extractor: Wav2Vec2FeatureExtractor | None = None,
-    sampling_rate: int = SAMPLE_RATE,
+    sampling_rate: int = SPEECH_SAMPLE_RATE,
 ) -> torch.Tensor:
     """16 kHz mono waveform [N] (float, any scale) -> all hidden states [L + 1, N50, D], float32.
 
@@ -212,8 +212,8 @@ def encode_speech(
     output (transformers' `output_hidden_states`, as the official code concatenates them).
     Resample to 16 kHz before calling (e.g. PyAV's AudioResampler); other rates are refused.
     """
-    if sampling_rate != SAMPLE_RATE:
-        raise ValueError(f"encode_speech needs {SAMPLE_RATE} Hz audio, got {sampling_rate} Hz: resample first")
+    if sampling_rate != SPEECH_SAMPLE_RATE:
+        raise ValueError(f"encode_speech needs {SPEECH_SAMPLE_RATE} Hz audio, got {sampling_rate} Hz: resample first")
     feature_extractor = feature_extractor or getattr(audio_encoder, "wan_feature_extractor", None)
     inputs = normalize_waveform(waveform, feature_extractor)
     parameter = next(audio_encoder.parameters())
@@ -272,7 +272,6 @@ def save_audio_encoder(
 
 __all__ = [
     "FRAMES_PER_SECOND",
-    "SAMPLE_RATE",
     "XLSR53_ENGLISH_CONFIG",
     "attention_heads_for_width",
     "comfyui_audio_encoder_state_dict",

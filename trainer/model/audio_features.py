@@ -22,9 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..constants import VIDEO_FPS
+
 INPUT_FPS = 50
 VIDEO_RATE = 30
-FPS = 16
 
 
 def interpolate_features(
@@ -39,7 +40,7 @@ def interpolate_features(
     return F.interpolate(features, size=output_len, mode="linear", align_corners=True).transpose(1, 2)
 
 
-def frame_indices(num_frames: int, fps: float = FPS, video_rate: float = VIDEO_RATE, total: int | None = None) -> np.ndarray:
+def frame_indices(num_frames: int, fps: float = VIDEO_FPS, video_rate: float = VIDEO_RATE, total: int | None = None) -> np.ndarray:
     """Index into the `video_rate` features for each of `num_frames` video frames at `fps`:
     round(i / fps * video_rate), clipped to `total - 1` when given (numpy rounding, as the
     official code)."""
@@ -49,14 +50,14 @@ def frame_indices(num_frames: int, fps: float = FPS, video_rate: float = VIDEO_R
     return indices if total is None else np.clip(indices, 0, total - 1)
 
 
-def num_windows(num_features: int, batch_frames: int, fps: float = FPS, video_rate: float = VIDEO_RATE) -> int:
+def num_windows(num_features: int, batch_frames: int, fps: float = VIDEO_FPS, video_rate: float = VIDEO_RATE) -> int:
     """Windows of `batch_frames` video frames covering `num_features` 30 fps features
     (always at least one more than fully covered, as the official code computes it)."""
     return int(num_features / (batch_frames * (video_rate / fps))) + 1
 
 
 def bucket_features(
-    features: torch.Tensor, batch_frames: int, fps: float = FPS, video_rate: float = VIDEO_RATE, m: int = 0,
+    features: torch.Tensor, batch_frames: int, fps: float = VIDEO_FPS, video_rate: float = VIDEO_RATE, m: int = 0,
 ) -> tuple[torch.Tensor, int]:
     """[L, M, D] features at `video_rate` -> ([1, L, D * (2m + 1), windows * batch_frames], windows).
 
@@ -78,7 +79,7 @@ def bucket_features(
 
 
 def audio_features_for_video(
-    hidden_states: torch.Tensor, batch_frames: int, fps: float = FPS, video_rate: float = VIDEO_RATE,
+    hidden_states: torch.Tensor, batch_frames: int, fps: float = VIDEO_FPS, video_rate: float = VIDEO_RATE,
     input_fps: float = INPUT_FPS, m: int = 0,
 ) -> tuple[torch.Tensor, int]:
     """wav2vec2 hidden states [L, N, D] at 50 Hz -> ([1, L, D, windows * batch_frames], windows):
@@ -100,7 +101,6 @@ def batch_frames_for_length(length: int) -> int:
 
 
 __all__ = [
-    "FPS",
     "INPUT_FPS",
     "VIDEO_RATE",
     "audio_features_for_video",

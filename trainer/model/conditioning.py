@@ -1,6 +1,6 @@
 """The conditioning of one S2V transformer forward, decided in one place.
 
-Training (`trainer.train.loop.compute_losses`, so also `evaluate`), validation renders and
+Training (`trainer.train.objective.compute_losses`, so also `evaluate`), validation renders and
 the sampler's chunk forward (`trainer.sample.pipeline`) all build the transformer's keyword
 arguments with `transformer_inputs`, so a LoRA is trained on exactly the forward it is
 sampled with.

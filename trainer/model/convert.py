@@ -28,6 +28,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from ..constants import DEFAULT_AUDIO_INJECT_LAYERS
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -49,8 +51,6 @@ __all__ = [
     "to_diffusers_key",
 ]
 
-#: Audio injection after these blocks in the published 14B model (one injector each).
-DEFAULT_AUDIO_INJECT_LAYERS: tuple[int, ...] = (0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39)
 
 #: Prefixes put in front of the transformer keys by full checkpoints and trainers.
 STATE_DICT_PREFIXES: tuple[str, ...] = ("model.diffusion_model.", "diffusion_model.")

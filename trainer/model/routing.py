@@ -12,6 +12,7 @@ injection still sees whole frames of equal size inside a route.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +31,7 @@ class TokenRoute:
 
 def parse_routes(routes: Mapping[str, Any] | Iterable[Mapping[str, Any] | TokenRoute] | None,
                  num_layers: int) -> list[TokenRoute]:
-    """Normalise a routes config (the seed's `{"routes": [...]}` or a plain list) to sorted
+    """Normalise a routes config (SimpleTuner's `{"routes": [...]}` or a plain list) to sorted
     routes with non-negative block indices; negative indices count from the last block."""
     if routes is None:
         return []
@@ -51,7 +52,7 @@ def parse_routes(routes: Mapping[str, Any] | Iterable[Mapping[str, Any] | TokenR
                              f"got {route.selection_ratio}")
         parsed.append(TokenRoute(route.selection_ratio, start, end))
     parsed.sort(key=lambda r: r.start_layer_idx)
-    for before, after in zip(parsed, parsed[1:]):
+    for before, after in itertools.pairwise(parsed):
         if after.start_layer_idx <= before.end_layer_idx:
             raise ValueError(f"routes overlap: {before} and {after}")
     return parsed

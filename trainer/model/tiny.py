@@ -36,6 +36,7 @@ from transformers import (
     Wav2Vec2ForCTC,
 )
 
+from ..constants import SPEECH_SAMPLE_RATE
 from .audio_encoder import XLSR53_ENGLISH_CONFIG, attention_heads_for_width, save_audio_encoder
 from .single_file import PathLike
 from .text_encoder import UMT5_XXL_DEFAULTS, load_tokenizer, save_text_encoder
@@ -183,7 +184,7 @@ def build_tiny_model_set(out_dir: PathLike, seed: int = 0) -> dict[str, Path]:
     audio_encoder = build_tiny_audio_encoder(
         TINY_TRANSFORMER_CONFIG["audio_dim"], TINY_TRANSFORMER_CONFIG.get("num_wav2vec_layers", 25), seed + 3
     )
-    feature_extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,
+    feature_extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SPEECH_SAMPLE_RATE, padding_value=0.0,
                                                  do_normalize=True, return_attention_mask=True)
     save_audio_encoder(audio_encoder, paths["audio_encoder_diffusers"], "diffusers", feature_extractor=feature_extractor)
     save_audio_encoder(audio_encoder, paths["audio_encoder_comfyui"], "comfyui")

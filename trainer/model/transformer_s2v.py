@@ -32,6 +32,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..constants import DEFAULT_AUDIO_INJECT_LAYERS, MOTION_FRAMES
 from .attention import WanS2VAttention
 from .audio_modules import AudioInjector, CausalAudioEncoder, inject_audio
 from .checkpointing import CHECKPOINT_POLICIES, checkpoint_function, compiled_checkpoint
@@ -40,7 +41,6 @@ from .rope import rope_tables, video_positions
 from .routing import TokenRoute, kept_video_tokens, parse_routes
 
 NUMERICS = ("official", "comfyui")
-DEFAULT_AUDIO_INJECT_LAYERS = (0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39)
 
 #: A complete model small enough for CPU tests (same widths as the shared tiny golden set).
 TINY_TRANSFORMER_CONFIG: dict[str, Any] = {
@@ -215,11 +215,47 @@ def block_and_audio(
 
 
 class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
-    """Wan 2.2 S2V 14B transformer (defaults are the 14B configuration)."""
+    """Wan 2.2 S2V 14B transformer; the defaults are the published 14B configuration (the
+    official Wan2.2 code's `wan/configs/wan_s2v_14B.py`).
+
+    Args:
+        patch_size: (t, h, w) latent patch of one video token.
+        num_attention_heads, attention_head_dim: heads and width per head; the model width is
+            their product (5120 for 14B).
+        in_channels, out_channels: latent channels of the Wan 2.1 VAE (16).
+        text_dim: width of the UMT5-XXL prompt embeddings.
+        freq_dim: width of the sinusoidal timestep embedding.
+        ffn_dim: hidden width of each block's feed-forward.
+        num_layers: transformer blocks.
+        cross_attn_norm: LayerNorm before the text cross-attention.
+        eps: epsilon of the norms.
+        audio_dim: width of the wav2vec2 hidden states.
+        num_audio_token: tokens per latent frame the causal audio encoder makes.
+        num_wav2vec_layers: wav2vec2 hidden states (layers + embeddings) the audio encoder
+            averages with learned weights.
+        audio_inject_layers: blocks followed by an audio injector (cross-attention to the audio).
+        enable_adain, adain_mode: the injectors' AdaLN; only the published variant
+            (True, "attn_norm") is supported.
+        pose_dim: latent channels of the pose video.
+        framepack_drop_mode: the official config's FramePack setting; kept in the config for
+            round trips, the forward implements the published "padd".
+        motion_frames: pixel frames of FramePack motion context (73).
+        rope_theta: base of the 3D rotary position embedding.
+        numerics: "official" (the official Wan2.2 code's float64 timestep embedding and
+            motion RoPE positions) or "comfyui" (ComfyUI's float32 / fractional ones).
+    """
 
     _supports_gradient_checkpointing = True
     _no_split_modules: ClassVar[list[str]] = ["WanS2VTransformerBlock"]
+    #: None: every weight loads in the requested dtype, as the official code and ComfyUI hold
+    #: them; the forward computes modulation, norms and residuals in float32 itself.
     _keep_in_fp32_modules = None
+    #: Kept in the compute dtype by diffusers' `enable_layerwise_casting` (as diffusers' Wan).
+    _skip_layerwise_casting_patterns: ClassVar[list[str]] = [
+        "patch_embedding", "condition_embedder", "frame_packer", "trainable_condition_mask", "norm",
+    ]
+    #: What diffusers' `compile_repeated_blocks` compiles (`compile_blocks` does the same here).
+    _repeated_blocks: ClassVar[list[str]] = ["WanS2VTransformerBlock"]
 
     @register_to_config
     def __init__(
@@ -243,7 +279,7 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         adain_mode: str = "attn_norm",
         pose_dim: int = 16,
         framepack_drop_mode: str = "padd",
-        motion_frames: int = 73,
+        motion_frames: int = MOTION_FRAMES,
         rope_theta: float = 10000.0,
         numerics: str = "official",
     ):

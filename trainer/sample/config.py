@@ -6,7 +6,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..checks import check_number
+from ..checks import check_number, reject_unknown_keys
+from ..constants import VIDEO_FPS
+from ..options import CFG_MODES, SAMPLER_SCHEDULERS
 
 #: The official S2V negative prompt (wan/configs/wan_s2v_14B.py `sample_neg_prompt`), used when
 #: the negative prompt is left empty, as the official pipeline does.
@@ -16,11 +18,8 @@ DEFAULT_NEGATIVE_PROMPT = (
     "三条腿，背景人很多，倒着走"
 )
 
-FPS = 16
-MOTION_FRAMES = 73  # pixel frames carried between chunks (FramePack context), official
 SIZE_MULTIPLE = 16  # VAE 8x and patch 2x: pixels must be multiples of 16
-SCHEDULERS = ("unipc", "euler")
-CFG_MODES = ("batch", "sequential")
+SCHEDULERS = SAMPLER_SCHEDULERS
 NUMERICS_CHOICES = ("model", "official", "comfyui")
 
 
@@ -82,7 +81,7 @@ class SamplerConfig:
     numerics: str = "model"
     integer_timesteps: bool = True
     offload: bool = False
-    fps: int = FPS
+    fps: int = VIDEO_FPS
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> SamplerConfig:
@@ -106,8 +105,8 @@ class SamplerConfig:
             fail(f"cfg_mode must be one of {CFG_MODES}, got {self.cfg_mode!r}")
         if self.numerics not in NUMERICS_CHOICES:
             fail(f"numerics must be one of {NUMERICS_CHOICES}, got {self.numerics!r}")
-        if self.fps != FPS:
-            fail(f"S2V generates at {FPS} fps; got fps={self.fps}")
+        if self.fps != VIDEO_FPS:
+            fail(f"S2V generates at {VIDEO_FPS} fps; got fps={self.fps}")
         return self
 
     def resolved(self) -> tuple[SamplerConfig, list[str]]:
@@ -126,8 +125,5 @@ class SamplerConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SamplerConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise SamplerConfigError(f"unknown sampler settings: {', '.join(unknown)}")
+        reject_unknown_keys(cls, data, SamplerConfigError, "sampler settings")
         return cls(**data)

@@ -34,23 +34,24 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..constants import MOTION_FRAMES, SPEECH_SAMPLE_RATE
+from ..media import (
+    cover_resize,
+    cut_audio,
+    decode_audio_file,
+    load_image_tensor,
+    read_video_frames,
+    speech_16k_mono,
+    write_mp4,
+)
 from ..model.audio_encoder import encode_speech
 from ..model.audio_features import audio_features_for_video, audio_window
 from ..model.conditioning import stack_pose_latents, transformer_inputs
 from ..model.text_encoder import encode_prompt
 from ..model.vae import decode_latents, encode_video
 from .bundle import ModelBundle
-from .config import MOTION_FRAMES, SamplerConfig
+from .config import SamplerConfig
 from .lora import LoraSpec, applied_loras
-from .media import (
-    cover_resize,
-    cut_audio,
-    decode_audio_file,
-    load_image,
-    read_video_frames,
-    speech_16k_mono,
-    write_mp4,
-)
 
 ProgressFn = Callable[[int, int, "torch.Tensor | None"], None]
 FIRST_CHUNK_DROP = 3  # frames the official decode drops after the reference frame in chunk 0
@@ -127,7 +128,7 @@ def _placed(module: torch.nn.Module, device: torch.device, offload: bool) -> Ite
 
 def _image_tensor(image: torch.Tensor | str | os.PathLike) -> torch.Tensor:
     if isinstance(image, (str, os.PathLike)):
-        image = load_image(image)
+        image = load_image_tensor(image)
     image = torch.as_tensor(image).float()
     if image.ndim == 3:
         image = image[None]
@@ -200,60 +201,95 @@ def sample_s2v(
     say = log or (lambda message: None)
     for note in notes:
         say(note)
-    device, offload = bundle.device, cfg.offload
-    width, height, F = cfg.width, cfg.height, cfg.frames_per_chunk
-    transformer, vae = bundle.transformer, bundle.vae
-
     image_t = _image_tensor(image)
     wave, rate = _audio_array(audio, sample_rate)
-    speech = speech_16k_mono(wave, rate)
-    if len(speech) < 16_000 // 10:
-        raise ValueError(f"the audio is too short ({len(speech) / 16000:.3f} s); at least 0.1 s is needed")
-    use_cfg = cfg.guidance > 1.0
+    conditions = _encode_conditions(bundle, cfg, image_t, speech_16k_mono(wave, rate), pose_video)
+    outputs, chunk_frames = _generate_chunks(bundle, cfg, conditions, loras, keep_active_adapters, progress,
+                                             should_stop, say)
+    video = torch.cat(outputs, dim=2)[0]  # [3, F, H, W]
+    frames = ((video.movedim(0, -1) + 1) / 2).clamp(0, 1).contiguous()  # [F, H, W, 3]
+    seconds = frames.shape[0] / cfg.fps
+    out_audio = cut_audio(wave, rate, seconds)
+    result = SampleResult(frames, out_audio, rate, cfg.fps, cfg, notes, chunk_frames)
+    if out_path is not None:
+        result.path = write_mp4(out_path, frames, cfg.fps, out_audio, rate)
+    result.seconds = time.perf_counter() - start
+    return result
 
-    # text
+
+@dataclass
+class _Conditions:
+    """The encoded inputs of every chunk: prompt embeddings [1, 512, 4096] (negative: None
+    without CFG), per-frame audio features, the reference latent [1, 16, 1, h, w] and one pose
+    latent [1, 16, F/4, h, w] per chunk (None without a pose video)."""
+
+    context: torch.Tensor
+    context_null: torch.Tensor | None
+    features: torch.Tensor
+    chunks: int
+    ref_latents: torch.Tensor
+    pose_latents: list[torch.Tensor] | None
+
+
+def _encode_conditions(bundle: ModelBundle, cfg: SamplerConfig, image_t: torch.Tensor, speech: np.ndarray,
+                       pose_video) -> _Conditions:
+    """Encode the prompt(s), the 16 kHz mono `speech`, the reference image and the pose video;
+    each encoder is on the device only while it runs when `cfg.offload`."""
+    device, offload, F = bundle.device, cfg.offload, cfg.frames_per_chunk
+    if len(speech) < SPEECH_SAMPLE_RATE // 10:
+        raise ValueError(f"the audio is too short ({len(speech) / SPEECH_SAMPLE_RATE:.3f} s); "
+                         "at least 0.1 s is needed")
     with _placed(bundle.text_encoder, device, offload) as text_encoder:
         context = encode_prompt(text_encoder, bundle.tokenizer, [cfg.prompt]).to(device)
-        context_null = encode_prompt(text_encoder, bundle.tokenizer, [cfg.negative_prompt]).to(device) if use_cfg else None
-
-    # audio
+        context_null = (encode_prompt(text_encoder, bundle.tokenizer, [cfg.negative_prompt]).to(device)
+                        if cfg.guidance > 1.0 else None)
     with _placed(bundle.audio_encoder, device, offload) as audio_encoder:
         hidden = encode_speech(audio_encoder, speech)
     features, windows = audio_features_for_video(hidden, F)
     chunks = windows if cfg.max_chunks == 0 else min(cfg.max_chunks, windows)
     features = features.to(device)
+    ref_pixels = cover_resize(image_t, cfg.width, cfg.height)
+    with _placed(bundle.vae, device, offload):
+        ref_latents = encode_video(bundle.vae, _to_video(ref_pixels).to(device)).to(device)
+        pose_latents = _pose_latents(bundle.vae, pose_video, chunks, F, cfg.width, cfg.height, device)
+    return _Conditions(context, context_null, features, chunks, ref_latents, pose_latents)
 
-    # reference and pose
-    latent_t, latent_h, latent_w = F // 4, height // 8, width // 8
-    ref_pixels = cover_resize(image_t, width, height)
-    with _placed(vae, device, offload):
-        ref_latents = encode_video(vae, _to_video(ref_pixels).to(device)).to(device)
-        pose_latents = _pose_latents(vae, pose_video, chunks, F, width, height, device)
 
+def _generate_chunks(bundle: ModelBundle, cfg: SamplerConfig, c: _Conditions, loras: Sequence[LoraSpec] | None,
+                     keep_active_adapters: bool, progress: ProgressFn | None,
+                     should_stop: Callable[[], bool] | None, say: Callable[[str], None],
+                     ) -> tuple[list[torch.Tensor], list[int]]:
+    """Denoise and decode every chunk, each after the first conditioned on the last
+    `MOTION_FRAMES` decoded frames; returns the chunks' videos [1, 3, f, H, W] (float32, CPU,
+    in [-1, 1]) and their frame counts."""
+    device, offload, F = bundle.device, cfg.offload, cfg.frames_per_chunk
+    transformer, vae, chunks = bundle.transformer, bundle.vae, c.chunks
+    latent_shape = (1, 16, F // 4, cfg.height // 8, cfg.width // 8)
     total = chunks * cfg.steps
     numerics = None if cfg.numerics == "model" else cfg.numerics
     was_training = transformer.training
     transformer.eval()
     outputs: list[torch.Tensor] = []
     chunk_frames: list[int] = []
-    last_frames = torch.zeros(1, 3, MOTION_FRAMES, height, width, device=device)
+    last_frames = torch.zeros(1, 3, MOTION_FRAMES, cfg.height, cfg.width, device=device)
     motion_latents = None
     try:
         with applied_loras(transformer, loras, keep_active=keep_active_adapters, log=say), \
                 _placed(transformer, device, offload):
             for r in range(chunks):
-                audio_in = audio_window(features, r, F)
-                pose = pose_latents[r] if pose_latents is not None else None
-                cond = {"context": context, "audio": audio_in, "pose": pose}
-                uncond = {"context": context_null, "audio": audio_in * 0.0, "pose": pose} if use_cfg else None
+                audio_in = audio_window(c.features, r, F)
+                pose = c.pose_latents[r] if c.pose_latents is not None else None
+                cond = {"context": c.context, "audio": audio_in, "pose": pose}
+                uncond = ({"context": c.context_null, "audio": audio_in * 0.0, "pose": pose}
+                          if cfg.guidance > 1.0 else None)
                 latents = denoise_chunk(
-                    transformer, cfg, r, (1, 16, latent_t, latent_h, latent_w), ref_latents,
+                    transformer, cfg, r, latent_shape, c.ref_latents,
                     None if r == 0 else motion_latents, cond, uncond, numerics=numerics, device=device,
                     progress=progress, should_stop=should_stop, step_offset=r * cfg.steps, total=total,
                     label=f"chunk {r + 1}/{chunks}",
                 )
                 with _placed(vae, device, offload):
-                    head = ref_latents if r == 0 else motion_latents
+                    head = c.ref_latents if r == 0 else motion_latents
                     video = decode_latents(vae, torch.cat([head, latents.float()], dim=2))[:, :, -F:]
                     if r == 0:
                         video = video[:, :, FIRST_CHUNK_DROP:]
@@ -266,16 +302,7 @@ def sample_s2v(
                 say(f"chunk {r + 1}/{chunks}: {video.shape[2]} frames")
     finally:
         transformer.train(was_training)
-
-    video = torch.cat(outputs, dim=2)[0]  # [3, F, H, W]
-    frames = ((video.movedim(0, -1) + 1) / 2).clamp(0, 1).contiguous()  # [F, H, W, 3]
-    seconds = frames.shape[0] / cfg.fps
-    out_audio = cut_audio(wave, rate, seconds)
-    result = SampleResult(frames, out_audio, rate, cfg.fps, cfg, notes, chunk_frames)
-    if out_path is not None:
-        result.path = write_mp4(out_path, frames, cfg.fps, out_audio, rate)
-    result.seconds = time.perf_counter() - start
-    return result
+    return outputs, chunk_frames
 
 
 def denoise_chunk(

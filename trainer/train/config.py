@@ -1,6 +1,6 @@
 """Typed training settings shared by the CLI (`python -m trainer train CONFIG`) and the nodes.
 
-A config file (JSON or TOML) is either flat, with the seed's key names
+A config file (JSON or TOML) is either flat, with SimpleTuner's key names
 (``learning_rate``, ``lora_rank``, ``max_train_steps``, ``checkpoint_step_interval`` ...), or
 nested with ``[lora]``, ``[optimizer]`` and ``[schedule]`` sections whose keys are the field
 names of `LoraConfig`, `OptimizerConfig`, `ScheduleConfig`, `CrepaConfig`, `MemoryConfig` and
@@ -20,18 +20,21 @@ from typing import Any
 
 from ..checks import check_number
 from ..memory.config import MemoryConfig
-from ..paths import confine, resolve_roots
 from ..names import validate_name
+from ..options import (
+    CLIP_MODES,
+    LR_SCHEDULERS,
+    MIXED_PRECISION,
+    OPTIMIZERS,
+    REFERENCE_FRAMES,
+    SAMPLER_SCHEDULERS,
+    WEIGHTING_SCHEMES,
+)
+from ..paths import confine, resolve_roots
 
 #: q/k/v/o of self-attention (attn1), cross-attention (attn2) and the audio injectors.
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
-OPTIMIZERS = ("adamw", "adamw8bit", "lion", "lion8bit_paged", "prodigy")
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear", "polynomial")
-WEIGHTING_SCHEMES = ("logit_normal", "uniform", "beta")
-REFERENCE_FRAMES = ("first", "random")
-MIXED_PRECISION = ("auto", "no", "bf16")
-CLIP_MODES = ("norm", "value", "none")
 
 
 @dataclass
@@ -47,7 +50,7 @@ class LoraConfig:
     #: "default" (kaiming A, zero B), "gaussian" (normal A, zero B).
     lora_init: str = "default"
 
-    def validate(self) -> None:
+    def validate(self) -> LoraConfig:
         check_number("lora_rank", self.lora_rank, 1, integer=True)
         check_number("lora_alpha", self.lora_alpha, 0, low_open=True)
         check_number("lora_dropout", self.lora_dropout, 0, 1, high_open=True)
@@ -55,6 +58,7 @@ class LoraConfig:
             raise ValueError("lora_target_modules is empty")
         if self.lora_init not in ("default", "gaussian"):
             raise ValueError(f"lora_init must be 'default' or 'gaussian', got {self.lora_init!r}")
+        return self
 
 
 @dataclass
@@ -73,7 +77,7 @@ class OptimizerConfig:
     max_grad_norm: float = 1.0
     max_grad_value: float = 1.0
 
-    def validate(self) -> None:
+    def validate(self) -> OptimizerConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.grad_clip_mode not in CLIP_MODES:
@@ -86,6 +90,7 @@ class OptimizerConfig:
         # a clipping bound of 0 would zero every gradient it applies to
         check_number("max_grad_norm", self.max_grad_norm, 0, low_open=self.grad_clip_mode == "norm")
         check_number("max_grad_value", self.max_grad_value, 0, low_open=self.grad_clip_mode == "value")
+        return self
 
 
 @dataclass
@@ -98,13 +103,14 @@ class ScheduleConfig:
     lr_power: float = 1.0  # polynomial
     lr_end: float = 1e-7  # polynomial
 
-    def validate(self) -> None:
+    def validate(self) -> ScheduleConfig:
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}")
         check_number("lr_warmup_steps", self.lr_warmup_steps, 0, integer=True)
         check_number("lr_num_cycles", self.lr_num_cycles, 0)
         check_number("lr_power", self.lr_power, 0)
         check_number("lr_end", self.lr_end, 0)
+        return self
 
 
 #: DINOv2 teachers for CREPA: (input short side in px, patch size).
@@ -113,7 +119,7 @@ TEACHERS = {"dinov2_vitg14": (518, 14), "dinov2_vits14": (224, 14)}
 
 @dataclass
 class CrepaConfig:
-    """CREPA settings (the seed's names)."""
+    """CREPA settings (SimpleTuner's names and Wan S2V defaults)."""
 
     crepa_enabled: bool = False
     crepa_lambda: float = 0.5
@@ -127,7 +133,7 @@ class CrepaConfig:
     #: A local transformers Dinov2 folder or a .safetensors file beside its config.json.
     crepa_teacher_path: str | None = None
 
-    def validate(self) -> None:
+    def validate(self) -> CrepaConfig:
         if self.crepa_teacher not in TEACHERS:
             raise ValueError(f"crepa_teacher must be one of {sorted(TEACHERS)}, got {self.crepa_teacher!r}")
         check_number("crepa_lambda", self.crepa_lambda, 0)
@@ -143,6 +149,7 @@ class CrepaConfig:
                 f"(config.json + model.safetensors) for {self.crepa_teacher}, e.g. ComfyUI/models/dinov2/"
                 f"{self.crepa_teacher}/; nothing is downloaded at run time"
             )
+        return self
 
     @property
     def teacher_geometry(self) -> tuple[int, int]:
@@ -162,14 +169,14 @@ class CrepaConfig:
 VALIDATION_CASE_FIELDS = ("reference_image", "audio", "prompt", "name", "negative_prompt", "seed", "pose_video")
 #: Fields of one extra LoRA of the validation renders (`validation_extra_loras` entries).
 VALIDATION_LORA_FIELDS = ("path", "strength")
-#: Samplers of the validation renders (`trainer.sample.config.SCHEDULERS`).
-VALIDATION_SCHEDULERS = ("unipc", "euler")
+#: Samplers of the validation renders (the sampler's, `trainer.sample.config.SCHEDULERS`).
+VALIDATION_SCHEDULERS = SAMPLER_SCHEDULERS
 FIRST_CHUNK_DROP = 3  # frames the sampler's first chunk drops after the reference (official decode)
 
 
 @dataclass
 class ValidationConfig:
-    """Validation renders during training (the seed's ``validation_*`` names).
+    """Validation renders during training (SimpleTuner's ``validation_*`` names).
 
     Every `validation_step_interval` optimizer steps (0 = never) the loop renders each case
     of `validation_cases` with the LoRA being trained, one chunk of
@@ -247,7 +254,7 @@ class ValidationConfig:
         """The sampler chunk length (4k) that renders at least `validation_num_video_frames` frames."""
         return 4 * math.ceil((self.validation_num_video_frames + FIRST_CHUNK_DROP) / 4)
 
-    def validate(self) -> None:
+    def validate(self) -> ValidationConfig:
         check_number("validation_step_interval", self.validation_step_interval, 0, integer=True, hint="(0 = never)")
         check_number("validation_num_inference_steps", self.validation_num_inference_steps, 1, integer=True)
         check_number("validation_guidance", self.validation_guidance, 0, hint="(<= 1 = no CFG)")
@@ -267,6 +274,7 @@ class ValidationConfig:
             raise ValueError("validation_extra_loras must be a list of {path, strength} tables")
         for index, lora in enumerate(self.validation_extra_loras):
             _validate_extra_lora(index, lora)
+        return self
 
     def sampler_config(self, seed: int, numerics: str = "model"):
         """The shared `trainer.sample.SamplerConfig` of every case (size snapped to multiples of
@@ -401,7 +409,7 @@ class TrainConfig:
     mixed_precision: str = "auto"
     numerics: str = "official"
     #: torch.compile every transformer block on CUDA (fuses the norm/modulation/RoPE work
-    #: around the matmuls: 14B step 12.95 s instead of 16.07 s, after a one-off compile of
+    #: around the matmuls: faster 14B steps, docs/benchmarks.md, after a one-off compile of
     #: about a minute). Ignored on CPU.
     compile_blocks: bool = True
 
@@ -427,7 +435,7 @@ class TrainConfig:
     #: with 0 no extra random number is drawn, so runs repeat those of earlier versions exactly.
     pose_dropout_probability: float = 0.0
 
-    # --- TREAD token routing (the seed's format): {"routes": [{"selection_ratio": 0.5,
+    # --- TREAD token routing (SimpleTuner's format): {"routes": [{"selection_ratio": 0.5,
     #: "start_layer_idx": 2, "end_layer_idx": -2}]}; selection_ratio = fraction of video
     #: tokens DROPPED inside the route. None = off.
     tread_config: dict | None = None
@@ -511,7 +519,7 @@ class TrainConfig:
         """`path` resolved when it lies inside `roots()`, else `trainer.paths.OutsideAllowedFoldersError`."""
         return confine(path, self.roots(), what=what)
 
-    def validate(self) -> None:
+    def validate(self) -> TrainConfig:
         self.lora.validate()
         self.optimizer.validate()
         self.schedule.validate()
@@ -560,6 +568,7 @@ class TrainConfig:
             for name, path in self.named_paths().items():
                 self.confine(path, what=name)
         validate_name(self.output_name, "output_name")
+        return self
 
     # ------------------------------------------------------------------ (de)serialisation
 

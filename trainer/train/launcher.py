@@ -316,6 +316,31 @@ def train_in_subprocess(
         run = prepare_run(config, run_identity(config, model_source, dataset))
     out = config.confine(run.path, what="output_dir") if run is not None else Path(tempfile.mkdtemp(prefix="wan_s2v_launch-"))
     out.mkdir(parents=True, exist_ok=True)
+    spec_path = _write_spec(out, config, model_source, dataset, dataset_config, eval_dataset, run)
+    stop_file = out / f".stop-{uuid.uuid4().hex[:12]}"
+    children = _Children.start(child_command(spec_path, num_processes, stop_file), env)
+    relay = _EventRelay(progress, on_log, on_validation)
+    try:
+        relay.follow(children.events, should_stop, stop_file, poll_seconds)
+        returncode = children.proc.wait()
+    except BaseException:
+        _stop_group(children.proc)
+        raise
+    finally:
+        children.join_readers()
+        stop_file.unlink(missing_ok=True)
+        if run is None:
+            shutil.rmtree(out, ignore_errors=True)
+
+    tail = "".join(children.stderr_tail)
+    if returncode != 0 or relay.done is None:
+        raise TrainingProcessError(_failure_message(returncode, tail, "".join(children.stdout_tail)), returncode, tail)
+    return relay.result(num_processes)
+
+
+def _write_spec(out: Path, config: TrainConfig, model_source: ModelSource, dataset, dataset_config: DatasetConfig | None,
+                eval_dataset, run: RunFolder | None) -> Path:
+    """Write ``<out>/launch.json``, everything the children need to train; returns its path."""
     spec = {
         "config": config.to_dict(),
         "model": model_source.to_dict(),
@@ -326,31 +351,64 @@ def train_in_subprocess(
     spec_path = out / SPEC_NAME
     with atomic_write(spec_path) as tmp:
         tmp.write_text(json.dumps(spec, indent=1), encoding="utf-8")
-    stop_file = out / f".stop-{uuid.uuid4().hex[:12]}"
-    child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    child_env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [child_env.get("PYTHONPATH")])])
+    return spec_path
 
-    proc = subprocess.Popen(
-        child_command(spec_path, num_processes, stop_file), cwd=REPO_ROOT, env=child_env,
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
-        start_new_session=True,  # its own process group: torchrun and its workers stop together
-    )
-    events: queue.Queue = queue.Queue()
-    stderr_tail: collections.deque[str] = collections.deque(maxlen=400)
-    stdout_tail: collections.deque[str] = collections.deque(maxlen=50)
-    readers = [
-        threading.Thread(target=_read_stdout, args=(proc.stdout, events, stdout_tail), daemon=True,
-                         name="wan-s2v-train-stdout"),
-        threading.Thread(target=_read_lines, args=(proc.stderr, stderr_tail), daemon=True,
-                         name="wan-s2v-train-stderr"),
-    ]
-    for reader in readers:
-        reader.start()
 
+@dataclass
+class _Children:
+    """The started child processes and the threads that read their stdout (rank 0's events)
+    and stderr (kept as a tail for the error message)."""
+
+    proc: subprocess.Popen
+    events: queue.Queue
+    stderr_tail: collections.deque[str]
+    stdout_tail: collections.deque[str]
+    readers: list[threading.Thread]
+
+    @classmethod
+    def start(cls, command: list[str], env: dict[str, str] | None) -> _Children:
+        child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        child_env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [child_env.get("PYTHONPATH")])])
+        proc = subprocess.Popen(
+            command, cwd=REPO_ROOT, env=child_env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+            start_new_session=True,  # its own process group: torchrun and its workers stop together
+        )
+        events: queue.Queue = queue.Queue()
+        stderr_tail: collections.deque[str] = collections.deque(maxlen=400)
+        stdout_tail: collections.deque[str] = collections.deque(maxlen=50)
+        readers = [
+            threading.Thread(target=_read_stdout, args=(proc.stdout, events, stdout_tail), daemon=True,
+                             name="wan-s2v-train-stdout"),
+            threading.Thread(target=_read_lines, args=(proc.stderr, stderr_tail), daemon=True,
+                             name="wan-s2v-train-stderr"),
+        ]
+        for reader in readers:
+            reader.start()
+        return cls(proc, events, stderr_tail, stdout_tail, readers)
+
+    def join_readers(self) -> None:
+        for reader in self.readers:
+            reader.join(timeout=10)
+
+
+@dataclass
+class _EventRelay:
+    """Turns rank 0's events into the caller's callbacks, and keeps what the result needs."""
+
+    progress: ProgressFn | None = None
+    on_log: Callable[[dict[str, Any]], None] | None = None
+    on_validation: Callable[[int, list[Path]], None] | None = None
+    #: the ``done`` event (None until the children report their result)
     done: dict[str, Any] | None = None
-    steps: dict[int, float] = {}
-    validations: list[tuple[int, list[Path]]] = []
-    try:
+    #: loss of every step seen, by step
+    steps: dict[int, float] = field(default_factory=dict)
+    validations: list[tuple[int, list[Path]]] = field(default_factory=list)
+
+    def follow(self, events: queue.Queue, should_stop: Callable[[], bool] | None, stop_file: Path,
+               poll_seconds: float) -> None:
+        """Relay events until the children's stdout ends; poll `should_stop` about every
+        `poll_seconds` and create `stop_file` once it returns True."""
         finished = False
         while not finished:
             try:
@@ -360,49 +418,43 @@ def train_in_subprocess(
             if event is _EOF:
                 finished = True
             elif event is not None:
-                kind = event.get("event")
-                if kind == "step":
-                    record = {k: v for k, v in event.items() if k not in ("event", "eta", "max_steps", "world_size")}
-                    steps[int(event["step"])] = float(event["loss"])
-                    if on_log is not None:
-                        on_log(record)
-                    if progress is not None:
-                        progress(int(event["step"]), float(event["loss"]), float(event["lr"]),
-                                 float(event.get("eta", 0.0)))
-                elif kind == "validation":
-                    paths = [Path(p) for p in event.get("paths", [])]
-                    validations.append((int(event["step"]), paths))
-                    if on_validation is not None:
-                        on_validation(int(event["step"]), paths)
-                elif kind == "done":
-                    done = event
+                self.handle(event)
             if should_stop is not None and not stop_file.exists() and should_stop():
                 stop_file.touch()
-        returncode = proc.wait()
-    except BaseException:
-        _stop_group(proc)
-        raise
-    finally:
-        for reader in readers:
-            reader.join(timeout=10)
-        stop_file.unlink(missing_ok=True)
-        if run is None:
-            shutil.rmtree(out, ignore_errors=True)
 
-    tail = "".join(stderr_tail)
-    if returncode != 0 or done is None:
-        raise TrainingProcessError(_failure_message(returncode, tail, "".join(stdout_tail)), returncode, tail)
-    history = [(int(s), float(v)) for s, v in done.get("loss_history") or sorted(steps.items())]
+    def handle(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "step":
+            record = {k: v for k, v in event.items() if k not in ("event", "eta", "max_steps", "world_size")}
+            self.steps[int(event["step"])] = float(event["loss"])
+            if self.on_log is not None:
+                self.on_log(record)
+            if self.progress is not None:
+                self.progress(int(event["step"]), float(event["loss"]), float(event["lr"]),
+                              float(event.get("eta", 0.0)))
+        elif kind == "validation":
+            paths = [Path(p) for p in event.get("paths", [])]
+            self.validations.append((int(event["step"]), paths))
+            if self.on_validation is not None:
+                self.on_validation(int(event["step"]), paths)
+        elif kind == "done":
+            self.done = event
 
-    def path(key: str) -> Path | None:
-        return Path(done[key]) if done.get(key) else None
+    def result(self, num_processes: int) -> LaunchResult:
+        """The `LaunchResult` of the ``done`` event."""
+        done = self.done
+        history = [(int(s), float(v)) for s, v in done.get("loss_history") or sorted(self.steps.items())]
 
-    return LaunchResult(
-        global_step=int(done["step"]), stopped=bool(done["stopped"]), lora_path=path("lora_path"),
-        diffusers_lora_path=path("diffusers_lora_path"), checkpoint=path("checkpoint"), loss_history=history,
-        eval_history=[(int(s), float(v)) for s, v in done.get("eval_history") or []], validations=validations,
-        num_processes=num_processes, run_dir=path("run_dir"), run_id=done.get("run_id"),
-    )
+        def path(key: str) -> Path | None:
+            return Path(done[key]) if done.get(key) else None
+
+        return LaunchResult(
+            global_step=int(done["step"]), stopped=bool(done["stopped"]), lora_path=path("lora_path"),
+            diffusers_lora_path=path("diffusers_lora_path"), checkpoint=path("checkpoint"), loss_history=history,
+            eval_history=[(int(s), float(v)) for s, v in done.get("eval_history") or []],
+            validations=self.validations, num_processes=num_processes, run_dir=path("run_dir"),
+            run_id=done.get("run_id"),
+        )
 
 
 _EOF = object()

@@ -1,28 +1,46 @@
-"""Media through PyAV only: probing, streamed 16 fps video windows, 16 kHz mono audio.
+"""Media through PyAV only (no torchaudio/torchvision): probing, decoding, resampling to the
+model's 16 fps and 16 kHz, and mp4 writing. PyAV and torch load on first use.
 
-Time zero of a clip is its first video frame. A video is decoded as a stream and resampled
-to 16 fps by nearest frame time (output frame i shows the source frame whose time is nearest
-to i / 16 s); each frame is resized/cropped to the bucket as soon as it is decoded, so only
-the frames of the windows being filled are ever held. Audio is resampled by FFmpeg
-(`av.AudioResampler`) to 16 kHz mono float32 and placed on the same time line (a track that
-starts after the video is padded with leading zeros, one that starts earlier is trimmed).
+The dataset side (`trainer.data`): time zero of a clip is its first video frame. A video is
+decoded as a stream and resampled to 16 fps by nearest frame time (output frame i shows the
+source frame whose time is nearest to i / 16 s); each frame is resized/cropped to the bucket
+as soon as it is decoded, so only the frames of the windows being filled are ever held.
+Frames are uint8 arrays [H, W, 3]. Audio is resampled by FFmpeg (`av.AudioResampler`) to
+16 kHz mono float32 and placed on the same time line (a track that starts after the video is
+padded with leading zeros, one that starts earlier is trimmed).
+
+The sampler side (`trainer.sample`): waveforms are float32 arrays [C, N] with their sample
+rate (wav2vec2 gets a 16 kHz mono mixdown, the mp4 the original); images and frames are float
+tensors [F, H, W, 3] in [0, 1] (ComfyUI's IMAGE layout); a pose video is read at 16 fps from
+its start, each output time taking the first source frame at or after it; mp4s are written
+with libx264 + AAC and the driving audio muxed.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter, defaultdict
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .config import SAMPLE_RATE, TARGET_FPS
+from .constants import SPEECH_SAMPLE_RATE, VIDEO_FPS
+from .io_utils import atomic_write
+
+if TYPE_CHECKING:
+    import torch
+
+_AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)
+_BLOCK = 1 << 16
 
 
 class MediaError(RuntimeError):
-    """A file cannot be used (the message is the reason shown in the skip report)."""
+    """A media file cannot be read or written (for the dataset: the reason shown in the skip
+    report)."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +56,7 @@ class VideoInfo:
     @property
     def frames_16fps(self) -> int:
         """Frames after resampling to 16 fps: frame i at time i / 16 < duration."""
-        return max(0, math.ceil(self.duration * TARGET_FPS - 1e-6))
+        return max(0, math.ceil(self.duration * VIDEO_FPS - 1e-6))
 
 
 def _open(path: str | Path):
@@ -99,13 +117,13 @@ def probe_audio(path: str | Path) -> float:
             raise MediaError("no audio stream")
         duration = _stream_duration(container.streams.audio[0], container)
         if duration <= 0:  # e.g. some .ogg/.mp3: decode to count
-            duration = len(decode_audio(path)) / SAMPLE_RATE
+            duration = len(decode_audio(path)) / SPEECH_SAMPLE_RATE
         return duration
     finally:
         container.close()
 
 
-# ----------------------------------------------------------------------------- audio
+# ----------------------------------------------------------------------------- dataset audio
 
 
 def decode_audio(path: str | Path, start_offset: float | None = None) -> np.ndarray:
@@ -122,7 +140,7 @@ def decode_audio(path: str | Path, start_offset: float | None = None) -> np.ndar
         if not container.streams.audio:
             raise MediaError("no audio stream")
         stream = container.streams.audio[0]
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=SPEECH_SAMPLE_RATE)
         chunks: list[np.ndarray] = []
         first_time: float | None = None
         try:
@@ -139,7 +157,7 @@ def decode_audio(path: str | Path, start_offset: float | None = None) -> np.ndar
         container.close()
     audio = np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, np.float32)
     if start_offset is not None and first_time is not None:
-        shift = int(round((first_time - start_offset) * SAMPLE_RATE))
+        shift = int(round((first_time - start_offset) * SPEECH_SAMPLE_RATE))
         if shift > 0:
             audio = np.concatenate([np.zeros(shift, np.float32), audio])
         elif shift < 0:
@@ -163,7 +181,7 @@ def video_start_time(path: str | Path) -> float:
 def audio_segment(audio: np.ndarray, start_frame: int, num_frames: int) -> np.ndarray:
     """The audio of 16 fps frames [start_frame, start_frame + num_frames): samples from
     start_frame * 1000 (t0 = start_frame / 16 s), cut at the end of the audio (no padding)."""
-    per_frame = SAMPLE_RATE // TARGET_FPS
+    per_frame = SPEECH_SAMPLE_RATE // VIDEO_FPS
     start = start_frame * per_frame
     return audio[start:start + num_frames * per_frame]
 
@@ -223,7 +241,7 @@ def _iter_16fps(path: str | Path, max_frames: int | None = None) -> Iterator[tup
                 if previous is not None:
                     # every output time nearer to the previous frame than to this one
                     boundary = (previous[0] + time) / 2
-                    while index / TARGET_FPS < boundary - 1e-9:
+                    while index / VIDEO_FPS < boundary - 1e-9:
                         yield index, previous[0], previous[1]
                         index += 1
                         if max_frames is not None and index >= max_frames:
@@ -235,8 +253,8 @@ def _iter_16fps(path: str | Path, max_frames: int | None = None) -> Iterator[tup
             raise MediaError(f"corrupt or undecodable ({type(error).__name__}: {error})") from error
         if previous is not None:
             # the last frame is shown for one source frame period
-            end = previous[0] + (1.0 / float(stream.average_rate) if stream.average_rate else 1.0 / TARGET_FPS)
-            while index / TARGET_FPS < end - 1e-9:
+            end = previous[0] + (1.0 / float(stream.average_rate) if stream.average_rate else 1.0 / VIDEO_FPS)
+            while index / VIDEO_FPS < end - 1e-9:
                 yield index, previous[0], previous[1]
                 index += 1
                 if max_frames is not None and index >= max_frames:
@@ -353,3 +371,242 @@ def frames_to_tensor(frames: np.ndarray):
 
     tensor = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float()
     return tensor.div_(127.5).sub_(1.0)
+
+
+# ----------------------------------------------------------------------------- sampler audio
+
+
+def _as_channels(waveform: np.ndarray | torch.Tensor) -> np.ndarray:
+    import torch
+
+    if isinstance(waveform, torch.Tensor):
+        waveform = waveform.detach().cpu().float().numpy()
+    waveform = np.asarray(waveform, dtype=np.float32)
+    if waveform.ndim == 1:
+        waveform = waveform[None]
+    if waveform.ndim != 2:
+        raise ValueError(f"expected a waveform [C, N] or [N], got shape {waveform.shape}")
+    return np.ascontiguousarray(waveform)
+
+
+def decode_audio_file(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """Any audio (or video with audio) file -> (float32 [C, N], sample_rate), all channels
+    at the file's own rate."""
+    import av
+
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, OSError) as exc:
+        raise MediaError(f"cannot open audio {path}: {exc}") from exc
+    with container:
+        if not container.streams.audio:
+            raise MediaError(f"{path} has no audio stream")
+        stream = container.streams.audio[0]
+        rate = stream.codec_context.sample_rate or stream.rate
+        layout = stream.codec_context.layout.name
+        resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
+        chunks = []
+        for frame in container.decode(stream):
+            frame.pts = None
+            for out in resampler.resample(frame):
+                chunks.append(out.to_ndarray())
+        for out in resampler.resample(None):
+            chunks.append(out.to_ndarray())
+    if not chunks:
+        raise MediaError(f"{path}: the audio stream decoded to no samples")
+    return np.concatenate(chunks, axis=1).astype(np.float32), int(rate)
+
+
+def resample_mono(waveform: np.ndarray, sample_rate: int, rate: int) -> np.ndarray:
+    """Mono float32 [N] at `sample_rate` -> [M] at `rate` with FFmpeg's resampler (PyAV)."""
+    import av
+
+    waveform = np.ascontiguousarray(waveform, dtype=np.float32).reshape(-1)
+    if sample_rate == rate:
+        return waveform.copy()
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+    out = []
+    for start in range(0, len(waveform), _BLOCK):
+        frame = av.AudioFrame.from_ndarray(waveform[None, start:start + _BLOCK], format="flt", layout="mono")
+        frame.sample_rate = sample_rate
+        out.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
+    out.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
+    return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+
+
+def speech_16k_mono(waveform: np.ndarray | torch.Tensor, sample_rate: int) -> np.ndarray:
+    """Any waveform ([N] or [C, N], any rate) -> 16 kHz mono float32 [N] for wav2vec2:
+    channels averaged (as librosa's to_mono in the official code), then resampled."""
+    mono = _as_channels(waveform).mean(axis=0)
+    return resample_mono(mono, int(sample_rate), SPEECH_SAMPLE_RATE)
+
+
+def cut_audio(waveform: np.ndarray, sample_rate: int, seconds: float) -> np.ndarray:
+    """The first `seconds` of [C, N] (shorter audio stays as it is)."""
+    return waveform[:, : round(seconds * sample_rate)]
+
+
+# ----------------------------------------------------------------------------- sampler images and video
+
+
+def load_image_tensor(path: str | os.PathLike) -> torch.Tensor:
+    """An image file -> [1, H, W, 3] float in [0, 1] (first frame of any PyAV-readable image)."""
+    import av
+    import torch
+
+    try:
+        with av.open(str(path)) as container:
+            frame = next(container.decode(video=0))
+            array = frame.to_ndarray(format="rgb24")
+    except (av.error.FFmpegError, OSError, StopIteration) as exc:
+        raise MediaError(f"cannot read image {path}: {exc}") from exc
+    return torch.from_numpy(array).float().div(255.0)[None]
+
+
+def cover_resize(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """[F, H, W, 3] in [0, 1] -> [F, height, width, 3]: scaled to cover the target, then
+    centre-cropped (bilinear, antialiased when shrinking, so no aliasing from large photos).
+    ComfyUI's "center" upscale crops first and scales without antialiasing; on a reference
+    image of another size the two differ by ~7e-5 in the first-step prediction
+    (`scripts/sampler_parity.py`, informational row)."""
+    import torch.nn.functional as F
+
+    frames = images.movedim(-1, 1).float()
+    src_h, src_w = frames.shape[-2:]
+    scale = max(width / src_w, height / src_h)
+    new_w, new_h = max(width, round(src_w * scale)), max(height, round(src_h * scale))
+    if (new_h, new_w) != (src_h, src_w):
+        frames = F.interpolate(frames, size=(new_h, new_w), mode="bilinear", align_corners=False,
+                               antialias=new_h < src_h or new_w < src_w)
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    frames = frames[..., top:top + height, left:left + width]
+    return frames.movedim(1, -1).clamp(0, 1)
+
+
+def read_video_frames(path: str | os.PathLike, max_frames: int, fps: int = VIDEO_FPS) -> torch.Tensor:
+    """The first `max_frames` frames of a video resampled to `fps` (nearest earlier frame)
+    -> [F, H, W, 3] float in [0, 1]."""
+    import av
+    import torch
+
+    out = []
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            next_time = 0.0
+            for frame in container.decode(stream):
+                time = float(frame.time) if frame.time is not None else len(out) / fps
+                while time + 1e-6 >= next_time and len(out) < max_frames:
+                    if time - next_time < 1.0 / fps or not out:
+                        out.append(frame.to_ndarray(format="rgb24"))
+                    else:
+                        out.append(out[-1])
+                    next_time = len(out) / fps
+                if len(out) >= max_frames:
+                    break
+    except (av.error.FFmpegError, OSError) as exc:
+        raise MediaError(f"cannot read video {path}: {exc}") from exc
+    if not out:
+        raise MediaError(f"{path} has no video frames")
+    return torch.from_numpy(np.stack(out)).float().div(255.0)
+
+
+# ----------------------------------------------------------------------------- mp4
+
+
+def _layout(channels: int) -> str:
+    return {1: "mono", 2: "stereo"}.get(channels, "stereo")
+
+
+def write_mp4(
+    path: str | os.PathLike,
+    frames: torch.Tensor | np.ndarray,
+    fps: int = VIDEO_FPS,
+    audio: np.ndarray | torch.Tensor | None = None,
+    sample_rate: int | None = None,
+    crf: int = 18,
+) -> Path:
+    """Write frames [F, H, W, 3] (float in [0, 1] or uint8) as H.264 (yuv420p) at `fps`, with
+    `audio` [C, N] (or [N]) muxed as AAC, interleaved by time. Written atomically
+    (`trainer.io_utils.atomic_write`). More than 2 channels are mixed down to stereo."""
+    import av
+    import torch
+
+    path = Path(path)
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().cpu()
+        frames = (frames.float().clamp(0, 1) * 255).round().to(torch.uint8).numpy() if frames.is_floating_point() \
+            else frames.numpy()
+    frames = np.ascontiguousarray(frames, dtype=np.uint8)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected frames [F, H, W, 3], got {frames.shape}")
+    count, height, width, _ = frames.shape
+    if height % 2 or width % 2:
+        raise ValueError(f"H.264 yuv420p needs even sizes, got {width}x{height}")
+
+    wave = None
+    if audio is not None:
+        if sample_rate is None:
+            raise ValueError("audio needs its sample_rate")
+        wave = _as_channels(audio)
+        if wave.shape[0] > 2:
+            wave = np.stack([wave[0::2].mean(0), wave[1::2].mean(0)])
+        if sample_rate not in _AAC_RATES:
+            target = 48000
+            wave = np.stack([resample_mono(ch, sample_rate, target) for ch in wave])
+            sample_rate = target
+
+    # an explicit format: the temporary name does not end in .mp4
+    with atomic_write(path) as tmp, av.open(str(tmp), "w", format="mp4") as container:
+        video = container.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.options = {"crf": str(crf), "preset": "medium"}
+        astream = None
+        if wave is not None and wave.shape[1] > 0:
+            astream = container.add_stream("aac", rate=sample_rate, layout=_layout(wave.shape[0]))
+        block = (astream.codec_context.frame_size or 1024) if astream is not None else 0
+        written = 0
+
+        def audio_until(seconds: float) -> None:
+            nonlocal written
+            end = min(wave.shape[1], round(seconds * sample_rate))
+            while written < end:
+                chunk = np.ascontiguousarray(wave[:, written:min(written + block, wave.shape[1])])
+                frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=_layout(wave.shape[0]))
+                frame.sample_rate = sample_rate
+                frame.pts = written
+                for packet in astream.encode(frame):
+                    container.mux(packet)
+                written += chunk.shape[1]
+
+        for index in range(count):
+            frame = av.VideoFrame.from_ndarray(frames[index], format="rgb24")
+            for packet in video.encode(frame):
+                container.mux(packet)
+            if astream is not None:
+                audio_until((index + 1) / fps)
+        for packet in video.encode():
+            container.mux(packet)
+        if astream is not None:
+            audio_until(wave.shape[1] / sample_rate)
+            for packet in astream.encode():
+                container.mux(packet)
+    return path
+
+
+def probe_mp4(path: str | os.PathLike) -> dict:
+    """Decoded facts of an mp4: video frame count, size, fps; audio duration (s), rate, channels."""
+    import av
+
+    info: dict = {"video_frames": 0, "audio_seconds": 0.0, "has_audio": False}
+    with av.open(str(path)) as container:
+        vs = container.streams.video[0]
+        info.update(width=vs.codec_context.width, height=vs.codec_context.height, fps=float(vs.average_rate or 0))
+        info["video_frames"] = sum(1 for _ in container.decode(vs))
+    with av.open(str(path)) as container:
+        if container.streams.audio:
+            a = container.streams.audio[0]
+            info.update(has_audio=True, sample_rate=a.codec_context.sample_rate, channels=a.codec_context.channels)
+            samples = sum(f.samples for f in container.decode(a))
+            info["audio_seconds"] = samples / a.codec_context.sample_rate
+    return info
