@@ -22,6 +22,7 @@ from torch import nn
 
 from .activations import ActivationOffload, offloaded_checkpoint
 from .config import EXCLUSIVE_OFFLOAD_MESSAGE, MemoryConfig, MemoryConfigError
+from .fp8_compute import enable_fp8_compute
 from .offload import BlockOffloader, enable_block_offload
 from .quantize import apply_precision
 
@@ -97,7 +98,8 @@ class MemorySetup:
     def describe(self) -> str:
         text = self.config.describe()
         if self.compiled_regions:
-            text += ", compiled checkpoint regions" + (", merged-weight LoRA" if self.config.merged_lora else "")
+            merged = ", one-function fp8 LoRA" if self.config.fp8_compute else ", merged-weight LoRA"
+            text += ", compiled checkpoint regions" + (merged if self.config.merged_lora else "")
         if self.plan_sentence:
             text = self.plan_sentence + " (" + text + ")"
         return text
@@ -142,8 +144,12 @@ def apply_memory_config(
         raise MemoryConfigError(EXCLUSIVE_OFFLOAD_MESSAGE)
     # Without offload each converted layer goes to the device at once: the run may share its host
     # weights with a cached model (trainer.train.isolation), so no converted host copy builds up.
-    converted = apply_precision(model, config.base_model_precision,
-                                device if config.offload == "none" else None)
+    place = device if config.offload == "none" else None
+    if config.fp8_compute:
+        config.check_fp8_compute(device)
+        converted = enable_fp8_compute(model, device, place)
+    else:
+        converted = apply_precision(model, config.base_model_precision, place)
     regions = compile_regions and regions_apply(config, bool(getattr(model, "token_routes", None)))
     labels = configure_checkpointing(model, config, compile_regions=regions)
     model.set_feed_forward_chunk_size(config.resolved_feed_forward_chunk_size())
@@ -157,10 +163,11 @@ def apply_memory_config(
 
 def regions_apply(config: MemoryConfig, token_routes: bool = False) -> bool:
     """Whether compiled checkpoint regions serve `config`: the swap of block offload runs
-    between regions, the quantized Linears were only measured with compiled blocks, and
-    TREAD routes (`token_routes`, set on the model before) change the routed blocks' token
-    count, which the regions were not measured with."""
-    return (config.offload == "none" and config.base_model_precision == "no_change"
+    between regions, the quantized Linears were only measured with compiled blocks (FP8
+    compute was measured with regions), and TREAD routes (`token_routes`, set on the model
+    before) change the routed blocks' token count, which the regions were not measured with."""
+    weights_fit = config.base_model_precision == "no_change" or config.fp8_compute
+    return (config.offload == "none" and weights_fit
             and config.gradient_checkpointing != "none" and not token_routes)
 
 

@@ -93,6 +93,13 @@ class MemoryConfig:
     #: less per 14B step). The forward then sees the LoRA rounded into the bf16 weight, as
     #: ComfyUI's sampling does; off gives peft's separate bf16 LoRA product.
     merged_lora: bool = True
+    #: Run the frozen base Linears of the blocks and audio injectors on FP8 tensor cores:
+    #: weights held in e4m3 once (per-channel scales; a scaled-fp8 file's bytes as shipped),
+    #: activations and output gradients quantized per token on the fly, the forward and the
+    #: input-gradient matmuls in FP8 (`trainer.memory.fp8_compute`). The LoRA, norms,
+    #: modulation and attention keep their dtype. Needs compute capability 8.9 or newer
+    #: (Ada, Hopper, Blackwell); works with base_model_precision no_change or fp8.
+    fp8_compute: bool = False
     #: Copy the checkpointed block inputs to pinned host memory and back in the backward pass
     #: (with compiled checkpoint regions: everything large a checkpointed block saves).
     offload_activations: bool = False
@@ -175,7 +182,23 @@ class MemoryConfig:
             raise MemoryConfigError("offload_activations needs gradient checkpointing")
         if self.auto and self.vram_budget_gib is None:
             raise MemoryConfigError("auto needs a positive vram_budget_gib")
+        if self.fp8_compute and not self.auto:
+            self.check_fp8_compute()
         return self
+
+    def check_fp8_compute(self, device: "torch.device | str | None" = None) -> None:
+        """Refuse `fp8_compute` where it cannot run: int8 base weights (they would be
+        requantized to fp8), or a compute device without FP8 tensor cores (named)."""
+        from .fp8_compute import fp8_compute_refusal
+
+        if self.base_model_precision == "int8-quanto":
+            raise MemoryConfigError(
+                "fp8_compute holds the base weights in fp8 itself; with base_model_precision 'int8-quanto' they "
+                "would be requantized from int8. Use no_change (bf16 weights, quantized once to fp8) or fp8."
+            )
+        reason = fp8_compute_refusal(self.resolved_device() if device is None else device)
+        if reason:
+            raise MemoryConfigError(reason)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> MemoryConfig:
@@ -216,6 +239,8 @@ class MemoryConfig:
         if self.linear_blocks:
             ckpt += f", linears:{self.linear_blocks}"
         parts.append(f"checkpointing={ckpt}")
+        if self.fp8_compute:
+            parts.append("fp8 compute")
         if self.offload_activations:
             parts.append("activations->host")
         chunk = self.resolved_feed_forward_chunk_size()
