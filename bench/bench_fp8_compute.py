@@ -168,15 +168,20 @@ def steps(models: dict, params: dict, inputs, sigmas, noise, args, rows_out: lis
     from trainer.lora.merged_linear import use_merged_lora
     from trainer.memory import MemoryConfig
     from trainer.memory.apply import configure_checkpointing
+    from trainer.model.checkpointing import compiled_checkpoint
     from trainer.train.config import TrainConfig
     from trainer.train.loop import compute_losses
 
+    torch._dynamo.config.recompile_limit = 64
     parts = set(args.variant.split("+"))
     linears = next((int(p[len("linears"):]) for p in parts if p.startswith("linears")), 0)
     config = TrainConfig.from_dict({"mixed_precision": "bf16"})
     for model in models.values():  # one model on the GPU at a time: its peak alone
         model.cpu()
     for name, model in models.items():
+        # each model compiles its own regions from scratch (no shared graphs or recompile limit)
+        torch._dynamo.reset()
+        compiled_checkpoint.cache_clear()
         model.cuda()
         memory = MemoryConfig(gradient_checkpointing=args.policy, offload_activations="host" in parts,
                               linear_blocks=linears)
