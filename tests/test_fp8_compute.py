@@ -76,12 +76,12 @@ def test_round_trip_is_within_half_an_e4m3_step_per_element():
 
 def test_per_row_scales_keep_small_rows_that_a_per_tensor_scale_flushes():
     x = torch.randn(2, 512, generator=torch.Generator().manual_seed(1))
-    x[1] *= 1e-5  # a quiet token next to a loud one
+    x[1] *= 1e-7  # a quiet token next to a loud one
     q, scale = quantize_rows(x)
     assert rel(dequantize_rows(q, scale)[1], x[1]) < 0.04
     tensor_scale = x.abs().amax() / E4M3_MAX
     per_tensor = (x / tensor_scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).float() * tensor_scale
-    assert rel(per_tensor[1], x[1]) > 0.5  # mostly flushed to zero
+    assert rel(per_tensor[1], x[1]) > 0.9  # below the smallest e4m3 step: flushed to zero
 
 
 @pytest.mark.parametrize("kind", KINDS_HERE)
@@ -132,19 +132,21 @@ def test_config_refuses_fp8_compute_on_cpu_and_with_int8_weights(base_model):  #
     config = MemoryConfig(fp8_compute=True, device="cuda")  # validated on the device the run uses
     with pytest.raises(MemoryConfigError, match="FP8 tensor cores"):
         config.check_fp8_compute("cpu")
-    with pytest.raises(MemoryConfigError, match="FP8 tensor cores"):
+    with pytest.raises(MemoryConfigError, match="fp8_compute needs"):
         apply_memory_config(copy.deepcopy(base_model), config, "cpu")
     assert "needs" in fp8_compute_refusal("cpu")
     assert MemoryConfig().fp8_compute is False
 
 
-def fp8_model(base_model, merged: bool = False, **memory):  # noqa: F811
+def fp8_model(base_model, merged: bool = False, kind: str | None = "emulated", **memory):  # noqa: F811
     """The tiny model with FP8-compute base Linears (on CPU, through the layer API: the
-    option refuses a CPU), a seeded r4 LoRA and `memory` applied."""
+    option refuses a CPU), a seeded r4 LoRA and `memory` applied. The emulated product by
+    default: PyTorch's CPU kernel rounds differently under the selective-checkpoint
+    dispatch mode, which would blur comparisons between checkpoint policies."""
     from trainer.lora.merged_linear import use_merged_lora
 
     model = copy.deepcopy(base_model)
-    converted = enable_fp8_compute(model, "cpu")
+    converted = enable_fp8_compute(model, "cpu", kind=kind)
     setup = apply_memory_config(model, MemoryConfig(**memory), "cpu")
     params = add_lora(model)
     setup.after_lora()
@@ -154,7 +156,7 @@ def fp8_model(base_model, merged: bool = False, **memory):  # noqa: F811
 
 
 def test_gradients_reach_the_lora_and_never_the_base_weights(base_model):  # noqa: F811
-    model, params, _, converted = fp8_model(base_model, gradient_checkpointing="full")
+    model, params, _, converted = fp8_model(base_model, kind=None, gradient_checkpointing="full")
     assert converted == 48  # 4 blocks x 10 + 2 injectors x 4
     loss, grads = loss_and_grads(model, params)
     for name, g in grads.items():
@@ -179,13 +181,18 @@ def test_gradients_reach_the_lora_and_never_the_base_weights(base_model):  # noq
 
 
 def test_one_function_fp8_lora_gives_peft_result(base_model):  # noqa: F811
-    peft_model, peft_params, _, _ = fp8_model(base_model, merged=False, gradient_checkpointing="full")
-    model, params, _, _ = fp8_model(base_model, merged=True, gradient_checkpointing="full")
-    expected = loss_and_grads(peft_model, peft_params)
-    loss, grads = loss_and_grads(model, params)
-    assert loss == pytest.approx(expected[0], rel=2e-3)
-    for name, g in grads.items():  # bf16 autocast: only the order of the additions differs
-        assert rel(g, expected[1][name]) < 0.02, name
+    """In float32 (the same fp8 base products), the fused function and peft's separate LoRA
+    layers differ only in the order of additions."""
+    fp32 = copy.deepcopy(base_model).float()
+    peft_model, peft_params, _, _ = fp8_model(fp32, merged=False, gradient_checkpointing="full")
+    model, params, _, _ = fp8_model(fp32, merged=True, gradient_checkpointing="full")
+    fused = [m for m in model.modules() if "forward" in vars(m) and hasattr(m, "base_layer")]
+    assert len(fused) == 40 and all(isinstance(m.base_layer, Fp8ComputeLinear) for m in fused)
+    expected = loss_and_grads(peft_model, peft_params, autocast=False)
+    loss, grads = loss_and_grads(model, params, autocast=False)
+    assert loss == pytest.approx(expected[0], rel=1e-5)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, expected[1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("memory", [

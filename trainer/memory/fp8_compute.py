@@ -287,17 +287,18 @@ class Fp8ComputeLinear(nn.Linear):
 
 
 def enable_fp8_compute(model: nn.Module, compute_device: torch.device | str,
-                       place: torch.device | None = None) -> int:
+                       place: torch.device | None = None, kind: str | None = None) -> int:
     """Replace the blocks' and audio injectors' base Linears (bf16 `nn.Linear` or a kept
     scaled-fp8 `Fp8Linear`) by `Fp8ComputeLinear` for matmuls on `compute_device`, each
     moved to `place` at once (None: left where converted). Must run before the LoRA is
-    added. Returns the count converted.
+    added. `kind` overrides `scaled_mm_kind(compute_device)` ("emulated": the float32
+    reference math, deterministic on any device). Returns the count converted.
 
     int8 (optimum-quanto) layers are refused: their weights would be requantized to fp8."""
     from .quantize import Fp8Linear, _placed, _refuse_adapters, _replace, quantizable_linears
 
     _refuse_adapters(model)
-    kind = scaled_mm_kind(compute_device)
+    kind = kind or scaled_mm_kind(compute_device)
     converted = 0
     for name, linear in list(quantizable_linears(model)):
         if isinstance(linear, Fp8ComputeLinear):
