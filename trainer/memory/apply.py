@@ -132,14 +132,9 @@ def apply_memory_config(
     device = torch.device(device)
     sentence = None
     if config.auto:
-        from .plan import plan_memory
-
-        planned = plan_memory(
-            config.vram_budget_gib, height=height, width=width, frames=frames, lora_rank=lora_rank,
-            model_config=dict(getattr(model, "config", {}) or {}),
-            precision=config.base_model_precision if config.auto_keep_precision else None,
-        )
-        config, sentence = planned.config, planned.sentence
+        regions_possible = compile_regions and not getattr(model, "token_routes", None)
+        config, sentence = automatic_config(config, device, model, regions_possible, height=height, width=width,
+                                            frames=frames, lora_rank=lora_rank)
     if config.offload == "blocks" and getattr(model, "_hf_hook", None) is not None:
         raise MemoryConfigError(EXCLUSIVE_OFFLOAD_MESSAGE)
     # Without offload each converted layer goes to the device at once: the run may share its host
@@ -159,6 +154,32 @@ def apply_memory_config(
         model.to("cpu")
     # offload == "blocks": placement happens in after_lora() (the LoRA must exist first).
     return MemorySetup(model, config, device, converted, labels, sentence, compiled_regions=regions)
+
+
+def detected_vram_gib(device: torch.device) -> float:
+    """Total memory of the CUDA `device`, GiB."""
+    return torch.cuda.get_device_properties(device).total_memory / 2**30
+
+
+def automatic_config(config: MemoryConfig, device: torch.device, model: nn.Module, regions_possible: bool = True,
+                     **shape: Any) -> tuple[MemoryConfig, str]:
+    """The settings the automatic plan picks for `device` and the sentence the log prints.
+
+    On a GPU: `plan_memory` for `config.vram_budget_gib` (None: the GPU's total memory), FP8
+    compute among the candidates where the GPU has FP8 tensor cores and compiled regions can
+    run (`regions_possible`). Elsewhere (CPU): the default settings, as without a plan."""
+    from .fp8_compute import has_fp8_compute
+    from .plan import plan_memory
+
+    keep = config.base_model_precision if config.auto_keep_precision else None
+    if device.type != "cuda":
+        chosen = MemoryConfig(device=config.device, base_model_precision=keep or "no_change").validate()
+        return chosen, f"automatic plan on {device.type}: the default settings"
+    budget = config.vram_budget_gib or detected_vram_gib(device)
+    planned = plan_memory(budget, model_config=dict(getattr(model, "config", {}) or {}), precision=keep,
+                          fp8_compute=regions_possible and has_fp8_compute(device), **shape)
+    planned.config.device = config.device
+    return planned.config, planned.sentence
 
 
 def regions_apply(config: MemoryConfig, token_routes: bool = False) -> bool:

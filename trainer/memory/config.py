@@ -38,6 +38,8 @@ EXCLUSIVE_OFFLOAD_MESSAGE = (
     "in host memory and streams them block by block; choose one."
 )
 FEED_FORWARD_ENV = "WAN_FEED_FORWARD_CHUNK_SIZE"
+#: Settings that leave the automatic plan free: a config that sets only these gets it by default.
+AUTO_NEUTRAL_KEYS = frozenset({"device", "vram_budget_gib"})
 
 
 class MemoryConfigError(ValueError):
@@ -110,7 +112,9 @@ class MemoryConfig:
     feed_forward_chunk_size: int | None = None
     #: Automatic plan: with `auto`, the fields above (except the refused/explicit precision
     #: when `auto_keep_precision`) are chosen by `trainer.memory.plan.plan_memory` for
-    #: `vram_budget_gib`.
+    #: `vram_budget_gib` (None: the detected GPU's memory), FP8 compute included where the GPU
+    #: has it. On a CPU the plan is the defaults above. The training CLI and the Memory
+    #: Settings node default to it (`from_dict(..., auto_by_default=True)`).
     auto: bool = False
     vram_budget_gib: float | None = None
     auto_keep_precision: bool = False
@@ -180,8 +184,6 @@ class MemoryConfig:
                 )
         if self.offload_activations and self.gradient_checkpointing == "none":
             raise MemoryConfigError("offload_activations needs gradient checkpointing")
-        if self.auto and self.vram_budget_gib is None:
-            raise MemoryConfigError("auto needs a positive vram_budget_gib")
         if self.fp8_compute and not self.auto:
             self.check_fp8_compute()
         return self
@@ -201,11 +203,15 @@ class MemoryConfig:
             raise MemoryConfigError(reason)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any] | None) -> MemoryConfig:
+    def from_dict(cls, raw: dict[str, Any] | None, auto_by_default: bool = False) -> MemoryConfig:
         """Build from a mapping (unknown keys are an error). Accepts `enable_model_cpu_offload`
         and `enable_block_offload`/`enable_group_offload` booleans as other spellings of
-        `offload` and refuses both at once."""
+        `offload` and refuses both at once. With `auto_by_default`, a mapping that sets no
+        `auto` and nothing the plan chooses (only `device`, `vram_budget_gib`) gets the
+        automatic plan."""
         data = dict(raw or {})
+        if auto_by_default and "auto" not in data and set(data) <= AUTO_NEUTRAL_KEYS:
+            data["auto"] = True
         model_flag = bool(data.pop("enable_model_cpu_offload", False))
         block_flag = bool(data.pop("enable_block_offload", False)) | bool(data.pop("enable_group_offload", False))
         offload = data.get("offload")
@@ -228,6 +234,9 @@ class MemoryConfig:
 
     def describe(self) -> str:
         """One line for logs: precision, offload, checkpointing, chunking."""
+        if self.auto:
+            budget = f"{self.vram_budget_gib:g} GiB" if self.vram_budget_gib else "the detected GPU memory"
+            return f"automatic plan for {budget}"
         parts = [f"precision={self.base_model_precision}", f"offload={self.offload}"]
         if self.offload == "blocks":
             parts.append("disk=" + self.offload_blocks_to_disk if self.offload_blocks_to_disk else "pinned host RAM")
