@@ -167,17 +167,19 @@ def automatic_config(config: MemoryConfig, device: torch.device, model: nn.Modul
 
     On a GPU: `plan_memory` for `config.vram_budget_gib` (None: the GPU's total memory), FP8
     compute among the candidates where the GPU has FP8 tensor cores and compiled regions can
-    run (`regions_possible`). Elsewhere (CPU): the default settings, as without a plan."""
+    run (`regions_possible`). Elsewhere (CPU): the plan for an explicit budget, else the
+    default settings, as without a plan."""
     from .fp8_compute import has_fp8_compute
     from .plan import plan_memory
 
     keep = config.base_model_precision if config.auto_keep_precision else None
-    if device.type != "cuda":
+    if device.type != "cuda" and not config.vram_budget_gib:  # no GPU memory to plan for
         chosen = MemoryConfig(device=config.device, base_model_precision=keep or "no_change").validate()
-        return chosen, f"automatic plan on {device.type}: the default settings"
+        return chosen, f"automatic plan on {device.type} without a budget: the default settings"
     budget = config.vram_budget_gib or detected_vram_gib(device)
     planned = plan_memory(budget, model_config=dict(getattr(model, "config", {}) or {}), precision=keep,
-                          fp8_compute=regions_possible and has_fp8_compute(device), **shape)
+                          fp8_compute=regions_possible and device.type == "cuda" and has_fp8_compute(device),
+                          **shape)
     planned.config.device = config.device
     return planned.config, planned.sentence
 
