@@ -322,7 +322,8 @@ def train_and_validate(info) -> Workflow:
     tread = w.add("WanS2VTreadSettings", (380, 620), selection_ratio=0.5, start_layer_idx=2, end_layer_idx=-2)
     crepa = w.add("WanS2VCrepaSettings", (380, 780), crepa_lambda=0.5, crepa_block_index=8,
                   crepa_adjacent_distance=1, crepa_adjacent_tau=1.0, teacher="dinov2_vitg14")
-    memory = w.add("WanS2VMemorySettings", (380, 1060), base_model_precision="no_change", checkpointing_policy="full")
+    # the automatic plan for the detected GPU (fp8 compute where it has FP8 tensor cores)
+    memory = w.add("WanS2VMemorySettings", (380, 1060), auto=True, vram_budget_gib=0.0)
     preview = w.add("PreviewImage", (0, 860), size=(300, 260))
     bundle = w.add("WanS2VLoadModelBundle", (0, 1160), transformer=S2V_14B, vae=WAN_VAE, text_encoder=UMT5,
                    audio_encoder=WAV2VEC2, dtype="bfloat16", device="auto")

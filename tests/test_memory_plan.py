@@ -71,3 +71,33 @@ def test_auto_config_applies_the_plan():
     assert setup.config.auto is False
     assert isinstance(setup.describe(), str)
     _ = torch
+
+
+def test_automatic_plan_is_the_default_of_the_cli_config_and_keeps_cpu_defaults():
+    """A training config that chooses no memory setting gets the automatic plan; one that
+    sets a plan-controlled field keeps its explicit settings. On a CPU without a budget the
+    plan is the default settings (what a CPU run used before)."""
+    from trainer.memory import MemoryConfig
+    from trainer.model import TINY_TRANSFORMER_CONFIG, WanS2VTransformer3DModel
+    from trainer.train.config import TrainConfig
+
+    assert TrainConfig().memory.auto
+    assert TrainConfig.from_dict({"memory": {"device": "cpu"}}).memory.auto
+    assert not TrainConfig.from_dict({"gradient_checkpointing": "attention"}).memory.auto
+    assert not TrainConfig.from_dict({"memory": {"auto": False}}).memory.auto
+    assert not MemoryConfig().auto  # the library class itself stays explicit
+    model = WanS2VTransformer3DModel(**TINY_TRANSFORMER_CONFIG)
+    setup = apply_memory_config(model, TrainConfig().memory, "cpu", height=64, width=64, frames=9)
+    assert setup.config == MemoryConfig().validate()
+    assert "default settings" in setup.describe()
+
+
+def test_fp8_compute_is_planned_where_the_gpu_has_it_and_only_with_compiled_regions():
+    plain = plan_memory(80)
+    fp8 = plan_memory(80, fp8_compute=True)
+    assert not plain.config.fp8_compute
+    assert fp8.config.fp8_compute and fp8.config.offload == "none" and fp8.config.linear_blocks == 0
+    assert fp8.estimate.time_factor < plain.estimate.time_factor
+    assert "fp8 compute" in fp8.sentence
+    small = plan_memory(24, fp8_compute=True)  # block offload runs outside compiled regions
+    assert small.fits and not small.config.fp8_compute

@@ -18,7 +18,9 @@ The forward sees the LoRA through the merged weight in the base weight's dtype: 
 rounding ComfyUI applies when it patches a LoRA into a bf16 model for sampling.
 
 `use_merged_lora(model)` switches every eligible peft LoRA Linear of `model` to it (one
-vanilla adapter, no dropout, a plain `nn.Linear` base); others keep peft's forward.
+vanilla adapter, no dropout, a plain `nn.Linear` base); others keep peft's forward. A LoRA
+over an FP8-compute base (`trainer.memory.fp8_compute.Fp8ComputeLinear`) cannot merge into
+the e4m3 weight; it gets the one-function FP8 form instead (`trainer.lora.fp8_lora_linear`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..memory.fp8_compute import Fp8ComputeLinear, compute_dtype_for
+from .fp8_lora_linear import Fp8LoraLinear
 
 
 def merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -80,6 +85,10 @@ def _merged_forward(layer: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any
     if name not in layer.lora_A or name in getattr(layer, "lora_variant", {}):
         return type(layer).forward(layer, x, *args, **kwargs)
     base = layer.base_layer
+    if isinstance(base, Fp8ComputeLinear):
+        dtype = compute_dtype_for(x, base.compute_dtype)
+        return Fp8LoraLinear.apply(x.to(dtype), base.weight, base.weight_scale, base.bias, layer.lora_A[name].weight,
+                                   layer.lora_B[name].weight, layer.scaling[name], base.kind)
     return MergedLoraLinear.apply(x, base.weight, base.bias, layer.lora_A[name].weight,
                                   layer.lora_B[name].weight, layer.scaling[name])
 
@@ -87,7 +96,7 @@ def _merged_forward(layer: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any
 def _eligible(module: nn.Module) -> bool:
     from peft.tuners.lora import Linear as LoraLinear
 
-    if not isinstance(module, LoraLinear) or type(module.get_base_layer()) is not nn.Linear:
+    if not isinstance(module, LoraLinear) or type(module.get_base_layer()) not in (nn.Linear, Fp8ComputeLinear):
         return False
     if any(getattr(module, "lora_bias", {}).values()) or any(module.use_dora.values()):
         return False

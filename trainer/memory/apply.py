@@ -22,6 +22,7 @@ from torch import nn
 
 from .activations import ActivationOffload, offloaded_checkpoint
 from .config import EXCLUSIVE_OFFLOAD_MESSAGE, MemoryConfig, MemoryConfigError
+from .fp8_compute import enable_fp8_compute
 from .offload import BlockOffloader, enable_block_offload
 from .quantize import apply_precision
 
@@ -97,7 +98,8 @@ class MemorySetup:
     def describe(self) -> str:
         text = self.config.describe()
         if self.compiled_regions:
-            text += ", compiled checkpoint regions" + (", merged-weight LoRA" if self.config.merged_lora else "")
+            merged = ", one-function fp8 LoRA" if self.config.fp8_compute else ", merged-weight LoRA"
+            text += ", compiled checkpoint regions" + (merged if self.config.merged_lora else "")
         if self.plan_sentence:
             text = self.plan_sentence + " (" + text + ")"
         return text
@@ -130,20 +132,19 @@ def apply_memory_config(
     device = torch.device(device)
     sentence = None
     if config.auto:
-        from .plan import plan_memory
-
-        planned = plan_memory(
-            config.vram_budget_gib, height=height, width=width, frames=frames, lora_rank=lora_rank,
-            model_config=dict(getattr(model, "config", {}) or {}),
-            precision=config.base_model_precision if config.auto_keep_precision else None,
-        )
-        config, sentence = planned.config, planned.sentence
+        regions_possible = compile_regions and not getattr(model, "token_routes", None)
+        config, sentence = automatic_config(config, device, model, regions_possible, height=height, width=width,
+                                            frames=frames, lora_rank=lora_rank)
     if config.offload == "blocks" and getattr(model, "_hf_hook", None) is not None:
         raise MemoryConfigError(EXCLUSIVE_OFFLOAD_MESSAGE)
     # Without offload each converted layer goes to the device at once: the run may share its host
     # weights with a cached model (trainer.train.isolation), so no converted host copy builds up.
-    converted = apply_precision(model, config.base_model_precision,
-                                device if config.offload == "none" else None)
+    place = device if config.offload == "none" else None
+    if config.fp8_compute:
+        config.check_fp8_compute(device)
+        converted = enable_fp8_compute(model, device, place)
+    else:
+        converted = apply_precision(model, config.base_model_precision, place)
     regions = compile_regions and regions_apply(config, bool(getattr(model, "token_routes", None)))
     labels = configure_checkpointing(model, config, compile_regions=regions)
     model.set_feed_forward_chunk_size(config.resolved_feed_forward_chunk_size())
@@ -155,12 +156,41 @@ def apply_memory_config(
     return MemorySetup(model, config, device, converted, labels, sentence, compiled_regions=regions)
 
 
+def detected_vram_gib(device: torch.device) -> float:
+    """Total memory of the CUDA `device`, GiB."""
+    return torch.cuda.get_device_properties(device).total_memory / 2**30
+
+
+def automatic_config(config: MemoryConfig, device: torch.device, model: nn.Module, regions_possible: bool = True,
+                     **shape: Any) -> tuple[MemoryConfig, str]:
+    """The settings the automatic plan picks for `device` and the sentence the log prints.
+
+    On a GPU: `plan_memory` for `config.vram_budget_gib` (None: the GPU's total memory), FP8
+    compute among the candidates where the GPU has FP8 tensor cores and compiled regions can
+    run (`regions_possible`). Elsewhere (CPU): the plan for an explicit budget, else the
+    default settings, as without a plan."""
+    from .fp8_compute import has_fp8_compute
+    from .plan import plan_memory
+
+    keep = config.base_model_precision if config.auto_keep_precision else None
+    if device.type != "cuda" and not config.vram_budget_gib:  # no GPU memory to plan for
+        chosen = MemoryConfig(device=config.device, base_model_precision=keep or "no_change").validate()
+        return chosen, f"automatic plan on {device.type} without a budget: the default settings"
+    budget = config.vram_budget_gib or detected_vram_gib(device)
+    planned = plan_memory(budget, model_config=dict(getattr(model, "config", {}) or {}), precision=keep,
+                          fp8_compute=regions_possible and device.type == "cuda" and has_fp8_compute(device),
+                          **shape)
+    planned.config.device = config.device
+    return planned.config, planned.sentence
+
+
 def regions_apply(config: MemoryConfig, token_routes: bool = False) -> bool:
     """Whether compiled checkpoint regions serve `config`: the swap of block offload runs
-    between regions, the quantized Linears were only measured with compiled blocks, and
-    TREAD routes (`token_routes`, set on the model before) change the routed blocks' token
-    count, which the regions were not measured with."""
-    return (config.offload == "none" and config.base_model_precision == "no_change"
+    between regions, the quantized Linears were only measured with compiled blocks (FP8
+    compute was measured with regions), and TREAD routes (`token_routes`, set on the model
+    before) change the routed blocks' token count, which the regions were not measured with."""
+    weights_fit = config.base_model_precision == "no_change" or config.fp8_compute
+    return (config.offload == "none" and weights_fit
             and config.gradient_checkpointing != "none" and not token_routes)
 
 

@@ -41,6 +41,8 @@ EXCLUSIVE_OFFLOAD_MESSAGE = (
     "in host memory and streams them block by block; choose one."
 )
 FEED_FORWARD_ENV = "WAN_FEED_FORWARD_CHUNK_SIZE"
+#: Settings that leave the automatic plan free: a config that sets only these gets it by default.
+AUTO_NEUTRAL_KEYS = frozenset({"device", "vram_budget_gib"})
 
 
 class MemoryConfigError(ValueError):
@@ -96,6 +98,13 @@ class MemoryConfig:
     #: less per 14B step). The forward then sees the LoRA rounded into the bf16 weight, as
     #: ComfyUI's sampling does; off gives peft's separate bf16 LoRA product.
     merged_lora: bool = True
+    #: Run the frozen base Linears of the blocks and audio injectors on FP8 tensor cores:
+    #: weights held in e4m3 once (per-channel scales; a scaled-fp8 file's bytes as shipped),
+    #: activations and output gradients quantized per token on the fly, the forward and the
+    #: input-gradient matmuls in FP8 (`trainer.memory.fp8_compute`). The LoRA, norms,
+    #: modulation and attention keep their dtype. Needs compute capability 8.9 or newer
+    #: (Ada, Hopper, Blackwell); works with base_model_precision no_change or fp8.
+    fp8_compute: bool = False
     #: Copy the checkpointed block inputs to pinned host memory and back in the backward pass
     #: (with compiled checkpoint regions: everything large a checkpointed block saves).
     offload_activations: bool = False
@@ -106,7 +115,9 @@ class MemoryConfig:
     feed_forward_chunk_size: int | None = None
     #: Automatic plan: with `auto`, the fields above (except the refused/explicit precision
     #: when `auto_keep_precision`) are chosen by `trainer.memory.plan.plan_memory` for
-    #: `vram_budget_gib`.
+    #: `vram_budget_gib` (None: the detected GPU's memory), FP8 compute included where the GPU
+    #: has it. On a CPU the plan is the defaults above. The training CLI and the Memory
+    #: Settings node default to it (`from_dict(..., auto_by_default=True)`).
     auto: bool = False
     vram_budget_gib: float | None = None
     auto_keep_precision: bool = False
@@ -176,16 +187,34 @@ class MemoryConfig:
                 )
         if self.offload_activations and self.gradient_checkpointing == "none":
             raise MemoryConfigError("offload_activations needs gradient checkpointing")
-        if self.auto and self.vram_budget_gib is None:
-            raise MemoryConfigError("auto needs a positive vram_budget_gib")
+        if self.fp8_compute and not self.auto:
+            self.check_fp8_compute()
         return self
 
+    def check_fp8_compute(self, device: "torch.device | str | None" = None) -> None:
+        """Refuse `fp8_compute` where it cannot run: int8 base weights (they would be
+        requantized to fp8), or a compute device without FP8 tensor cores (named)."""
+        from .fp8_compute import fp8_compute_refusal
+
+        if self.base_model_precision == "int8-quanto":
+            raise MemoryConfigError(
+                "fp8_compute holds the base weights in fp8 itself; with base_model_precision 'int8-quanto' they "
+                "would be requantized from int8. Use no_change (bf16 weights, quantized once to fp8) or fp8."
+            )
+        reason = fp8_compute_refusal(self.resolved_device() if device is None else device)
+        if reason:
+            raise MemoryConfigError(reason)
+
     @classmethod
-    def from_dict(cls, raw: dict[str, Any] | None) -> MemoryConfig:
+    def from_dict(cls, raw: dict[str, Any] | None, auto_by_default: bool = False) -> MemoryConfig:
         """Build from a mapping (unknown keys are an error). Accepts `enable_model_cpu_offload`
         and `enable_block_offload`/`enable_group_offload` booleans as other spellings of
-        `offload` and refuses both at once."""
+        `offload` and refuses both at once. With `auto_by_default`, a mapping that sets no
+        `auto` and nothing the plan chooses (only `device`, `vram_budget_gib`) gets the
+        automatic plan."""
         data = dict(raw or {})
+        if auto_by_default and "auto" not in data and set(data) <= AUTO_NEUTRAL_KEYS:
+            data["auto"] = True
         model_flag = bool(data.pop("enable_model_cpu_offload", False))
         block_flag = bool(data.pop("enable_block_offload", False)) | bool(data.pop("enable_group_offload", False))
         offload = data.get("offload")
@@ -208,6 +237,9 @@ class MemoryConfig:
 
     def describe(self) -> str:
         """One line for logs: precision, offload, checkpointing, chunking."""
+        if self.auto:
+            budget = f"{self.vram_budget_gib:g} GiB" if self.vram_budget_gib else "the detected GPU memory"
+            return f"automatic plan for {budget}"
         parts = [f"precision={self.base_model_precision}", f"offload={self.offload}"]
         if self.offload == "blocks":
             parts.append("disk=" + self.offload_blocks_to_disk if self.offload_blocks_to_disk else "pinned host RAM")
@@ -219,6 +251,8 @@ class MemoryConfig:
         if self.linear_blocks:
             ckpt += f", linears:{self.linear_blocks}"
         parts.append(f"checkpointing={ckpt}")
+        if self.fp8_compute:
+            parts.append("fp8 compute")
         if self.offload_activations:
             parts.append("activations->host")
         chunk = self.resolved_feed_forward_chunk_size()

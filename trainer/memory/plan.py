@@ -39,6 +39,16 @@ FFN_CHUNK_SAVING_GIB = 0.6
 #: int8 keeping attention 11.31 s vs bf16 11.20 s.
 PRECISION_TIME = {"no_change": 1.0, "fp8": 1.0, "int8-quanto": 1.01}
 PRECISION_QUALITY_RANK = {"no_change": 0, "int8-quanto": 1, "fp8": 2}
+#: FP8 compute for the base Linears (`MemoryConfig.fp8_compute`), measured on one H200 at the
+#: reference shape with compiled regions, attention outputs to host and the one-function LoRA:
+#: 9.34 s vs bf16 10.37 s, and 1-byte base weights (docs/benchmarks.md). Its "linears" blocks
+#: were measured slower than without (9.61 s), so the plan gives FP8 compute none. Quality:
+#: step-1 LoRA-gradient cosine 0.998 and the loss within 0.2% over 200 steps, so it ranks with
+#: bf16 compute and is taken whenever it is faster. Eager (outside compiled regions: block
+#: offload, TREAD routes) its on-the-fly quantization costs more than the FP8 matmul saves
+#: (measured per layer: 0.63-0.93x the bf16 speed), so it is planned only with compiled regions.
+FP8_COMPUTE_TIME = 0.90
+FP8_COMPUTE_PRECISIONS = ("no_change", "fp8")
 #: How much slower (relative) a higher base precision may be and still be preferred.
 PRECISION_TIME_TOLERANCE = 1.15
 BLOCK_OFFLOAD_TIME = 1.03  # measured 12.75 s (attention:16, inputs to host) vs 12.34 s on the device
@@ -101,7 +111,7 @@ def estimate_memory(config: MemoryConfig, *, height: int = 480, width: int = 832
     w = _weights(cfg)
     layers, injectors, dim = w["layers"], w["injectors"], w["dim"]
     precision = normalize_precision(config.base_model_precision)
-    qbytes = 2 if precision == "no_change" else 1
+    qbytes = 2 if precision == "no_change" and not config.fp8_compute else 1
     block_bytes = w["block_linear"] * qbytes + w["block_other"] * 2
     injector_bytes = w["injector_linear"] * qbytes + w["adain"] * 2
     swappable = layers * block_bytes + injectors * injector_bytes
@@ -155,7 +165,7 @@ def estimate_memory(config: MemoryConfig, *, height: int = 480, width: int = 832
     else:
         time = 1.0 - (1.0 - STEP_ATTENTION_S / STEP_FULL_S) * kept_attention / max(layers, 1)
     time -= config.linear_blocks * LINEAR_BLOCK_S / STEP_FULL_S
-    time *= PRECISION_TIME[precision]
+    time *= FP8_COMPUTE_TIME if config.fp8_compute else PRECISION_TIME[precision]
     if config.offload == "blocks":
         time *= BLOCK_OFFLOAD_TIME * (1.5 if config.offload_blocks_to_disk else 1.0)
     if config.offload_activations:
@@ -165,33 +175,40 @@ def estimate_memory(config: MemoryConfig, *, height: int = 480, width: int = 832
     return MemoryEstimate(peak, time, parts)
 
 
-def _candidates(precisions: list[str], layers: int):
+def _candidates(precisions: list[str], layers: int, fp8_compute: bool = False):
     dials = sorted({layers, 3 * layers // 4, layers // 2, 2 * layers // 5, layers // 4, layers // 8, 0}, reverse=True)
-    for precision in precisions:
-        for offload in ("none", "blocks"):
+    computes = [(p, False) for p in precisions]
+    if fp8_compute:
+        computes += [(p, True) for p in precisions if p in FP8_COMPUTE_PRECISIONS]
+    for precision, fp8 in computes:
+        # FP8 compute pays off inside compiled regions only, which block offload does not use
+        for offload in ("none",) if fp8 else ("none", "blocks"):
             for kept in dials:
                 for activations in (False, True):
                     for chunk in (False, True):
                         policy = "attention" if kept else "full"
                         # linears blocks only where every block keeps its attention (the fast end)
-                        linear_dials = LINEAR_BLOCK_DIALS if kept == layers and offload == "none" else (0,)
+                        fast_end = kept == layers and offload == "none" and not fp8
+                        linear_dials = LINEAR_BLOCK_DIALS if fast_end else (0,)
                         for linears in linear_dials:
                             yield MemoryConfig(
                                 base_model_precision=precision, offload=offload, gradient_checkpointing=policy,
                                 attention_blocks=None if kept == layers else (kept or None),
                                 offload_activations=activations, enable_chunked_feed_forward=chunk,
-                                linear_blocks=min(linears, layers),
+                                linear_blocks=min(linears, layers), fp8_compute=fp8,
                             )
 
 
 def plan_memory(vram_budget_gib: float, *, height: int = 480, width: int = 832, frames: int = 81,
                 lora_rank: int = 16, model_config: dict[str, Any] | None = None,
-                precision: str | None = None) -> MemoryPlan:
+                precision: str | None = None, fp8_compute: bool = False) -> MemoryPlan:
     """The cheapest settings whose estimated peak fits `vram_budget_gib` minus a margin:
     the base precision closest to bf16 among those within `PRECISION_TIME_TOLERANCE` of the
     fastest fitting step time, then the fastest, then the smallest. With `precision`,
-    only that base precision is considered. If nothing fits, the smallest setting is
-    returned with `fits=False` and a sentence that says so."""
+    only that base precision is considered. With `fp8_compute` (the GPU has FP8 tensor
+    cores), settings with FP8 compute for the base Linears are candidates too; they rank with
+    bf16 compute in quality. If nothing fits, the smallest setting is returned with
+    `fits=False` and a sentence that says so."""
     if vram_budget_gib is None or vram_budget_gib <= 0:
         raise ValueError("vram_budget_gib must be positive")
     cfg = {**DEFAULT_14B, **(model_config or {})}
@@ -199,9 +216,10 @@ def plan_memory(vram_budget_gib: float, *, height: int = 480, width: int = 832, 
     usable = vram_budget_gib - MARGIN_GIB - MARGIN_FRACTION * vram_budget_gib
     shape = {"height": height, "width": width, "frames": frames, "lora_rank": lora_rank, "model_config": cfg}
     scored = []
-    for candidate in _candidates(precisions, cfg["num_layers"]):
+    for candidate in _candidates(precisions, cfg["num_layers"], fp8_compute):
         est = estimate_memory(candidate, **shape)
-        key = (round(est.time_factor, 4), PRECISION_QUALITY_RANK[candidate.base_model_precision], est.peak_gib)
+        rank = 0 if candidate.fp8_compute else PRECISION_QUALITY_RANK[candidate.base_model_precision]
+        key = (round(est.time_factor, 4), rank, est.peak_gib)
         scored.append((key, candidate, est))
     fitting = [item for item in scored if item[2].peak_gib <= usable]
     best_unconstrained = min(scored, key=lambda item: item[0])
@@ -215,7 +233,8 @@ def plan_memory(vram_budget_gib: float, *, height: int = 480, width: int = 832, 
     else:
         _, chosen, est = min(scored, key=lambda item: item[2].peak_gib)
     chosen.auto, chosen.vram_budget_gib = False, vram_budget_gib
-    chosen.validate()
+    if not chosen.fp8_compute:  # the FP8 device check belongs to the run's device, done when applied
+        chosen.validate()
     ratio = est.time_factor / best_unconstrained[2].time_factor
     verdict = "fits" if fits else "does NOT fit (smallest setting shown)"
     sentence = (

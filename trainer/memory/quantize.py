@@ -194,6 +194,8 @@ def keeps_fp8_on_load(config) -> bool:
     get = config.get if isinstance(config, dict) else lambda name, default=None: getattr(config, name, default)
     if get("auto", False) and not get("auto_keep_precision", False):
         return False
+    if get("fp8_compute", False) and not get("auto", False):
+        return True  # FP8 compute takes the file's e4m3 bytes as they are
     return normalize_precision(get("base_model_precision", "no_change")) == "fp8"
 
 

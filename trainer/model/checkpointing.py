@@ -52,8 +52,9 @@ def _keep_self_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 def _keep_attention_and_linears(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     if op in _ATTENTION_OPS:
         return _keep_self_attention(ctx, op, *args, **kwargs)
-    if op in _MATMUL_OPS:
-        inner, outer = args[-2].shape[-1], args[-1].shape[-1]  # mm(a, b) / addmm(bias, a, b)
+    dims = _matmul_dims(op, args)
+    if dims is not None:
+        inner, outer = dims
         # Redoing an output costs `inner` multiply-adds per element: LoRA's rank-r products
         # (and the merged LoRA weight, `trainer.lora.merged_linear`) are cheap to redo.
         return CheckpointPolicy.MUST_SAVE if 4 * inner >= outer else CheckpointPolicy.PREFER_RECOMPUTE
@@ -68,13 +69,25 @@ def _keep_attention_and_narrowing(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     FFN's down matmul (~6 ms a 14B block at 832x480x81). Elsewhere the partitioner saves
     nothing for it (eager checkpointing would keep it in every block, so it does not use
     this policy)."""
-    if op in _MATMUL_OPS and args[-2].shape[-1] > args[-1].shape[-1]:
+    dims = _matmul_dims(op, args)
+    if dims is not None and dims[0] > dims[1]:
         return CheckpointPolicy.MUST_SAVE
     return _keep_self_attention(ctx, op, *args, **kwargs)
 
 
+def _matmul_dims(op, args) -> tuple[int, int] | None:
+    """(inner, outer) sizes of a matmul op's operands (bf16 mm / addmm, or the FP8 scaled
+    product of `trainer.memory.fp8_compute`); None for any other op."""
+    if op in _MATMUL_OPS:
+        return args[-2].shape[-1], args[-1].shape[-1]  # mm(a, b) / addmm(bias, a, b)
+    if op in _SCALED_MM_OPS:
+        return args[0].shape[-1], args[1].shape[-1]  # _scaled_mm(a, b, scale_a, scale_b, ...)
+    return None
+
+
 _ATTENTION_OPS = _attention_ops()
 _MATMUL_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
+_SCALED_MM_OPS = {torch.ops.aten._scaled_mm.default}
 _SELECTIVE_POLICIES = {"attention": _keep_self_attention, "linears": _keep_attention_and_linears}
 _COMPILED_POLICIES = {**_SELECTIVE_POLICIES, "attention": _keep_attention_and_narrowing}
 

@@ -368,7 +368,7 @@ class TrainConfig:
     crepa: CrepaConfig = field(default_factory=CrepaConfig)
     #: Device, base precision, offload, checkpointing policy, chunked feed-forward, auto plan
     #: (`trainer.memory.MemoryConfig`; flat keys such as `gradient_checkpointing` land there).
-    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    memory: MemoryConfig = field(default_factory=lambda: MemoryConfig(auto=True))
     #: Renders during training (`ValidationConfig`; flat ``validation_*`` keys land there).
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
@@ -602,7 +602,10 @@ class TrainConfig:
             raise ValueError(f"unknown training settings: {', '.join(unknown)}")
         kwargs = {k: _coerce(cls, k, v) for k, v in data.items()}
         for name, section_cls in _SECTIONS.items():
-            kwargs[name] = section_cls(**{k: _coerce(section_cls, k, v) for k, v in sections[name].items()})
+            values = {k: _coerce(section_cls, k, v) for k, v in sections[name].items()}
+            # the memory settings default to the automatic plan when none of its choices is set
+            kwargs[name] = (MemoryConfig.from_dict(values, auto_by_default=True) if section_cls is MemoryConfig
+                            else section_cls(**values))
         config = cls(**kwargs)
         config.validate()
         return config
