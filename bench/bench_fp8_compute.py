@@ -76,7 +76,7 @@ def micro(rows_out: list[dict]) -> None:
         flops = 2 * 2 * TOKENS * k * n  # forward + input gradient
         base_ms = None
         for name, layer in layers.items():
-            def step(layer=layer):
+            def step(layer=layer, x=x, dy=dy):
                 x.grad = None
                 layer(x).backward(dy)
             try:
@@ -133,10 +133,10 @@ def accuracy(base, fp8, params, inputs, sigmas, noise, rows_out: list[dict]) -> 
     """Forward relative error and step-1 LoRA-gradient cosine, eager, full checkpointing."""
     from trainer.memory import MemoryConfig
     from trainer.memory.apply import configure_checkpointing
-    from trainer.train.config import TrainConfig
     from trainer.model.conditioning import transformer_inputs
+    from trainer.train.config import TrainConfig
     from trainer.train.flow import add_noise, timesteps_from_sigmas
-    from trainer.train.loop import compute_losses
+    from trainer.train.objective import compute_losses
 
     config = TrainConfig.from_dict({"mixed_precision": "bf16"})
     kwargs = transformer_inputs(add_noise(inputs["latents"], noise, sigmas), timesteps_from_sigmas(sigmas),
@@ -170,7 +170,7 @@ def steps(models: dict, params: dict, inputs, sigmas, noise, args, rows_out: lis
     from trainer.memory.apply import configure_checkpointing
     from trainer.model.checkpointing import compiled_checkpoint
     from trainer.train.config import TrainConfig
-    from trainer.train.loop import compute_losses
+    from trainer.train.objective import compute_losses
 
     torch._dynamo.config.recompile_limit = 64
     parts = set(args.variant.split("+"))
@@ -227,7 +227,7 @@ def loss_curves(args, rows_out: list[dict]) -> None:
     from trainer.memory import MemoryConfig
     from trainer.memory.apply import configure_checkpointing
     from trainer.train.config import TrainConfig
-    from trainer.train.loop import compute_losses, prepare_inputs
+    from trainer.train.objective import compute_losses, prepare_inputs
 
     h = w = args.loss_size
     data = talking_dataset(args.loss_frames, h, w)

@@ -229,7 +229,7 @@ Files (ComfyUI folders, as the official S2V template):
 
 Put talking-head videos (with a same-name `.txt` caption each) in `input/s2v_dataset/`.
 81-frame windows at 16 fps, ~832x480 buckets, CREPA teacher frames cached. Training uses
-**TREAD** (ratio 0.5 on blocks 2..-2) and **CREPA** (lambda 0.5 on block 8) as the seed does.
+**TREAD** (ratio 0.5 on blocks 2..-2) and **CREPA** (lambda 0.5 on block 8) at SimpleTuner's Wan S2V defaults.
 The loss is drawn live on the training node; every 250 steps the reference image + speech
 below are rendered with the LoRA in training and shown on the node (videos under
 `output/wan_s2v_training/wan_s2v_lora/validation/`). Cancel writes a checkpoint and a new run
@@ -318,7 +318,7 @@ def train_and_validate(info) -> Workflow:
     lora = w.add("WanS2VLoraSettings", (380, 0), lora_rank=16, lora_alpha=16.0)
     optim = w.add("WanS2VOptimizerSettings", (380, 190), optimizer="adamw", learning_rate=1e-4)
     sched = w.add("WanS2VScheduleSettings", (380, 450), lr_scheduler="constant_with_warmup", lr_warmup_steps=50)
-    # TREAD and CREPA at the seed's settings.
+    # TREAD and CREPA at SimpleTuner's Wan S2V defaults.
     tread = w.add("WanS2VTreadSettings", (380, 620), selection_ratio=0.5, start_layer_idx=2, end_layer_idx=-2)
     crepa = w.add("WanS2VCrepaSettings", (380, 780), crepa_lambda=0.5, crepa_block_index=8,
                   crepa_adjacent_distance=1, crepa_adjacent_tau=1.0, teacher="dinov2_vitg14")

@@ -1,4 +1,4 @@
-"""fp8 base weights kept as shipped (issue 6): a ComfyUI scaled-fp8 transformer file loads with
+"""fp8 base weights kept as shipped: a ComfyUI scaled-fp8 transformer file loads with
 ``keep_fp8=True`` into `Fp8Linear` layers that hold the file's e4m3 bytes and scales.
 
 Files are written here the way ComfyUI's ``*_fp8_scaled.safetensors`` are laid out: original

@@ -1,4 +1,4 @@
-"""Memory modes on the tiny model (issue 6): int8/fp8 base weights, block offload, checkpoint
+"""Memory modes on the tiny model: int8/fp8 base weights, block offload, checkpoint
 policies, activation offload, chunked feed-forward, the refused precisions and exclusivity.
 
 Tolerances (tiny model, bf16 weights, bf16 autocast on CPU, loss = MSE to a random target,

@@ -1,4 +1,4 @@
-"""Automatic memory plan (issue 6): sensible picks for 80/48/24/16 GiB at 832x480x81 (14B)."""
+"""Automatic memory plan: sensible picks for 80/48/24/16 GiB at 832x480x81 (14B)."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""Memory settings for training the 14B S2V transformer on smaller cards (issue 6): int8/fp8
+"""Memory settings for training the 14B S2V transformer on smaller cards: int8/fp8
 base weights, block offload that trains, checkpoint policies, chunked feed-forward, and an
 automatic plan from a VRAM budget."""
 

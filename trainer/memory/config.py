@@ -1,4 +1,4 @@
-"""Typed memory settings for training the S2V transformer (issue 6).
+"""Typed memory settings for training the S2V transformer.
 
 One `MemoryConfig` covers the base weights' precision, offload, gradient checkpointing,
 the chunked feed-forward and the automatic plan. The CLI reads it from a ``[memory]`` section
@@ -151,7 +151,7 @@ class MemoryConfig:
 
     def validate(self) -> MemoryConfig:
         self.base_model_precision = normalize_precision(self.base_model_precision)
-        if isinstance(self.gradient_checkpointing, bool):  # the seed's boolean spelling
+        if isinstance(self.gradient_checkpointing, bool):  # SimpleTuner-style configs spell it as a boolean
             self.gradient_checkpointing = "full" if self.gradient_checkpointing else "none"
         if self.offload not in OFFLOAD_MODES:
             raise MemoryConfigError(f"offload must be one of {OFFLOAD_MODES}, got {self.offload!r}")
@@ -191,7 +191,7 @@ class MemoryConfig:
             self.check_fp8_compute()
         return self
 
-    def check_fp8_compute(self, device: "torch.device | str | None" = None) -> None:
+    def check_fp8_compute(self, device: torch.device | str | None = None) -> None:
         """Refuse `fp8_compute` where it cannot run: int8 base weights (they would be
         requantized to fp8), or a compute device without FP8 tensor cores (named)."""
         from .fp8_compute import fp8_compute_refusal
