@@ -331,7 +331,7 @@ def train_and_validate(info) -> Workflow:
     audio = w.add("LoadAudio", (-460, 1160), size=(320, 140), audio="s2v_speech.wav")
     validation = w.add(
         "WanS2VValidationSettings", (380, 1380), prompt="a person talks to the camera", validation_step_interval=250,
-        num_inference_steps=20, guidance=4.5, width=832, height=480, num_video_frames=81, validation_seed=42,
+        num_inference_steps=40, guidance=4.5, width=832, height=480, num_video_frames=81, validation_seed=42,
     )
     # Offered, off: with it on, the renders take 4 steps at guidance 1 (see the note).
     distill = w.add("WanS2VLoadLoRA", (0, 1480), title="Step-distill LoRA for validation", mode=BYPASSED,

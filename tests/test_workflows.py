@@ -241,7 +241,7 @@ def test_train_and_validate_offers_few_step_validation_switched_off(info):
     _, validation = by_type["WanS2VValidationSettings"]
     assert "WanS2VLoadLoRA" not in by_type and "extra_loras" not in validation
     assert (validation["num_inference_steps"], validation["guidance"], validation["scheduler"],
-            validation["shift"]) == (20, 4.5, "unipc", 0.0)
+            validation["shift"]) == (40, 4.5, "unipc", 0.0)
     distill["mode"] = 0  # what Ctrl+B in the front end does
     api = workflow_api.ui_to_api(workflow, info)
     (validation,) = [v["inputs"] for v in api.values() if v["class_type"] == "WanS2VValidationSettings"]

@@ -198,7 +198,7 @@ class ValidationConfig:
     """
 
     validation_step_interval: int = 0
-    validation_num_inference_steps: int = 20
+    validation_num_inference_steps: int = 40  # the official Wan2.2 S2V sampling steps
     validation_guidance: float = 4.5
     #: "WIDTHxHEIGHT" (e.g. "832x480") or one int for a square; snapped to multiples of 16
     #: as the sampler does.
