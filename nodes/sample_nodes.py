@@ -46,6 +46,11 @@ class WanS2VLoadModelBundle:
             "optional": {
                 "transformer_model": (types.TRANSFORMER, {"tooltip": "An already loaded transformer (e.g. the "
                                       "one a training node uses); replaces the transformer file."}),
+                "fp8_compute": ("BOOLEAN", {"default": False, "tooltip": "Run the transformer's large matmuls on "
+                                "the GPU's FP8 tensor cores (Ada, Hopper, Blackwell), as ComfyUI's --fast fp8_matrix_mult "
+                                "does: faster steps, slightly different pixels. An fp8_scaled "
+                                "file's weights are used as shipped; a connected transformer_model stays as it is "
+                                "(the FP8 weights are an extra copy of one byte per weight)."}),
             },
         }
 
@@ -55,38 +60,49 @@ class WanS2VLoadModelBundle:
     CATEGORY = CATEGORY
     DESCRIPTION = "Loads every model the S2V sampler needs (strict key checks), or the tiny random set for tests."
 
-    def load(self, transformer, vae, text_encoder, audio_encoder, dtype, numerics, device, transformer_model=None):
-        from ..trainer.sample.bundle import build_tiny_bundle, load_model_bundle
+    def load(self, transformer, vae, text_encoder, audio_encoder, dtype, numerics, device, transformer_model=None,
+             fp8_compute=False):
+        from ..trainer.sample.bundle import check_fp8_compute, with_fp8_compute
 
         device = _device(device)
-        tiny_encoders = (vae, text_encoder, audio_encoder) == (TINY, TINY, TINY)
-        if transformer == TINY and transformer_model is None:
-            return (build_tiny_bundle(device=device, numerics=numerics),)
-        if TINY in (vae, text_encoder, audio_encoder) and not (tiny_encoders and transformer_model is not None):
-            raise ValueError("pick real VAE, text encoder and audio encoder files (the tiny entries only work "
-                             "together: as the whole set, or around a connected transformer_model of the tiny "
-                             "model's widths)")
-        comfy_adapter.free_comfyui_models()
-        path = lambda kind, name: comfy_adapter.model_file_path(kind, name)
-        if transformer_model is not None:
-            import dataclasses
-
-            bundle = build_tiny_bundle() if tiny_encoders else None
-            if bundle is None:
-                from ..trainer.model.audio_encoder import load_audio_encoder
-                from ..trainer.model.text_encoder import load_text_encoder
-                from ..trainer.model.vae import load_vae
-                from ..trainer.sample.bundle import ModelBundle, _dtype
-
-                te, tok = load_text_encoder(path("text_encoders", text_encoder), dtype=_dtype(dtype))
-                bundle = ModelBundle(transformer_model, load_vae(path("vae", vae)), te, tok,
-                                     load_audio_encoder(path("audio_encoders", audio_encoder)), device, _dtype(dtype))
-            return (dataclasses.replace(bundle, transformer=transformer_model, device=device),)
-        bundle = load_model_bundle(
-            path("diffusion_models", transformer), path("vae", vae), path("text_encoders", text_encoder),
-            path("audio_encoders", audio_encoder), dtype=dtype, device=device, numerics=numerics,
-        )
+        if fp8_compute:
+            check_fp8_compute(device)  # before any file is read
+        bundle = _load_bundle(transformer, vae, text_encoder, audio_encoder, dtype, numerics, device, transformer_model)
+        if fp8_compute:  # a connected transformer stays as it is: the training node may hold it
+            bundle = with_fp8_compute(bundle, copy=transformer_model is not None)
         return (bundle,)
+
+
+def _load_bundle(transformer, vae, text_encoder, audio_encoder, dtype, numerics, device, transformer_model):
+    from ..trainer.sample.bundle import build_tiny_bundle, load_model_bundle
+
+    tiny_encoders = (vae, text_encoder, audio_encoder) == (TINY, TINY, TINY)
+    if transformer == TINY and transformer_model is None:
+        return build_tiny_bundle(device=device, numerics=numerics)
+    if TINY in (vae, text_encoder, audio_encoder) and not (tiny_encoders and transformer_model is not None):
+        raise ValueError("pick real VAE, text encoder and audio encoder files (the tiny entries only work "
+                         "together: as the whole set, or around a connected transformer_model of the tiny "
+                         "model's widths)")
+    comfy_adapter.free_comfyui_models()
+    path = lambda kind, name: comfy_adapter.model_file_path(kind, name)
+    if transformer_model is not None:
+        import dataclasses
+
+        bundle = build_tiny_bundle() if tiny_encoders else None
+        if bundle is None:
+            from ..trainer.model.audio_encoder import load_audio_encoder
+            from ..trainer.model.text_encoder import load_text_encoder
+            from ..trainer.model.vae import load_vae
+            from ..trainer.sample.bundle import ModelBundle, _dtype
+
+            te, tok = load_text_encoder(path("text_encoders", text_encoder), dtype=_dtype(dtype))
+            bundle = ModelBundle(transformer_model, load_vae(path("vae", vae)), te, tok,
+                                 load_audio_encoder(path("audio_encoders", audio_encoder)), device, _dtype(dtype))
+        return dataclasses.replace(bundle, transformer=transformer_model, device=device)
+    return load_model_bundle(
+        path("diffusion_models", transformer), path("vae", vae), path("text_encoders", text_encoder),
+        path("audio_encoders", audio_encoder), dtype=dtype, device=device, numerics=numerics,
+    )
 
 
 def _lora_list(loras) -> list:

@@ -26,6 +26,7 @@ column-major): 26 MB per 5120x5120 layer, negligible beside the matmul.
 
 from __future__ import annotations
 
+import copy
 import functools
 from typing import Any
 
@@ -52,7 +53,7 @@ def fp8_compute_refusal(device: torch.device | str) -> str | None:
     advice = "Turn fp8_compute off (the base weights then compute in bf16)."
     if device.type != "cuda":
         return (f"fp8_compute needs an NVIDIA GPU with FP8 tensor cores (compute capability 8.9 or newer: "
-                f"Ada, Hopper, Blackwell); training runs on '{device}'. {advice}")
+                f"Ada, Hopper, Blackwell); the model runs on '{device}'. {advice}")
     if not torch.cuda.is_available():
         return f"fp8_compute needs CUDA, which this PyTorch build or machine does not offer. {advice}"
     name = torch.cuda.get_device_name(device)
@@ -318,6 +319,17 @@ def enable_fp8_compute(model: nn.Module, compute_device: torch.device | str,
     return converted
 
 
+def fp8_compute_copy(model: nn.Module, compute_device: torch.device | str, kind: str | None = None) -> nn.Module:
+    """`model` with its base Linears computing in FP8 (`enable_fp8_compute`), leaving `model`
+    as it is: every other parameter and buffer of the copy is `model`'s own tensor, shared,
+    so the copy costs only the e4m3 weights (one byte a weight). For a model that others hold
+    too (ComfyUI's cached loader output, the transformer a training node uses)."""
+    shared = {id(tensor): tensor for tensor in (*model.parameters(), *model.buffers())}
+    converted = copy.deepcopy(model, shared)
+    enable_fp8_compute(converted, compute_device, kind=kind)
+    return converted
+
+
 __all__ = [
     "E4M3",
     "E4M3_MAX",
@@ -326,6 +338,7 @@ __all__ = [
     "Fp8Matmul",
     "emulated_scaled_mm",
     "enable_fp8_compute",
+    "fp8_compute_copy",
     "fp8_compute_refusal",
     "fp8_forward_rows",
     "fp8_input_grad",

@@ -112,6 +112,7 @@ def load_model_bundle(
     tiny: bool = False,
     seed: int = 0,
     keep_fp8: bool = True,
+    fp8_compute: bool = False,
 ) -> ModelBundle:
     """Load every part from ComfyUI files or Diffusers folders.
 
@@ -124,10 +125,16 @@ def load_model_bundle(
     to `device` when it runs). `tiny=True` builds the built-in tiny set in memory instead.
     With `keep_fp8`, a scaled-fp8 transformer file keeps its block and audio-injector Linears
     in fp8 (half the memory of bf16; each layer dequantizes in its forward, as ComfyUI runs
-    such files); other files load as usual.
+    such files); other files load as usual. With `fp8_compute`, the transformer's block and
+    audio-injector Linears then run their matmuls on `device`'s FP8 tensor cores
+    (`trainer.memory.fp8_compute`; a scaled-fp8 file's bytes as shipped, a bf16 file's weights
+    quantized once per output channel); a device without FP8 tensor cores is refused first.
     """
+    if fp8_compute:
+        check_fp8_compute(device)
     if tiny:
-        return build_tiny_bundle(seed=seed, device=device, numerics=numerics)
+        bundle = build_tiny_bundle(seed=seed, device=device, numerics=numerics)
+        return with_fp8_compute(bundle, copy=False) if fp8_compute else bundle
     from ..model.audio_encoder import load_audio_encoder
     from ..model.text_encoder import load_text_encoder
     from ..model.transformer_io import load_transformer
@@ -153,4 +160,33 @@ def load_model_bundle(
     text_model, tok = load_text_encoder(text_path, dtype=_dtype(text_encoder_dtype or dtype), device=load_device,
                                         tokenizer_path=tok_path)
     audio_model = load_audio_encoder(pick(audio_encoder, "audio_encoder"), dtype=torch.float32, device=load_device)
-    return ModelBundle(model, vae_model, text_model, tok, audio_model, torch.device(device), dtype)
+    bundle = ModelBundle(model, vae_model, text_model, tok, audio_model, torch.device(device), dtype)
+    return with_fp8_compute(bundle, copy=False) if fp8_compute else bundle
+
+
+def check_fp8_compute(device: str | torch.device) -> None:
+    """Refuse FP8 compute for sampling on a device without FP8 tensor cores (named)."""
+    from ..memory.fp8_compute import fp8_compute_refusal
+
+    reason = fp8_compute_refusal(device)
+    if reason:
+        raise ValueError(reason)
+
+
+def with_fp8_compute(bundle: ModelBundle, copy: bool = True, kind: str | None = None) -> ModelBundle:
+    """The bundle with its transformer's base Linears computing in FP8 on `bundle.device`.
+
+    `copy=True` leaves the given transformer as it is (a converted copy shares its other
+    tensors: for a transformer that a training node or ComfyUI's cache holds too); `copy=False`
+    converts it in place, one layer at a time (a transformer this bundle alone holds). `kind`
+    overrides how the scaled product runs ("emulated": float32 reference math, any device)."""
+    import dataclasses
+
+    from ..memory.fp8_compute import enable_fp8_compute, fp8_compute_copy
+
+    if kind is None:
+        check_fp8_compute(bundle.device)
+    if copy:
+        return dataclasses.replace(bundle, transformer=fp8_compute_copy(bundle.transformer, bundle.device, kind))
+    enable_fp8_compute(bundle.transformer, bundle.device, kind=kind)
+    return bundle

@@ -38,6 +38,8 @@ def add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
     models.add_argument("--audio-encoder", help="wav2vec2: ComfyUI file or Diffusers folder")
     models.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     models.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    models.add_argument("--fp8-compute", action="store_true",
+                        help="the transformer's large matmuls on FP8 tensor cores (Ada, Hopper, Blackwell GPUs)")
     models.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
                         help="LoRA .safetensors (ComfyUI, kohya / musubi-tuner, Diffusers or "
                         "DiffSynth-Studio keys; full differences too), repeatable; strength default 1")
@@ -91,7 +93,7 @@ def run_sample(args: argparse.Namespace) -> int:
     bundle = load_model_bundle(
         args.transformer, args.vae, args.text_encoder, args.audio_encoder, diffusers_root=args.diffusers_root,
         tokenizer=args.tokenizer, dtype=args.dtype, device=device, tiny=args.tiny,
-        load_device="cpu" if args.offload else device,
+        load_device="cpu" if args.offload else device, fp8_compute=args.fp8_compute,
     )
     loras = [LoraSpec(path, strength) for path, strength in map(_lora_arg, args.lora)]
     last = [-1]
