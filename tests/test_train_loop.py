@@ -195,3 +195,31 @@ def test_resume_in_process_matches_uninterrupted(tmp_path):
     for key, value in full.lora_state.items():
         assert torch.equal(value, resumed.lora_state[key]), key
     assert full.loss_history == resumed.loss_history
+
+
+class _TwoBuckets(torch.utils.data.Dataset):
+    """Clips of two sizes; `bucket_of` answers without reading, as the real datasets do."""
+
+    sizes = [(32, 48, 5), (64, 96, 9), (32, 48, 5)]  # (height px, width px, frames)
+
+    def __init__(self):
+        self.read = []
+
+    def __len__(self):
+        return len(self.sizes)
+
+    def bucket_of(self, i):
+        return self.sizes[i][:2]
+
+    def __getitem__(self, i):
+        self.read.append(i)
+        h, w, f = self.sizes[i]
+        return {"latents": torch.zeros(16, (f - 1) // 4 + 1, h // 8, w // 8)}
+
+
+def test_the_memory_plan_sizes_for_the_largest_clip_reading_one_item():
+    from trainer.train.loop import _largest_clip_shape
+
+    data = _TwoBuckets()
+    assert _largest_clip_shape(data) == {"height": 64, "width": 96, "frames": 9}
+    assert data.read == [1]

@@ -172,10 +172,8 @@ def _prepare_model(model: torch.nn.Module, dataset, config: TrainConfig, run: Ru
     device = config.memory.resolved_device()
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
-    video_shape = {}
-    if config.memory.auto:  # the plan depends on the clip size
-        _, frames, lat_h, lat_w = dataset[0]["latents"].shape
-        video_shape = dict(height=8 * lat_h, width=8 * lat_w, frames=4 * (frames - 1) + 1)
+    planned = config.memory.auto and (device.type == "cuda" or config.memory.vram_budget_gib)
+    video_shape = _largest_clip_shape(dataset) if planned else {}  # the plan depends on the clip size
     compiled = config.compile_blocks and device.type == "cuda" and hasattr(model, "compile_blocks")
     model.set_token_routes(config.tread_config)  # before the memory setup: regions depend on the routes
     memory = apply_memory_config(model, memory_config, device, lora_rank=config.lora.lora_rank,
@@ -189,6 +187,18 @@ def _prepare_model(model: torch.nn.Module, dataset, config: TrainConfig, run: Ru
     if compiled:
         model.compile_blocks()
     return device, params
+
+
+def _largest_clip_shape(dataset) -> dict[str, int]:
+    """Pixel height, width and frame count of a clip of the largest bucket (`bucket_of(i)`
+    = (height, width) px, read without loading items; item 0 where the dataset has none),
+    from its latents [C, T, H/8, W/8]."""
+    bucket_of = getattr(dataset, "bucket_of", None)
+    buckets = {i: bucket_of(i) for i in range(len(dataset))} if bucket_of else {}
+    sized = {i: b[0] * b[1] for i, b in buckets.items() if isinstance(b, (tuple, list)) and len(b) == 2}
+    index = max(sized, key=sized.get) if sized else 0
+    _, frames, lat_h, lat_w = dataset[index]["latents"].shape
+    return dict(height=8 * lat_h, width=8 * lat_w, frames=4 * (frames - 1) + 1)
 
 
 class _TrainingRun:
