@@ -419,11 +419,11 @@ def decode_audio_file(path: str | os.PathLike) -> tuple[np.ndarray, int]:
 
 def resample_mono(waveform: np.ndarray, sample_rate: int, rate: int) -> np.ndarray:
     """Mono float32 [N] at `sample_rate` -> [M] at `rate` with FFmpeg's resampler (PyAV)."""
-    import av
-
     waveform = np.ascontiguousarray(waveform, dtype=np.float32).reshape(-1)
     if sample_rate == rate:
         return waveform.copy()
+    import av
+
     resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
     out = []
     for start in range(0, len(waveform), _BLOCK):
