@@ -77,6 +77,19 @@ def test_image_and_video_readers(tmp_path):
     assert cover_resize(loaded, 64, 16).shape == (1, 16, 64, 3)
 
 
+def test_pose_video_frames_are_the_datasets_16fps_frames(tmp_path):
+    """A 25 fps pose video: the sampler reads the same source frame for each 16 fps time as
+    the dataset's pose cache does, so training and sampling see one alignment."""
+    from trainer.data.synthetic import write_video
+    from trainer.media import iter_windows
+
+    path = write_video(tmp_path / "pose.mp4", fps=25, duration=1.5, size=(64, 48), audio=False)
+    sampled = read_video_frames(path, 20)
+    ((_, cached, times),) = list(iter_windows(path, [0], 20, (64, 48)))
+    assert torch.equal(sampled, torch.from_numpy(cached).float().div(255.0))
+    assert np.allclose(times, np.floor(np.arange(20) * 25 / 16 + 0.5) / 25)  # nearest source frame (ties: later)
+
+
 def test_size_snapping_and_shift():
     assert snap_size(832, 480) == (832, 480, None)
     width, height, note = snap_size(830, 470)

@@ -483,32 +483,20 @@ def cover_resize(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
     return frames.movedim(1, -1).clamp(0, 1)
 
 
-def read_video_frames(path: str | os.PathLike, max_frames: int, fps: int = VIDEO_FPS) -> torch.Tensor:
-    """The first `max_frames` frames of a video resampled to `fps` (nearest earlier frame)
+def read_video_frames(path: str | os.PathLike, max_frames: int) -> torch.Tensor:
+    """The first `max_frames` frames of a video at 16 fps, each the source frame nearest in
+    time, as the dataset reads clips and pose videos (`iter_frames_16fps`), so a pose video
+    lines up with the frames the same way in training and in sampling
     -> [F, H, W, 3] float in [0, 1]."""
-    import av
     import torch
 
-    out = []
     try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            next_time = 0.0
-            for frame in container.decode(stream):
-                time = float(frame.time) if frame.time is not None else len(out) / fps
-                while time + 1e-6 >= next_time and len(out) < max_frames:
-                    if time - next_time < 1.0 / fps or not out:
-                        out.append(frame.to_ndarray(format="rgb24"))
-                    else:
-                        out.append(out[-1])
-                    next_time = len(out) / fps
-                if len(out) >= max_frames:
-                    break
-    except (av.error.FFmpegError, OSError) as exc:
-        raise MediaError(f"cannot read video {path}: {exc}") from exc
-    if not out:
+        frames = [rgb for _, _, rgb in iter_frames_16fps(path, max_frames=max_frames)]
+    except MediaError as error:
+        raise MediaError(f"cannot read video {path}: {error}") from error
+    if not frames:
         raise MediaError(f"{path} has no video frames")
-    return torch.from_numpy(np.stack(out)).float().div(255.0)
+    return torch.from_numpy(np.stack(frames)).float().div(255.0)
 
 
 # ----------------------------------------------------------------------------- mp4
