@@ -284,6 +284,9 @@ def check_tiny_demo_workflow(ctx: E2EContext) -> str:
     training node's id (eval losses included)."""
     import time
 
+    if not ctx.server.hears_events:
+        raise CheckFailed("the loss events arrive over the websocket, and this Python has no websocket-client: "
+                          "pip install websocket-client (requirements-test.txt has it)")
     api = tiny_demo_api(ctx)
     train_id = next(k for k, v in api.items() if v["class_type"] == "WanS2VTrainLora")
     train_inputs = api[train_id]["inputs"]

@@ -547,6 +547,11 @@ class ComfyUIServer:
             raise
         return self
 
+    @property
+    def hears_events(self) -> bool:
+        """Whether websocket events are collected (websocket-client is installed here)."""
+        return self._events is not None
+
     def _wait_until_up(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
         while True:
