@@ -35,7 +35,8 @@ What stays here, and why:
   `PartialState.split_between_processes`), as an (offset, length) pair rather than the items:
   the offset picks this process's rows of the noise and dropout draws that every process makes
   for the whole global batch, which is what makes N processes train as one and lets a
-  checkpoint resume on another process count.
+  checkpoint resume on another process count. A process without a share gets none (Accelerate
+  1.0 hands it the last item again, which would count that item twice).
 """
 
 from __future__ import annotations
