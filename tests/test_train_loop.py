@@ -200,7 +200,7 @@ def test_resume_in_process_matches_uninterrupted(tmp_path):
 class _TwoBuckets(torch.utils.data.Dataset):
     """Clips of two sizes; `bucket_of` answers without reading, as the real datasets do."""
 
-    sizes = [(32, 48, 5), (64, 96, 9), (32, 48, 5)]  # (height px, width px, frames)
+    sizes = ((32, 48, 5), (64, 96, 9), (32, 48, 5))  # (height px, width px, frames)
 
     def __init__(self):
         self.read = []

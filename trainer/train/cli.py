@@ -133,12 +133,9 @@ def build_validation_bundle(model, config: TrainConfig):
 
 def _build_datasets(model, config: TrainConfig, dist):
     """Rank 0 builds (and caches) first; the others then read the finished cache."""
-    if dist.enabled and not dist.is_main:
-        dist.barrier()
-    dataset = build_dataset(config.dataset, model, config)
-    eval_dataset = build_dataset(config.eval_dataset, model, config)
-    if dist.enabled and dist.is_main:
-        dist.barrier()
+    with dist.main_process_first():
+        dataset = build_dataset(config.dataset, model, config)
+        eval_dataset = build_dataset(config.eval_dataset, model, config)
     return dataset, eval_dataset
 
 

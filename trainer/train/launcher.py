@@ -534,13 +534,10 @@ def _child_main(spec_path: str, stop_file: str | None) -> int:
 
         source = ModelSource.from_dict(spec["model"])
         model = attach_model_source(source.load(keep_fp8=keeps_fp8_on_load(config.memory)), source)
-        if dist.enabled and not dist.is_main:  # rank 0 builds (and caches) first, the others then read
-            dist.barrier()
-        dataset = _build_data(spec["dataset"], config.dataset, model, config)
-        eval_dataset = (_build_data(spec["eval_dataset"], config.eval_dataset, model, config)
-                        if spec["eval_dataset"] or config.eval_dataset else None)
-        if dist.enabled and dist.is_main:
-            dist.barrier()
+        with dist.main_process_first():  # rank 0 builds (and caches) first, the others then read
+            dataset = _build_data(spec["dataset"], config.dataset, model, config)
+            eval_dataset = (_build_data(spec["eval_dataset"], config.eval_dataset, model, config)
+                            if spec["eval_dataset"] or config.eval_dataset else None)
 
         last: dict[str, Any] = {}
 
