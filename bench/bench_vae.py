@@ -194,7 +194,7 @@ def main() -> int:
     row("before: diffusers decode/encode, fp32 (TF32 convs), 1 latent frame per call",
         lambda z: decode_stock(vae, z), lambda x: encode_stock(vae, x), repeats=args.before_repeats, warmup=0)
     row(f"after: decode_latents/encode_video (bf16, channels-last 3D, cuDNN benchmark, "
-        f"{CUDA_DECODE_LATENT_FRAMES_PER_CALL} latent / {CUDA_ENCODE_FRAMES_PER_CALL} video frames per call)",
+        f"up to {CUDA_DECODE_LATENT_FRAMES_PER_CALL} latent / {CUDA_ENCODE_FRAMES_PER_CALL} video frames per call)",
         lambda z: decode_latents(vae, z, denormalize=False),
         lambda x: encode_video(vae, x, normalize=False))
 

@@ -14,8 +14,8 @@ Speed: on the CPU both run diffusers' own `encode` / `decode` in the weights' dt
 they run the same encoder and decoder modules through `causal_encode` / `causal_decode`: in
 bfloat16 (as ComfyUI runs this VAE; the module keeps its own weights), channels-last 3D
 activations (cuDNN's native layout for bf16 convolutions), cuDNN's benchmarked algorithm
-choice, and several latent frames per call of the causal decoder instead of one
-(`docs/benchmarks.md` has the times and the error against the float32 decode).
+choice, and several latent frames per call of the causal decoder instead of one when memory
+allows (`docs/benchmarks.md` has the times and the error against the float32 decode).
 """
 
 from __future__ import annotations
@@ -189,22 +189,47 @@ def denormalize_latents(latents: torch.Tensor, vae: AutoencoderKLWan) -> torch.T
 
 # ----------------------------------------------------------------------------- fast causal encode / decode
 
-#: Latent frames per decoder call on CUDA. diffusers decodes one latent frame per call; the
-#: decoder is causal (every temporal convolution reads the frames before its input from the
-#: feature cache), so k frames per call give the same video from k times fewer calls, with
-#: larger convolutions and a smaller share of copied cache frames per call.
+#: Most latent frames per decoder call on CUDA. diffusers decodes one latent frame per call;
+#: the decoder is causal (every temporal convolution reads the frames before its input from
+#: the feature cache), so k frames per call give the same video from k times fewer calls, with
+#: larger convolutions and a smaller share of copied cache frames. Measured at 832x480 on an
+#: H200 (`bench/bench_vae.py`): 4 per call decodes a 39-latent chunk in 2.92 s against 3.43 s
+#: for 1 per call, at a peak of 10.5 GiB against 4.5 GiB; `decode_frames_per_call` lowers it
+#: when the GPU has less memory free.
 CUDA_DECODE_LATENT_FRAMES_PER_CALL = 4
-#: Video frames per encoder call on CUDA after the first frame (a multiple of 4; diffusers uses 4).
-CUDA_ENCODE_FRAMES_PER_CALL = 16
+#: Video frames per encoder call on CUDA after the first frame (a multiple of 4). 16 per call
+#: encoded no faster than diffusers' 4 (0.82 s for 73 frames at 832x480 either way) and took
+#: 8.2 GiB instead of 3.0 GiB, so the encoder keeps 4.
+CUDA_ENCODE_FRAMES_PER_CALL = 4
+#: Activation tensors of the decoder's last (full-resolution) stage alive at once, per video
+#: frame: a bound for the memory one more latent frame per call costs (the measurement above
+#: gives about 2 GiB per latent frame at 832x480; this estimate gives 2.3 GiB).
+_LIVE_TENSORS_AT_FULL_SIZE = 8
 
 
-def default_compute_dtype(vae: AutoencoderKLWan, device: torch.device | str) -> torch.dtype:
+def compute_dtype(weights_dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
     """The dtype `encode_video` / `decode_latents` compute in: bfloat16 on CUDA (ComfyUI's
     choice for this VAE on GPUs that have it), else the weights' own dtype (float32 on the CPU,
     as the official Wan2.2 code runs the VAE)."""
-    if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
+    if torch.device(device).type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return torch.bfloat16
-    return next(vae.parameters()).dtype
+    return weights_dtype
+
+
+def decode_frames_per_call(vae: AutoencoderKLWan, latent_shape: tuple[int, ...], dtype: torch.dtype,
+                           free_bytes: int | None = None) -> int:
+    """Latent frames per decoder call for latents of `latent_shape` [B, 16, T, h, w]: as many as
+    `CUDA_DECODE_LATENT_FRAMES_PER_CALL` while each extra frame's activations (estimated from
+    the decoder's full-resolution width, four video frames of 8h x 8w pixels each) fit in half
+    of `free_bytes` (default: the CUDA device's free memory plus what PyTorch's allocator holds
+    unused), at least 1."""
+    batch, _, _, height, width = latent_shape
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    channels = getattr(vae.config, "decoder_base_dim", None) or vae.config.base_dim
+    per_frame = _LIVE_TENSORS_AT_FULL_SIZE * batch * channels * 4 * (8 * height) * (8 * width) * itemsize
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    return max(1, min(CUDA_DECODE_LATENT_FRAMES_PER_CALL, int(free_bytes / 2 / per_frame)))
 
 
 def supports_causal_calls(vae: AutoencoderKLWan) -> bool:
@@ -256,7 +281,7 @@ def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 def causal_decode(
     vae: AutoencoderKLWan,
     latents: torch.Tensor,
-    latent_frames_per_call: int = CUDA_DECODE_LATENT_FRAMES_PER_CALL,
+    latent_frames_per_call: int | None = None,
     dtype: torch.dtype | None = None,
     channels_last: bool = True,
     cudnn_benchmark: bool = True,
@@ -265,14 +290,18 @@ def causal_decode(
 
     diffusers' `AutoencoderKLWan._decode` with the first latent frame alone (it yields one
     video frame, every later one four) and then `latent_frames_per_call` latent frames per
-    decoder call, sharing one feature cache: the same function as one frame per call (the
-    causal convolutions see the same zero-padded past either way), computed in `dtype`
-    (default: `default_compute_dtype`).
+    decoder call (default: `decode_frames_per_call` on CUDA, 1 elsewhere), sharing one feature
+    cache: the same function as one frame per call (the causal convolutions see the same
+    zero-padded past either way), computed in `dtype` (default: `compute_dtype`).
     """
+    parameter = next(vae.parameters())
+    device = parameter.device
+    dtype = dtype or compute_dtype(parameter.dtype, device)
+    if latent_frames_per_call is None:
+        latent_frames_per_call = (decode_frames_per_call(vae, tuple(latents.shape), dtype)
+                                  if device.type == "cuda" else 1)
     if latent_frames_per_call < 1:
         raise ValueError(f"latent_frames_per_call must be >= 1, got {latent_frames_per_call}")
-    device = next(vae.parameters()).device
-    dtype = dtype or default_compute_dtype(vae, device)
     run = _Runner(vae, dtype, "post_quant_conv", "decoder")
     benchmark = _cudnn_benchmark() if cudnn_benchmark and device.type == "cuda" else contextlib.nullcontext()
     with benchmark:
@@ -298,14 +327,15 @@ def causal_encode(
     H / 8, W / 8] (mean and log-variance of the raw latents), float32.
 
     diffusers' `AutoencoderKLWan._encode` with the first frame alone and then
-    `frames_per_call` frames (a multiple of 4) per encoder call instead of 4, sharing one
-    feature cache: the temporal downsamplers (stride 2, twice) see the same frame pairs either
-    way. Frames past 1 + 4 k are dropped, as diffusers drops them. Computed in `dtype`.
+    `frames_per_call` frames (a multiple of 4; diffusers takes 4) per encoder call, sharing
+    one feature cache: the temporal downsamplers (stride 2, twice) see the same frame pairs
+    either way. Frames past 1 + 4 k are dropped, as diffusers drops them. Computed in `dtype`.
     """
     if frames_per_call < 4 or frames_per_call % 4:
         raise ValueError(f"frames_per_call must be a positive multiple of 4, got {frames_per_call}")
-    device = next(vae.parameters()).device
-    dtype = dtype or default_compute_dtype(vae, device)
+    parameter = next(vae.parameters())
+    device = parameter.device
+    dtype = dtype or compute_dtype(parameter.dtype, device)
     run = _Runner(vae, dtype, "encoder", "quant_conv")
     usable = 1 + 4 * ((frames.shape[2] - 1) // 4)
     benchmark = _cudnn_benchmark() if cudnn_benchmark and device.type == "cuda" else contextlib.nullcontext()
@@ -368,8 +398,9 @@ __all__ = [
     "causal_decode",
     "causal_encode",
     "comfyui_vae_state_dict",
+    "compute_dtype",
+    "decode_frames_per_call",
     "decode_latents",
-    "default_compute_dtype",
     "denormalize_latents",
     "diffusers_to_original_vae_key",
     "encode_video",
