@@ -221,14 +221,16 @@ def decode_frames_per_call(vae: AutoencoderKLWan, latent_shape: tuple[int, ...],
     """Latent frames per decoder call for latents of `latent_shape` [B, 16, T, h, w]: as many as
     `CUDA_DECODE_LATENT_FRAMES_PER_CALL` while each extra frame's activations (estimated from
     the decoder's full-resolution width, four video frames of 8h x 8w pixels each) fit in half
-    of `free_bytes` (default: the CUDA device's free memory plus what PyTorch's allocator holds
-    unused), at least 1."""
+    of `free_bytes` (default: the free memory of the VAE's CUDA device plus what PyTorch's
+    allocator holds unused there), at least 1."""
     batch, _, _, height, width = latent_shape
     itemsize = torch.empty((), dtype=dtype).element_size()
     channels = getattr(vae.config, "decoder_base_dim", None) or vae.config.base_dim
     per_frame = _LIVE_TENSORS_AT_FULL_SIZE * batch * channels * 4 * (8 * height) * (8 * width) * itemsize
     if free_bytes is None:
-        free_bytes = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+        device = next(vae.parameters()).device
+        free_bytes = (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                      - torch.cuda.memory_allocated(device))
     return max(1, min(CUDA_DECODE_LATENT_FRAMES_PER_CALL, int(free_bytes / 2 / per_frame)))
 
 
