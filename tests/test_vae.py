@@ -13,7 +13,12 @@ from safetensors.torch import load_file, save_file
 from trainer.model.single_file import CheckpointKeyError, meta_device_init
 from trainer.model.tiny import build_tiny_vae
 from trainer.model.vae import (
+    CUDA_DECODE_LATENT_FRAMES_PER_CALL,
+    causal_decode,
+    causal_encode,
     comfyui_vae_state_dict,
+    compute_dtype,
+    decode_frames_per_call,
     decode_latents,
     denormalize_latents,
     diffusers_to_original_vae_key,
@@ -145,3 +150,71 @@ def test_refuses_pickle_checkpoints(tmp_path):
     path.write_bytes(b"not read")
     with pytest.raises(ValueError, match="safetensors"):
         load_vae(path)
+
+
+# ----------------------------------------------------------------------------- the CUDA path's logic, on the CPU
+
+
+def test_cpu_keeps_diffusers_own_path():
+    """On the CPU `encode_video` / `decode_latents` are exactly diffusers' float32 calls."""
+    vae = build_tiny_vae(seed=2)
+    frames = video(frames=9, seed=3)
+    assert compute_dtype(torch.float32, "cpu") == torch.float32
+    assert torch.equal(encode_video(vae, frames, normalize=False), vae.encode(frames).latent_dist.mode())
+    latents = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(decode_latents(vae, latents, denormalize=False), vae.decode(latents).sample.clamp(-1, 1))
+
+
+@pytest.mark.parametrize("per_call", [1, 2, 3, 5, 8])
+def test_causal_decode_several_latent_frames_per_call_is_the_same_function(per_call):
+    """The causal decoder fed k latent frames per call (one feature cache) gives diffusers'
+    one-frame-per-call video, also when the last call gets fewer frames, for a batch of 2."""
+    vae = build_tiny_vae(seed=5)
+    latents = torch.randn(2, 16, 8, 3, 5, generator=torch.Generator().manual_seed(6))
+    expected = vae.decode(latents).sample
+    decoded = causal_decode(vae, latents, per_call, channels_last=per_call % 2 == 1)
+    assert decoded.shape == expected.shape == (2, 3, 29, 24, 40) and decoded.dtype == torch.float32
+    # float32 rounding only (channels-last convolutions sum in another order); a wrong cache
+    # or frame order moves pixels by tenths
+    torch.testing.assert_close(decoded, expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(("per_call", "frames"), [(4, 17), (8, 17), (12, 23), (16, 5), (8, 1)])
+def test_causal_encode_several_frames_per_call_is_the_same_function(per_call, frames):
+    """Encoder moments with 4k frames per call equal diffusers' 4 per call; frames past
+    1 + 4 m are dropped as diffusers drops them."""
+    vae = build_tiny_vae(seed=7)
+    clip = video(frames=frames, height=16, width=24, seed=8)
+    expected = vae.encode(clip).latent_dist.parameters
+    moments = causal_encode(vae, clip, per_call)
+    assert moments.shape == expected.shape == (1, 32, 1 + (frames - 1) // 4, 2, 3)
+    torch.testing.assert_close(moments, expected, rtol=0, atol=2e-5)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        causal_encode(vae, clip, 6)
+
+
+def test_lower_precision_leaves_the_weights_alone():
+    """A bfloat16 decode of a float32 VAE runs on cast copies of the weights: afterwards the
+    module holds the same float32 tensors, and the result is near the float32 one."""
+    vae = build_tiny_vae(seed=9)
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    latents = torch.randn(1, 16, 2, 2, 3, generator=torch.Generator().manual_seed(10))
+    low = causal_decode(vae, latents, 2, dtype=torch.bfloat16)
+    assert low.dtype == torch.float32
+    assert all(v.dtype == torch.float32 and torch.equal(v, before[k]) for k, v in vae.state_dict().items())
+    reference = vae.decode(latents).sample
+    assert 0 < (low - reference).abs().max() < 0.25
+
+
+def test_decode_frames_per_call_follows_free_memory():
+    """At 832x480 one more latent frame per call is estimated at 8 live tensors of 96 channels
+    x 4 frames x 480 x 832 pixels in bf16 (2.45 GB); half the free memory must hold the frames."""
+    with meta_device_init():
+        vae = AutoencoderKLWan()
+    shape = (1, 16, 39, 60, 104)
+    per_frame = 8 * 96 * 4 * 480 * 832 * 2
+    assert decode_frames_per_call(vae, shape, torch.bfloat16, free_bytes=100 * 2**30) == CUDA_DECODE_LATENT_FRAMES_PER_CALL
+    assert decode_frames_per_call(vae, shape, torch.bfloat16, free_bytes=2 * per_frame * 2 + 1) == 2
+    assert decode_frames_per_call(vae, shape, torch.bfloat16, free_bytes=2 * 2**30) == 1
+    assert decode_frames_per_call(vae, shape, torch.float32, free_bytes=2 * per_frame * 2 + 1) == 1
+    assert decode_frames_per_call(vae, (2, 16, 39, 60, 104), torch.bfloat16, free_bytes=2 * per_frame * 2 + 1) == 1

@@ -64,7 +64,14 @@ class Encoders:
         return file_identity(path) + f"|{self._dtype(name)}"
 
     def _dtype(self, name: str) -> torch.dtype:
-        return {"vae": self.vae_dtype, "text": self.text_dtype, "audio": self.audio_dtype}[name]
+        """The dtype encoder `name` computes in, which its cache entries record: the VAE
+        computes in bfloat16 on CUDA whatever dtype its weights load in
+        (`trainer.model.vae.compute_dtype`)."""
+        if name == "vae":
+            from ..model.vae import compute_dtype
+
+            return compute_dtype(self.vae_dtype, self.device)
+        return {"text": self.text_dtype, "audio": self.audio_dtype}[name]
 
     @property
     def vae(self):

@@ -84,7 +84,8 @@ def load_encoder_bundle(
     """A bundle around a transformer already in memory (e.g. the one being trained): the VAE,
     text encoder (+ tokenizer) and audio encoder load from ComfyUI files or Diffusers folders
     onto the CPU (the sampler moves each to `device` while it runs, with `offload`).
-    VAE and audio encoder in float32, the text encoder in `text_encoder_dtype` (default `dtype`)."""
+    VAE and audio encoder in float32 (on CUDA the VAE computes in bfloat16, `trainer.model.vae`),
+    the text encoder in `text_encoder_dtype` (default `dtype`)."""
     from ..model.audio_encoder import load_audio_encoder
     from ..model.text_encoder import load_text_encoder
     from ..model.vae import load_vae
@@ -119,8 +120,9 @@ def load_model_bundle(
     Each of `transformer`, `vae`, `text_encoder`, `audio_encoder` is a ComfyUI single file or a
     Diffusers component folder; a missing one is taken from `diffusers_root` (a Diffusers
     pipeline root holding transformer/, vae/, text_encoder/, tokenizer/, audio_encoder/).
-    `dtype` is the transformer's; the VAE and the audio encoder load in float32 (small, and
-    the official code runs the VAE in float32), the text encoder in `text_encoder_dtype`
+    `dtype` is the transformer's; the VAE and the audio encoder load in float32 (small; the
+    official code runs the VAE in float32, and so does the CPU, while on CUDA the VAE computes
+    in bfloat16 from those weights, as ComfyUI runs it), the text encoder in `text_encoder_dtype`
     (default `dtype`). Parts load onto `load_device` (CPU by default: the sampler moves each
     to `device` when it runs). `tiny=True` builds the built-in tiny set in memory instead.
     With `keep_fp8`, a scaled-fp8 transformer file keeps its block and audio-injector Linears
