@@ -9,6 +9,7 @@ separately as "encode".
     python bench/bench_sample.py --cfg-mode sequential --compile
     python bench/bench_sample.py --tiny --device cpu  # smoke test of the script
     python bench/bench_sample.py --compile --fp8-compute both --chunks 1  # bf16 and FP8 compute, one run
+    python bench/bench_sample.py --compile --end-to-end  # 81-frame clip: 4-step LoRA stack vs 40 steps
 """
 
 from __future__ import annotations
@@ -83,6 +84,59 @@ def measure(bundle, image, audio, config, args, cuda: bool) -> dict:
     }
 
 
+def random_lora(transformer, path: Path, rank: int, seed: int) -> Path:
+    """A ComfyUI-format LoRA file with random weights on every block's attention projections
+    and feed-forward (the layout of a step-distill LoRA)."""
+    from trainer.lora.io import save_lora
+
+    suffixes = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, layer in transformer.named_modules():
+        if isinstance(layer, torch.nn.Linear) and name.startswith("blocks.") and name.endswith(suffixes):
+            state[f"{name}.lora_A.weight"] = torch.randn(rank, layer.in_features, generator=gen) * 0.01
+            state[f"{name}.lora_B.weight"] = torch.randn(layer.out_features, rank, generator=gen) * 0.01
+    return save_lora(state, path, alphas={"*": float(rank)})
+
+
+def end_to_end(bundle, image, audio, size: tuple[int, int], frames_per_chunk: int, cuda: bool) -> list[dict]:
+    """One clip of `frames_per_chunk` (+1) frames, everything a render does (text, audio and
+    reference encoding, sampling, decode, mp4 mux): 4 Euler steps at guidance 1 through a stack
+    of two LoRAs (a rank-64 step-distill-like LoRA and a rank-16 trained one), then the
+    official 40 UniPC steps at guidance 4.5 with the trained LoRA alone. One warm-up render
+    (4 steps) first; each row is one timed render."""
+    import tempfile
+
+    from trainer.sample import LoraSpec, SamplerConfig, sample_s2v
+
+    folder = Path(tempfile.mkdtemp())
+    distill = LoraSpec(random_lora(bundle.transformer, folder / "distill.safetensors", 64, 1), 1.0)
+    trained = LoraSpec(random_lora(bundle.transformer, folder / "trained.safetensors", 16, 2), 1.0)
+    common = {"prompt": "a person talks", "width": size[0], "height": size[1], "frames_per_chunk": frames_per_chunk,
+              "max_chunks": 1}
+    cases = [
+        ("4 steps, guidance 1, euler shift 5, 2 LoRAs",
+         SamplerConfig(steps=4, guidance=1.0, scheduler="euler", shift=5.0, **common), [distill, trained]),
+        ("40 steps, guidance 4.5, unipc, 1 LoRA", SamplerConfig(steps=40, guidance=4.5, **common), [trained]),
+    ]
+    sample_s2v(bundle, image, audio, cases[0][1], sample_rate=16000, loras=cases[0][2])  # warm-up
+    rows = []
+    for label, config, loras in cases:
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        result = sample_s2v(bundle, image, audio, config, sample_rate=16000, loras=loras,
+                            out_path=folder / "clip.mp4")
+        if cuda:
+            torch.cuda.synchronize()
+        rows.append({"render": label, "total s": f"{time.perf_counter() - start:.1f}",
+                     "frames": int(result.frames.shape[0]), "mp4": result.path is not None,
+                     "peak GiB": f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if cuda else "-"})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--width", type=int, default=832)
@@ -97,6 +151,8 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--fp8-compute", default="off", choices=["off", "on", "both"],
                         help="the transformer's base Linears in FP8 (both: bf16 first, then converted in place)")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="one whole clip: 4 steps at guidance 1 with a LoRA stack vs the official 40 steps")
     args = parser.parse_args()
 
     from trainer.sample import SamplerConfig, build_tiny_bundle
@@ -110,6 +166,13 @@ def main() -> int:
     t = np.arange(int(seconds * 16000)) / 16000
     audio = (0.3 * np.sin(2 * np.pi * 150 * t) * (0.5 - 0.5 * np.cos(2 * np.pi * 4 * t))).astype(np.float32)
     image = torch.rand(1, args.height, args.width, 3)
+    if args.end_to_end:
+        if args.compile:
+            bundle.transformer.compile_blocks()
+        rows = end_to_end(bundle, image, audio, (args.width, args.height), args.frames_per_chunk, cuda)
+        print_table("S2V sampler, one clip end to end", rows, list(rows[0]))
+        save_json("bench_sample_end_to_end.json", {"environment": environment(), "rows": rows})
+        return 0
     computes = {"off": ["bf16"], "on": ["fp8"], "both": ["bf16", "fp8"]}[args.fp8_compute]
     rows = []
     for compute in computes:
