@@ -38,16 +38,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def cuda_ms(fn, repeats: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        samples.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(samples)
+    """Median milliseconds of `fn` after 3 warm-up calls."""
+    return 1e3 * time_cuda(fn, warmup=3, repeats=repeats)[0]
 
 
 def micro(rows_out: list[dict]) -> None:
