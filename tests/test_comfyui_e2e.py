@@ -7,9 +7,7 @@ against a real ComfyUI"); skipped otherwise.
 
 from __future__ import annotations
 
-import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,20 +19,10 @@ import comfyui_e2e as e2e  # scripts/ is not a package
 pytestmark = pytest.mark.comfyui
 
 
-@pytest.fixture(scope="module")
-def ctx() -> Iterator[e2e.E2EContext]:
-    """A running ComfyUI server with the pack linked in, shared by this module's tests."""
-    comfyui = os.environ.get("COMFYUI_PATH")
-    if not comfyui:
-        pytest.skip("COMFYUI_PATH is not set: no ComfyUI checkout to run the end-to-end checks against")
-    with e2e.ComfyUIServer(comfyui) as server:
-        yield e2e.make_context(server)
-
-
 @pytest.mark.parametrize("check", [check for _, check in e2e.CHECKS], ids=[name for name, _ in e2e.CHECKS])
-def test_comfyui_e2e(ctx: e2e.E2EContext, check: e2e.Check) -> None:
+def test_comfyui_e2e(comfyui_ctx: e2e.E2EContext, check: e2e.Check) -> None:
     try:
-        check(ctx)
+        check(comfyui_ctx)
     except e2e.CheckSkipped as err:
         pytest.skip(str(err))
     except e2e.CheckFailed as err:

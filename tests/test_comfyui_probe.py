@@ -9,9 +9,7 @@ against a real ComfyUI"); skipped otherwise. The cases that need no server run a
 
 from __future__ import annotations
 
-import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,19 +22,9 @@ import comfyui_probe as probe
 pytestmark = pytest.mark.comfyui
 
 
-@pytest.fixture(scope="module")
-def ctx() -> Iterator[e2e.E2EContext]:
-    """A running ComfyUI server with the pack linked in, shared by this module's tests."""
-    comfyui = os.environ.get("COMFYUI_PATH")
-    if not comfyui:
-        pytest.skip("COMFYUI_PATH is not set: no ComfyUI checkout to run the probe against")
-    with e2e.ComfyUIServer(comfyui) as server:
-        yield e2e.make_context(server)
-
-
 @pytest.mark.parametrize("check", [check for _, check in probe.CHECKS], ids=[name for name, _ in probe.CHECKS])
-def test_comfyui_probe(ctx: e2e.E2EContext, check: e2e.Check) -> None:
+def test_comfyui_probe(comfyui_ctx: e2e.E2EContext, check: e2e.Check) -> None:
     try:
-        check(ctx)
+        check(comfyui_ctx)
     except e2e.CheckFailed as err:
         pytest.fail(str(err), pytrace=False)
