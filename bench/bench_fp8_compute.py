@@ -10,7 +10,7 @@ Parts (each optional, one process, results in one table per part):
   the same weights and the same LoRA init: a forward's relative L2 error and the cosine of
   the LoRA gradients at step 1.
 - ``--steps``: LoRA r16 step time and peak memory, bf16 then FP8 compute, at ``--variant``
-  (parts as in bench_tread_crepa.py: regions, host, merged, linearsN), side by side.
+  (parts as in bench_tread_crepa.py: regions, host, merged, linearsN, tread), side by side.
 - ``--loss-steps N``: N training steps bf16 vs FP8 compute from the same seed on the
   synthetic talking clips (``--loss-blocks`` blocks of the 14B width, ``--loss-size``).
 
@@ -28,7 +28,17 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import add_bench_lora, build_on_device, environment, print_table, save_json, time_cuda
+from common import (
+    TREAD_ROUTES,
+    add_bench_lora,
+    build_on_device,
+    environment,
+    objective_step,
+    print_table,
+    save_json,
+    time_cuda,
+    time_step,
+)
 
 TOKENS = 34_320
 
@@ -162,7 +172,6 @@ def steps(models: dict, params: dict, inputs, sigmas, noise, args, rows_out: lis
     from trainer.memory.apply import configure_checkpointing
     from trainer.model.checkpointing import compiled_checkpoint
     from trainer.train.config import TrainConfig
-    from trainer.train.objective import compute_losses
 
     torch._dynamo.config.recompile_limit = 64
     parts = set(args.variant.split("+"))
@@ -179,27 +188,17 @@ def steps(models: dict, params: dict, inputs, sigmas, noise, args, rows_out: lis
                               linear_blocks=linears)
         configure_checkpointing(model, memory, compile_regions="regions" in parts)
         use_merged_lora(model, "merged" in parts)
+        model.set_token_routes(TREAD_ROUTES if "tread" in parts else None)
         optimizer = torch.optim.AdamW(params[name], lr=1e-4)
-
-        def step(model=model, optimizer=optimizer):
-            loss, _ = compute_losses(model, inputs, sigmas, noise, config, torch.device("cuda"), step=100)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        step = objective_step(model, optimizer, inputs, sigmas, noise, config)
         resident = torch.cuda.memory_allocated() / 2**30
         try:
             start = time.perf_counter()
             step()
             torch.cuda.synchronize()
             first = time.perf_counter() - start
-            median, samples = time_cuda(step, args.warmup, args.repeats)
-            row = {"base compute": name, "variant": args.variant, "median_s": f"{median:.2f}",
-                   "min_s": f"{min(samples):.2f}", "first_step_s": f"{first:.0f}",
-                   "peak_gib": f"{torch.cuda.max_memory_allocated() / 2**30:.1f}", "resident_gib": f"{resident:.1f}"}
+            row = {"base compute": name, "variant": args.variant, **time_step(step, args.warmup, args.repeats),
+                   "first_step_s": f"{first:.0f}", "resident_gib": f"{resident:.1f}"}
         except Exception as exc:  # noqa: BLE001 - a failure in one variant should not hide the other
             row = {"base compute": name, "variant": args.variant, "error": f"{type(exc).__name__}: {str(exc)[:160]}"}
         print(row, flush=True)

@@ -24,21 +24,20 @@ memory per step.
 from __future__ import annotations
 
 import argparse
-import gc
 
 import torch
 from bench_forward import s2v_inputs
 from common import (
+    TREAD_ROUTES,
     activation_offload,
     add_bench_lora,
     build_on_device,
     environment,
+    objective_step,
     print_table,
     save_json,
-    time_cuda,
+    time_step,
 )
-
-TREAD = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}]}
 
 
 def parse_variant(name: str) -> dict[str, int]:
@@ -69,7 +68,6 @@ def main() -> None:
     from trainer.model.transformer_s2v import WanS2VTransformer3DModel
     from trainer.train.config import CrepaConfig, TrainConfig
     from trainer.train.crepa import CrepaRegularizer
-    from trainer.train.objective import compute_losses
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="plain,plain+host,tread+host,crepa+host,tread+crepa+host")
@@ -119,28 +117,17 @@ def main() -> None:
         configure_checkpointing(model, memory, compile_regions=v["regions"])
         use_merged_lora(model, v["merged"])
         offload = activation_offload(model)
-        model.set_token_routes(TREAD if tread else None)
+        model.set_token_routes(TREAD_ROUTES if tread else None)
         if use_crepa and crepa is None:
             crepa = CrepaRegularizer(config.crepa, dim, "cuda", torch.bfloat16, teacher=giant_teacher("cuda"))
         trainable = params + (crepa.parameters() if use_crepa else [])
         optimizer = torch.optim.AdamW(trainable, lr=1e-4)
 
-        def step(optimizer=optimizer, regularizer=crepa if use_crepa else None):
-            loss, _ = compute_losses(model, inputs, sigmas, noise, config, torch.device("cuda"),
-                                     crepa=regularizer, step=100)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        step = objective_step(model, optimizer, inputs, sigmas, noise, config, crepa=crepa if use_crepa else None)
         if offload is not None:
             offload.reset_stats()
         try:
-            median, samples = time_cuda(step, args.warmup, args.repeats)
-            row = {"variant": name, "median_s": f"{median:.2f}", "min_s": f"{min(samples):.2f}",
-                   "peak_gib": f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"}
+            row = {"variant": name, **time_step(step, args.warmup, args.repeats)}
             if offload is not None:
                 moved = offload.moved_bytes / 2**30 / (args.warmup + args.repeats)
                 row["host_gib"] = f"{moved:.1f}"

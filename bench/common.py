@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import json
 import os
 import platform
@@ -57,6 +58,35 @@ def time_cuda(fn: Callable[[], object], warmup: int, repeats: int) -> tuple[floa
         torch.cuda.synchronize()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples), samples
+
+
+TREAD_ROUTES = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}]}
+"""Half of the video tokens skip blocks 2..-2 (the TREAD setting all step benchmarks use)."""
+
+
+def objective_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs: dict, sigmas: torch.Tensor,
+                   noise: torch.Tensor, config, crepa=None) -> Callable[[], None]:
+    """One LoRA step exactly as `trainer.train.loop.train` runs it per batch: the loop's own
+    objective (`compute_losses`: flow MSE, plus CREPA when given), backward, optimizer step."""
+    from trainer.train.objective import compute_losses
+
+    def step() -> None:
+        loss, _ = compute_losses(model, inputs, sigmas, noise, config, torch.device("cuda"), crepa=crepa, step=100)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def time_step(step: Callable[[], object], warmup: int, repeats: int) -> dict[str, str]:
+    """A step's median and fastest seconds over `repeats` runs after `warmup`, and the peak
+    GPU memory of those runs (GiB), as table cells."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    median, samples = time_cuda(step, warmup, repeats)
+    return {"median_s": f"{median:.2f}", "min_s": f"{min(samples):.2f}", "peak_gib": f"{peak_gib():.1f}"}
 
 
 def peak_gib() -> float:
