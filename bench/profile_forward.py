@@ -2,10 +2,12 @@
 (where the time goes).
 
     python bench/profile_forward.py [--eager] [--train [--policy full|attention] [--regions]
-                                    [--merged] [--linear-blocks N] [--host]]
+                                    [--merged] [--linear-blocks N] [--host]] [--fp8-compute]
 
 `--host` offloads the checkpointed tensors to page-locked host memory as the loop does
-(needed with `--linear-blocks 5`, which alone exceeds 80 GiB).
+(needed with `--linear-blocks 5`, which alone exceeds 80 GiB). `--fp8-compute` runs the base
+Linears of the blocks and audio injectors on FP8 tensor cores (`MemoryConfig.fp8_compute`);
+their scaled products and the quantization kernels get classes of their own.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from torch.profiler import ProfilerActivity, profile
 
 def classify(name: str) -> str:
     lowered = name.lower()
+    if "e4m3" in lowered or "f8f8" in lowered or "fp8" in lowered:
+        return "fp8 matmul"
     if "attention" in lowered or "fmha" in lowered or "flash" in lowered or "cudnn" in lowered and "conv" not in lowered:
         return "attention"
     if "gemm" in lowered or "sm90_xmma" in lowered or "cutlass" in lowered or "nvjet" in lowered:
@@ -48,10 +52,12 @@ def print_matmul_shapes(prof) -> None:
     per_shape: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     lora = base = 0.0
     for evt in prof.key_averages(group_by_input_shape=True):
-        if evt.key not in ("aten::mm", "aten::addmm", "aten::bmm", "aten::_addmm_activation"):
+        if evt.key not in ("aten::mm", "aten::addmm", "aten::bmm", "aten::_addmm_activation", "aten::_scaled_mm"):
             continue
         secs = evt.device_time_total / 1e6
         shapes = [s for s in evt.input_shapes if s]
+        if evt.key == "aten::_scaled_mm":  # then the scales [M, 1] / [1, N]: not LoRA-sized
+            shapes = shapes[:2]
         small = any(0 < d <= 64 for shape in shapes for d in shape)
         lora, base = lora + secs * small, base + secs * (not small)
         entry = per_shape[f"{evt.key} {shapes} x{evt.count}"]
@@ -85,10 +91,16 @@ def main() -> None:
     parser.add_argument("--merged", action="store_true", help="merged-weight LoRA layers (with --train)")
     parser.add_argument("--linear-blocks", type=int, default=0, help="blocks keeping their linear outputs")
     parser.add_argument("--host", action="store_true", help="checkpointed tensors to host memory (with --train)")
+    parser.add_argument("--fp8-compute", action="store_true", help="base Linears on FP8 tensor cores")
     args = parser.parse_args()
     from trainer.model.transformer_s2v import WanS2VTransformer3DModel
 
     model = build_on_device(lambda: WanS2VTransformer3DModel(), "cuda", torch.bfloat16)
+    if args.fp8_compute:
+        from trainer.memory.fp8_compute import enable_fp8_compute
+
+        print(f"fp8 compute: {enable_fp8_compute(model, 'cuda')} base Linears")
+        torch.cuda.empty_cache()
     inputs = s2v_inputs(81, 480, 832, False, "cuda")
     if args.train:
         run = _train_step(model, inputs, args.policy, args.regions, args.merged, args.linear_blocks, args.host)
