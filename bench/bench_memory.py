@@ -57,13 +57,16 @@ MODES: dict[str, dict] = {
     "fp8-blocks-attention16-act": {"base_model_precision": "fp8", "offload": "blocks",
                                        "gradient_checkpointing": "attention", "attention_blocks": 16,
                                        "offload_activations": True},
+    "fp8c-blocks-attention16-act": {"fp8_compute": True, "offload": "blocks", "gradient_checkpointing": "attention",
+                                    "attention_blocks": 16, "offload_activations": True},
     "int8-blocks-full-act": {"base_model_precision": "int8-quanto", "offload": "blocks", "gradient_checkpointing": "full",
                                  "offload_activations": True},
     "bf16-blocks-disk": {"offload": "blocks", "gradient_checkpointing": "full", "offload_activations": True,
                              "offload_blocks_to_disk": "/tmp/wan_block_offload"},
     "auto": {"auto": True},  # plan_memory(--budget-gib or 80)
 }
-DEFAULT_MODES = [m for m in MODES if m not in ("bf16-blocks-disk", "int8-attention", "bf16-blocks-attention")]
+DEFAULT_MODES = [m for m in MODES if m not in ("bf16-blocks-disk", "int8-attention", "bf16-blocks-attention",
+                                                "fp8c-blocks-attention16-act")]
 
 
 def run_mode(args) -> dict:
