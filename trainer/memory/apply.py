@@ -132,9 +132,8 @@ def apply_memory_config(
     device = torch.device(device)
     sentence = None
     if config.auto:
-        regions_possible = compile_regions and not getattr(model, "token_routes", None)
-        config, sentence = automatic_config(config, device, model, regions_possible, height=height, width=width,
-                                            frames=frames, lora_rank=lora_rank)
+        config, sentence = automatic_config(config, device, model, height=height, width=width, frames=frames,
+                                            lora_rank=lora_rank)
     if config.offload == "blocks" and getattr(model, "_hf_hook", None) is not None:
         raise MemoryConfigError(EXCLUSIVE_OFFLOAD_MESSAGE)
     # Without offload each converted layer goes to the device at once: the run may share its host
@@ -161,13 +160,12 @@ def detected_vram_gib(device: torch.device) -> float:
     return torch.cuda.get_device_properties(device).total_memory / 2**30
 
 
-def automatic_config(config: MemoryConfig, device: torch.device, model: nn.Module, regions_possible: bool = True,
+def automatic_config(config: MemoryConfig, device: torch.device, model: nn.Module,
                      **shape: Any) -> tuple[MemoryConfig, str]:
     """The settings the automatic plan picks for `device` and the sentence the log prints.
 
     On a GPU: `plan_memory` for `config.vram_budget_gib` (None: the GPU's total memory), FP8
-    compute among the candidates where the GPU has FP8 tensor cores and compiled regions can
-    run (`regions_possible`). Elsewhere (CPU): the plan for an explicit budget, else the
+    compute among the candidates where the GPU has FP8 tensor cores. Elsewhere (CPU): the plan for an explicit budget, else the
     default settings, as without a plan."""
     from .fp8_compute import has_fp8_compute
     from .plan import plan_memory
@@ -178,7 +176,7 @@ def automatic_config(config: MemoryConfig, device: torch.device, model: nn.Modul
         return chosen, f"automatic plan on {device.type} without a budget: the default settings"
     budget = config.vram_budget_gib or detected_vram_gib(device)
     planned = plan_memory(budget, model_config=dict(getattr(model, "config", {}) or {}), precision=keep,
-                          fp8_compute=regions_possible and device.type == "cuda" and has_fp8_compute(device),
+                          fp8_compute=device.type == "cuda" and has_fp8_compute(device),
                           **shape)
     planned.config.device = config.device
     return planned.config, planned.sentence

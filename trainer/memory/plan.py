@@ -39,15 +39,18 @@ FFN_CHUNK_SAVING_GIB = 0.6
 #: int8 keeping attention 11.31 s vs bf16 11.20 s.
 PRECISION_TIME = {"no_change": 1.0, "fp8": 1.0, "int8-quanto": 1.01}
 PRECISION_QUALITY_RANK = {"no_change": 0, "int8-quanto": 1, "fp8": 2}
-#: FP8 compute for the base Linears (`MemoryConfig.fp8_compute`), measured on one H200 at the
-#: reference shape with compiled regions, attention outputs to host and the one-function LoRA:
-#: 9.34 s vs bf16 10.37 s, and 1-byte base weights (docs/benchmarks.md). Its "linears" blocks
-#: were measured slower than without (9.61 s), so the plan gives FP8 compute none. Quality:
-#: step-1 LoRA-gradient cosine 0.998 and the loss within 0.2% over 200 steps, so it ranks with
-#: bf16 compute and is taken whenever it is faster. Eager (outside compiled regions: block
-#: offload, TREAD routes) its on-the-fly quantization costs more than the FP8 matmul saves
-#: (measured per layer: 0.63-0.93x the bf16 speed), so it is planned only with compiled regions.
+#: FP8 compute for the base Linears (`MemoryConfig.fp8_compute`), measured on one H200 with
+#: compiled blocks (docs/benchmarks.md): 9.34 s vs bf16 10.37 s with compiled regions and
+#: attention outputs to host; 11.25 vs 12.44 s with block offload under a 24 GiB cap; 4.09 vs
+#: 4.67 s with TREAD routes; and 1-byte base weights. Its "linears" blocks were measured slower
+#: than without (9.61 s), so the plan gives FP8 compute none. Quality: step-1 LoRA-gradient
+#: cosine 0.998 and the loss within 0.2% over 200 steps, so it ranks with bf16 compute and is
+#: taken whenever it is faster.
 FP8_COMPUTE_TIME = 0.90
+#: What FP8 compute adds to a block's transient (e4m3 copies of its activations and output
+#: gradients): measured 20.6 GiB with block offload + attention:16 + inputs to host under a
+#: 24 GiB cap where bf16 compute took 20.4 GiB with 1.3 GiB more of weights swapped in.
+FP8_COMPUTE_TRANSIENT_GIB = 0.8
 FP8_COMPUTE_PRECISIONS = ("no_change", "fp8")
 #: How much slower (relative) a higher base precision may be and still be preferred.
 PRECISION_TIME_TOLERANCE = 1.15
@@ -144,7 +147,7 @@ def estimate_memory(config: MemoryConfig, *, height: int = 480, width: int = 832
     inputs = checkpointed * per_block
     if config.offload_activations:
         inputs = min(inputs, 2 * per_block)
-    transient = TRANSIENT_GIB * GIB * scale * width_scale
+    transient = (TRANSIENT_GIB + FP8_COMPUTE_TRANSIENT_GIB * config.fp8_compute) * GIB * scale * width_scale
     chunk = config.resolved_feed_forward_chunk_size()
     if chunk:
         transient -= FFN_CHUNK_SAVING_GIB * GIB * scale * width_scale
@@ -181,8 +184,7 @@ def _candidates(precisions: list[str], layers: int, fp8_compute: bool = False):
     if fp8_compute:
         computes += [(p, True) for p in precisions if p in FP8_COMPUTE_PRECISIONS]
     for precision, fp8 in computes:
-        # FP8 compute pays off inside compiled regions only, which block offload does not use
-        for offload in ("none",) if fp8 else ("none", "blocks"):
+        for offload in ("none", "blocks"):
             for kept in dials:
                 for activations in (False, True):
                     for chunk in (False, True):
