@@ -165,8 +165,8 @@ def automatic_config(config: MemoryConfig, device: torch.device, model: nn.Modul
     """The settings the automatic plan picks for `device` and the sentence the log prints.
 
     On a GPU: `plan_memory` for `config.vram_budget_gib` (None: the GPU's total memory), FP8
-    compute among the candidates where the GPU has FP8 tensor cores. Elsewhere (CPU): the plan for an explicit budget, else the
-    default settings, as without a plan."""
+    compute among the candidates where the GPU has FP8 tensor cores. Elsewhere (CPU): the
+    plan for an explicit budget, else the default settings, as without a plan."""
     from .fp8_compute import has_fp8_compute
     from .plan import plan_memory
 
