@@ -375,3 +375,45 @@ def test_host_buffer_pool_reuses_exact_sizes_and_refuses_when_ram_is_short():
     like = torch.randn(6, 4).t()
     view = _host_view(HostBufferPool(reserve_bytes=0, register=False).take(like.numel() * 4), like)
     assert view.shape == like.shape and view.stride() == like.stride()
+
+
+def _alive_originals_at_each_conversion(model, monkeypatch, owner, method, run) -> list[int]:
+    """Run `run(model)` and count, each time `owner.method` converts a layer, how many of the
+    model's original base weights are still alive."""
+    import gc
+    import weakref
+
+    from trainer.memory.quantize import quantizable_linears
+
+    originals = [weakref.ref(layer.weight) for _, layer in quantizable_linears(model)]
+    counts = []
+    convert = getattr(owner, method)
+
+    def spy(*args, **kwargs):
+        gc.collect()
+        counts.append(sum(ref() is not None for ref in originals))
+        return convert(*args, **kwargs)
+
+    monkeypatch.setattr(owner, method, spy)
+    run(model)
+    return counts
+
+
+@pytest.mark.parametrize("conversion", ["fp8", "fp8_compute", "fp8_back_to_bf16"])
+def test_each_old_layer_is_released_once_its_replacement_is_in(base_model, monkeypatch, conversion):
+    """A model converted where it lives (a GPU-resident model, `offload="none"`) must not hold
+    both precisions of every layer at once: each replaced layer's weights go when it is."""
+    from trainer.memory.fp8_compute import Fp8ComputeLinear, enable_fp8_compute
+    from trainer.memory.quantize import dequantize_fp8, quantize_fp8
+
+    model = copy.deepcopy(base_model)
+    if conversion == "fp8":
+        counts = _alive_originals_at_each_conversion(model, monkeypatch, Fp8Linear, "from_linear", quantize_fp8)
+    elif conversion == "fp8_compute":
+        counts = _alive_originals_at_each_conversion(
+            model, monkeypatch, Fp8ComputeLinear, "from_linear", lambda m: enable_fp8_compute(m, "cpu", kind="emulated"))
+    else:
+        quantize_fp8(model)
+        counts = _alive_originals_at_each_conversion(model, monkeypatch, Fp8Linear, "to_linear", dequantize_fp8)
+    assert len(counts) > 4
+    assert counts == list(range(counts[0], counts[0] - len(counts), -1)), counts

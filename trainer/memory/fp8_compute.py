@@ -296,27 +296,26 @@ def enable_fp8_compute(model: nn.Module, compute_device: torch.device | str,
     reference math, deterministic on any device). Returns the count converted.
 
     int8 (optimum-quanto) layers are refused: their weights would be requantized to fp8."""
-    from .quantize import Fp8Linear, _placed, _refuse_adapters, _replace, quantizable_linears
+    from .quantize import Fp8Linear, _refuse_adapters, quantizable_linears, replace_each
 
     _refuse_adapters(model)
     kind = kind or scaled_mm_kind(compute_device)
-    converted = 0
-    for name, linear in list(quantizable_linears(model)):
+
+    def convert(name: str, linear: nn.Module) -> nn.Module | None:
         if isinstance(linear, Fp8ComputeLinear):
-            converted += 1
-            continue
+            return None
         if type(linear) is not nn.Linear and not isinstance(linear, Fp8Linear):
             raise ValueError(f"fp8_compute cannot convert {name} ({type(linear).__name__}): use it with "
                              "base_model_precision no_change or fp8")
         if not Fp8ComputeLinear.convertible(linear):
-            continue
+            return None
         if isinstance(linear, Fp8Linear):
-            new = Fp8ComputeLinear.from_fp8(linear, kind=kind)
-        else:
-            new = Fp8ComputeLinear.from_linear(linear, kind=kind)
-        _replace(model, name, _placed(new, place))
-        converted += 1
-    return converted
+            return Fp8ComputeLinear.from_fp8(linear, kind=kind)
+        return Fp8ComputeLinear.from_linear(linear, kind=kind)
+
+    names = [name for name, _ in quantizable_linears(model)]
+    replace_each(model, names, convert, place)
+    return sum(isinstance(model.get_submodule(name), Fp8ComputeLinear) for name in names)
 
 
 def fp8_compute_copy(model: nn.Module, compute_device: torch.device | str, kind: str | None = None) -> nn.Module:

@@ -10,7 +10,7 @@ wraps them with its ordinary `lora.Linear` and the LoRA trains on top in full pr
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,18 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def replace_each(model: nn.Module, names: list[str], convert: Callable[[str, nn.Module], nn.Module | None],
+                 device: torch.device | None = None) -> None:
+    """Replace each named layer of `model` by `convert(name, layer)`, moved to `device` (see
+    `_placed`); None leaves the layer as it is. Only the names are held, so a layer's old
+    weights are released as soon as its replacement is in place: converting a model that
+    lives on the GPU never holds both precisions of every layer at once."""
+    for name in names:
+        new = convert(name, model.get_submodule(name))
+        if new is not None:
+            _replace(model, name, _placed(new, device))
 
 
 def _placed(layer: nn.Module, device: torch.device | None) -> nn.Module:
@@ -130,12 +142,13 @@ def quantize_fp8(model: nn.Module, compute_dtype: torch.dtype | None = None,
     from a scaled-fp8 file, or converted before) are left exactly as they are.
     """
     _refuse_adapters(model)
-    targets = list(quantizable_linears(model))
-    for name, linear in targets:
-        if isinstance(linear, Fp8Linear):
-            continue
-        _replace(model, name, _placed(Fp8Linear.from_linear(linear, compute_dtype), device))
-    return len(targets)
+    names = [name for name, _ in quantizable_linears(model)]
+
+    def convert(name: str, linear: nn.Module) -> nn.Module | None:
+        return None if isinstance(linear, Fp8Linear) else Fp8Linear.from_linear(linear, compute_dtype)
+
+    replace_each(model, names, convert, device)
+    return len(names)
 
 
 def quantize_int8_quanto(model: nn.Module, device: torch.device | None = None) -> int:
@@ -146,29 +159,30 @@ def quantize_int8_quanto(model: nn.Module, device: torch.device | None = None) -
     _refuse_adapters(model)
     quanto = import_optional("optimum.quanto", 'base_model_precision "int8-quanto"')
     QLinear, qint8 = quanto.QLinear, quanto.qint8
-    targets = list(quantizable_linears(model))
-    for name, linear in targets:
+    names = [name for name, _ in quantizable_linears(model)]
+
+    def convert(name: str, linear: nn.Module) -> nn.Module | None:
         if isinstance(linear, QLinear):
-            continue
+            return None
         if isinstance(linear, Fp8Linear):
             linear = linear.to_linear()
         qlinear = QLinear.from_module(linear, weights=qint8)
         qlinear.freeze()
-        qlinear.requires_grad_(False)
-        _replace(model, name, _placed(qlinear, device))
-    return len(targets)
+        return qlinear.requires_grad_(False)
+
+    replace_each(model, names, convert, device)
+    return len(names)
 
 
 def dequantize_fp8(model: nn.Module, device: torch.device | None = None) -> int:
     """Replace every `Fp8Linear` by a plain Linear in its compute dtype (w = fp8 * scale, the
     values a dequantizing load gives), one layer at a time, moved to `device` (see
     `_placed`). Returns the count."""
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, Fp8Linear)]
-    if targets:  # nothing to do is fine with an adapter in place
+    names = [name for name, m in model.named_modules() if isinstance(m, Fp8Linear)]
+    if names:  # nothing to do is fine with an adapter in place
         _refuse_adapters(model)
-    for name, layer in targets:
-        _replace(model, name, _placed(layer.to_linear(), device))
-    return len(targets)
+    replace_each(model, names, lambda name, layer: layer.to_linear(), device)
+    return len(names)
 
 
 def apply_precision(model: nn.Module, precision: str, device: torch.device | None = None) -> int:
@@ -234,5 +248,6 @@ __all__ = [
     "quantizable_linears",
     "quantize_fp8",
     "quantize_int8_quanto",
+    "replace_each",
     "weight_bytes",
 ]
