@@ -39,6 +39,14 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _placed(layer: nn.Module, device: torch.device | None) -> nn.Module:
+    """A converted `layer` moved to `device` (None: left where it was converted) right away,
+    so that host memory never holds more than one converted layer beside the weights the
+    layers came from (which may be a cached model's). The conversion itself still runs where
+    the weights are: the same numbers as converting the whole model there first."""
+    return layer if device is None else layer.to(device)
+
+
 def replace_each(model: nn.Module, names: list[str], convert: Callable[[str, nn.Module], nn.Module | None],
                  device: torch.device | None = None) -> None:
     """Replace each named layer of `model` by `convert(name, layer)`, moved to `device` (see
@@ -49,14 +57,6 @@ def replace_each(model: nn.Module, names: list[str], convert: Callable[[str, nn.
         new = convert(name, model.get_submodule(name))
         if new is not None:
             _replace(model, name, _placed(new, device))
-
-
-def _placed(layer: nn.Module, device: torch.device | None) -> nn.Module:
-    """A converted `layer` moved to `device` (None: left where it was converted) right away,
-    so that host memory never holds more than one converted layer beside the weights the
-    layers came from (which may be a cached model's). The conversion itself still runs where
-    the weights are: the same numbers as converting the whole model there first."""
-    return layer if device is None else layer.to(device)
 
 
 def _refuse_adapters(model: nn.Module) -> None:
