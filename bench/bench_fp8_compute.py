@@ -100,6 +100,25 @@ def micro(rows_out: list[dict]) -> None:
         torch.cuda.empty_cache()
 
 
+def set_fp8_attention(model, name: str) -> None:
+    """FP8 attention on for the "+attn" rows, off for the others (the rows share models)."""
+    from trainer.model.fp8_attention import disable_fp8_attention, enable_fp8_attention
+
+    if name.endswith("+attn"):
+        enable_fp8_attention(model, "cuda")
+    else:
+        disable_fp8_attention(model)
+
+
+def compared(base, fp8, params, fp8_attention: bool) -> tuple[dict, dict]:
+    """The rows to compare: bf16, FP8 compute, and with `fp8_attention` FP8 compute plus FP8
+    attention (the FP8 model again); (models, LoRA parameters) by row name."""
+    models, lora = {"bf16": base, "fp8": fp8}, {"bf16": params[0], "fp8": params[1]}
+    if fp8_attention:
+        models["fp8+attn"], lora["fp8+attn"] = fp8, params[1]
+    return models, lora
+
+
 def build_pair(blocks: int | None):
     """(bf16 model, FP8-compute model) with the same random weights, each with the same r16
     LoRA (fp32, seeded), on the GPU."""
@@ -131,8 +150,9 @@ def model_inputs(frames: int, height: int, width: int) -> tuple[dict, torch.Tens
     return inputs, torch.full((1,), 0.6, device="cuda"), torch.randn_like(inputs["latents"])
 
 
-def accuracy(base, fp8, params, inputs, sigmas, noise, rows_out: list[dict]) -> None:
-    """Forward relative error and step-1 LoRA-gradient cosine, eager, full checkpointing."""
+def accuracy(models: dict, params: dict, inputs, sigmas, noise, rows_out: list[dict]) -> None:
+    """Forward relative error and step-1 LoRA-gradient cosine of each row vs bf16, eager,
+    full checkpointing."""
     from trainer.memory import MemoryConfig
     from trainer.memory.apply import configure_checkpointing
     from trainer.model.conditioning import transformer_inputs
@@ -145,8 +165,10 @@ def accuracy(base, fp8, params, inputs, sigmas, noise, rows_out: list[dict]) -> 
                                 inputs["encoder_hidden_states"], inputs["audio_embeds"], inputs["reference_latents"],
                                 numerics=config.numerics)
     outs, grads, losses = [], [], []
-    for model, lora in zip((base, fp8), params):
+    for name, model in models.items():
+        lora = params[name]
         model.cuda()
+        set_fp8_attention(model, name)
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             outs.append(model(**kwargs).sample.float())
         configure_checkpointing(model, MemoryConfig(gradient_checkpointing="full"))
@@ -158,12 +180,15 @@ def accuracy(base, fp8, params, inputs, sigmas, noise, rows_out: list[dict]) -> 
             p.grad = None
         model.cpu()
         torch.cuda.empty_cache()
-    cosine = F.cosine_similarity(grads[0], grads[1], dim=0).item()
-    row = {"forward rel L2 err": f"{rel_err(outs[1], outs[0]):.4f}", "LoRA grad cosine (step 1)": f"{cosine:.5f}",
-           "LoRA grad rel err": f"{rel_err(grads[1], grads[0]):.4f}",
-           "loss bf16": f"{losses[0]:.5f}", "loss fp8": f"{losses[1]:.5f}"}
-    print(row, flush=True)
-    rows_out.append(row)
+    for i, name in enumerate(models):
+        if i == 0:
+            continue
+        cosine = F.cosine_similarity(grads[0], grads[i], dim=0).item()
+        row = {"vs bf16": name, "forward rel L2 err": f"{rel_err(outs[i], outs[0]):.4f}",
+               "LoRA grad cosine (step 1)": f"{cosine:.5f}", "LoRA grad rel err": f"{rel_err(grads[i], grads[0]):.4f}",
+               "loss bf16": f"{losses[0]:.5f}", "loss": f"{losses[i]:.5f}"}
+        print(row, flush=True)
+        rows_out.append(row)
 
 
 def steps(models: dict, params: dict, inputs, sigmas, noise, args, rows_out: list[dict]) -> None:
@@ -184,6 +209,7 @@ def steps(models: dict, params: dict, inputs, sigmas, noise, args, rows_out: lis
         torch._dynamo.reset()
         compiled_checkpoint.cache_clear()
         model.cuda()
+        set_fp8_attention(model, name)
         memory = MemoryConfig(gradient_checkpointing=args.policy, offload_activations="host" in parts,
                               linear_blocks=linears)
         configure_checkpointing(model, memory, compile_regions="regions" in parts)
@@ -212,7 +238,8 @@ def steps(models: dict, params: dict, inputs, sigmas, noise, args, rows_out: lis
 
 
 def loss_curves(args, rows_out: list[dict]) -> None:
-    """`--loss-steps` steps bf16 vs FP8 compute from one seed on the synthetic talking clips."""
+    """`--loss-steps` steps bf16 vs FP8 compute (and FP8 attention with `--fp8-attention`)
+    from one seed and one LoRA init on the synthetic talking clips."""
     from common import talking_dataset
 
     from trainer.memory import MemoryConfig
@@ -225,8 +252,15 @@ def loss_curves(args, rows_out: list[dict]) -> None:
     base, fp8, params, _ = build_pair(args.loss_blocks)
     config = TrainConfig.from_dict({"mixed_precision": "bf16"})
     curves = {}
-    for name, model, lora in (("bf16", base, params[0]), ("fp8", fp8, params[1])):
+    models, loras = compared(base, fp8, params, args.fp8_attention)
+    initial = [p.detach().clone() for p in params[1]]
+    for name, model in models.items():
+        lora = loras[name]
+        with torch.no_grad():  # the rows that share the FP8 model start from the same LoRA
+            for p, p0 in zip(params[1], initial):
+                p.copy_(p0)
         model.cuda()
+        set_fp8_attention(model, name)
         configure_checkpointing(model, MemoryConfig(gradient_checkpointing="full"))
         optimizer = torch.optim.AdamW(lora, lr=args.loss_lr)
         generator = torch.Generator().manual_seed(0)
@@ -246,13 +280,13 @@ def loss_curves(args, rows_out: list[dict]) -> None:
         model.cpu()
     last = min(50, args.loss_steps)
     means = {name: statistics.fmean(c[-last:]) for name, c in curves.items()}
-    row = {"steps": args.loss_steps, "blocks": args.loss_blocks, "size": f"{w}x{h}x{args.loss_frames}",
-           "lr": args.loss_lr, f"bf16 mean loss, last {last}": f"{means['bf16']:.5f}",
-           f"fp8 mean loss, last {last}": f"{means['fp8']:.5f}",
-           "relative difference": f"{(means['fp8'] - means['bf16']) / means['bf16']:+.3%}",
-           "bf16 first": f"{curves['bf16'][0]:.4f}", "fp8 first": f"{curves['fp8'][0]:.4f}"}
-    print(row, flush=True)
-    rows_out.append(row)
+    for name in curves:
+        row = {"row": name, "steps": args.loss_steps, "blocks": args.loss_blocks,
+               "size": f"{w}x{h}x{args.loss_frames}", "lr": args.loss_lr,
+               f"mean loss, last {last}": f"{means[name]:.5f}",
+               "vs bf16": f"{(means[name] - means['bf16']) / means['bf16']:+.3%}", "first loss": f"{curves[name][0]:.4f}"}
+        print(row, flush=True)
+        rows_out.append(row)
     save_json("bench_fp8_loss_curves.json", curves)
 
 
@@ -261,6 +295,8 @@ def main() -> None:
     parser.add_argument("--micro", action="store_true")
     parser.add_argument("--accuracy", action="store_true")
     parser.add_argument("--steps", action="store_true")
+    parser.add_argument("--fp8-attention", action="store_true",
+                        help="add a row with FP8 attention on top of FP8 compute (needs nvidia-cudnn-frontend)")
     parser.add_argument("--variant", default="regions+host+merged+linears5")
     parser.add_argument("--policy", default="attention")
     parser.add_argument("--blocks", type=int, default=None, help="blocks of the 14B model (default: all 40)")
@@ -292,7 +328,7 @@ def main() -> None:
         shape = f"{args.width}x{args.height}x{args.frames}, {args.blocks or 40} blocks"
         if args.accuracy:
             rows = []
-            accuracy(base, fp8, params, inputs, sigmas, noise, rows)
+            accuracy(*compared(base, fp8, params, args.fp8_attention), inputs, sigmas, noise, rows)
             results["accuracy"] = print_table(f"bf16 vs FP8 compute, {shape} - {head}", rows, list(rows[0]))
             save_json("bench_fp8_compute.json", results)
         if args.steps:
@@ -300,7 +336,7 @@ def main() -> None:
                 base.compile_blocks()
                 fp8.compile_blocks()
             rows = []
-            steps({"bf16": base, "fp8": fp8}, {"bf16": params[0], "fp8": params[1]}, inputs, sigmas, noise, args, rows)
+            steps(*compared(base, fp8, params, args.fp8_attention), inputs, sigmas, noise, args, rows)
             results["steps"] = print_table(
                 f"S2V LoRA r16 step, bf16 vs FP8 compute base Linears, {shape}, {args.policy}"
                 f"{', compiled' if args.compile else ''} - {head}", rows,

@@ -151,6 +151,8 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--fp8-compute", default="off", choices=["off", "on", "both"],
                         help="the transformer's base Linears in FP8 (both: bf16 first, then converted in place)")
+    parser.add_argument("--fp8-attention", action="store_true",
+                        help="then a row with FP8 attention too (on FP8 base Linears; needs nvidia-cudnn-frontend)")
     parser.add_argument("--end-to-end", action="store_true",
                         help="one whole clip: 4 steps at guidance 1 with a LoRA stack vs the official 40 steps")
     args = parser.parse_args()
@@ -174,12 +176,16 @@ def main() -> int:
         save_json("bench_sample_end_to_end.json", {"environment": environment(), "rows": rows})
         return 0
     computes = {"off": ["bf16"], "on": ["fp8"], "both": ["bf16", "fp8"]}[args.fp8_compute]
+    computes += ["fp8+attn"] if args.fp8_attention else []
     rows = []
+    converted = False
     for compute in computes:
-        if compute == "fp8":
+        if compute.startswith("fp8") and not converted:
             from trainer.sample.bundle import with_fp8_compute
 
             bundle = with_fp8_compute(bundle, copy=False, kind="emulated" if args.tiny else None)
+            converted = True
+        bundle.fp8_attention = compute.endswith("+attn")
         if args.compile:
             bundle.transformer.compile_blocks()
         rows.append({"base compute": compute, **measure(bundle, image, audio, config, args, cuda)})

@@ -51,6 +51,10 @@ class WanS2VLoadModelBundle:
                                 "does: faster steps, slightly different pixels. An fp8_scaled "
                                 "file's weights are used as shipped; a connected transformer_model stays as it is "
                                 "(the FP8 weights are an extra copy of one byte per weight)."}),
+                "fp8_attention": ("BOOLEAN", {"default": False, "tooltip": "Run the transformer's self-attention "
+                                  "on FP8 tensor cores (cuDNN's FP8 attention, like SageAttention in other "
+                                  "ComfyUI workflows: faster steps, slightly different pixels). Hopper or Blackwell "
+                                  "GPU; pip install nvidia-cudnn-frontend."}),
             },
         }
 
@@ -61,15 +65,19 @@ class WanS2VLoadModelBundle:
     DESCRIPTION = "Loads every model the S2V sampler needs (strict key checks), or the tiny random set for tests."
 
     def load(self, transformer, vae, text_encoder, audio_encoder, dtype, numerics, device, transformer_model=None,
-             fp8_compute=False):
+             fp8_compute=False, fp8_attention=False):
+        from ..trainer.model.fp8_attention import check_device
         from ..trainer.sample.bundle import check_fp8_compute, with_fp8_compute
 
         device = _device(device)
         if fp8_compute:
             check_fp8_compute(device)  # before any file is read
+        if fp8_attention:
+            check_device(device)
         bundle = _load_bundle(transformer, vae, text_encoder, audio_encoder, dtype, numerics, device, transformer_model)
         if fp8_compute:  # a connected transformer stays as it is: the training node may hold it
             bundle = with_fp8_compute(bundle, copy=transformer_model is not None)
+        bundle.fp8_attention = fp8_attention  # set for each sampling call only: a shared transformer stays as it is
         return (bundle,)
 
 

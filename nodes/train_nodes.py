@@ -107,6 +107,9 @@ TOOLTIPS = {
     "fp8_compute": "Run the frozen base Linears on FP8 tensor cores (e4m3 weights quantized once, activations per "
     "token): ~10% faster steps and half the weight memory on Hopper; needs compute capability 8.9+ (Ada, Hopper, "
     "Blackwell). The LoRA, norms and attention stay in bf16.",
+    "fp8_attention": "Run the blocks' self-attention on FP8 tensor cores (cuDNN's FP8 attention, forward and "
+    "backward; Q, K, V quantized per tensor): attention is most of a step. Hopper or Blackwell GPU and "
+    "pip install nvidia-cudnn-frontend. Works with or without fp8_compute and with the automatic plan.",
     # validation
     "image": "Reference image of this validation case (the first of the batch).",
     "audio": "Speech of this validation case; its length (capped by num_video_frames) sets the clip.",
@@ -326,6 +329,7 @@ class WanS2VMemorySettings:
                 "linear_blocks": ("INT", {"default": 0, "min": 0, "max": 64}),
                 "merged_lora": ("BOOLEAN", {"default": True}),
                 "fp8_compute": ("BOOLEAN", {"default": False}),
+                "fp8_attention": ("BOOLEAN", {"default": False}),
             },
         })
 

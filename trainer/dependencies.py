@@ -43,6 +43,7 @@ PACKAGES: dict[str, Package] = {
     "bitsandbytes": Package("bitsandbytes", extra="quant"),
     "prodigyopt": Package("prodigyopt", extra="prodigy"),
     "flash_attn": Package("flash-attn-4", extra="flash"),
+    "cudnn": Package("nvidia-cudnn-frontend", extra="fp8-attention"),
 }
 
 #: Modules that exist only inside a running ComfyUI (used by `nodes/comfy_adapter.py`).

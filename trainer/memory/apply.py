@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..model.fp8_attention import enable_fp8_attention
 from .activations import ActivationOffload, offloaded_checkpoint
 from .config import EXCLUSIVE_OFFLOAD_MESSAGE, MemoryConfig, MemoryConfigError
 from .fp8_compute import enable_fp8_compute
@@ -132,8 +133,10 @@ def apply_memory_config(
     device = torch.device(device)
     sentence = None
     if config.auto:
+        fp8_attention = config.fp8_attention
         config, sentence = automatic_config(config, device, model, height=height, width=width, frames=frames,
                                             lora_rank=lora_rank)
+        config.fp8_attention = fp8_attention  # the plan's memory estimates hold either way
     if config.offload == "blocks" and getattr(model, "_hf_hook", None) is not None:
         raise MemoryConfigError(EXCLUSIVE_OFFLOAD_MESSAGE)
     # Without offload each converted layer goes to the device at once: the run may share its host
@@ -144,6 +147,9 @@ def apply_memory_config(
         converted = enable_fp8_compute(model, device, place)
     else:
         converted = apply_precision(model, config.base_model_precision, place)
+    if config.fp8_attention:
+        config.check_fp8_attention(device)
+        enable_fp8_attention(model, device)
     regions = compile_regions and regions_apply(config, bool(getattr(model, "token_routes", None)))
     labels = configure_checkpointing(model, config, compile_regions=regions)
     model.set_feed_forward_chunk_size(config.resolved_feed_forward_chunk_size())

@@ -42,7 +42,7 @@ EXCLUSIVE_OFFLOAD_MESSAGE = (
 )
 FEED_FORWARD_ENV = "WAN_FEED_FORWARD_CHUNK_SIZE"
 #: Settings that leave the automatic plan free: a config that sets only these gets it by default.
-AUTO_NEUTRAL_KEYS = frozenset({"device", "vram_budget_gib"})
+AUTO_NEUTRAL_KEYS = frozenset({"device", "vram_budget_gib", "fp8_attention"})
 
 
 class MemoryConfigError(ValueError):
@@ -105,6 +105,11 @@ class MemoryConfig:
     #: modulation and attention keep their dtype. Needs compute capability 8.9 or newer
     #: (Ada, Hopper, Blackwell); works with base_model_precision no_change or fp8.
     fp8_compute: bool = False
+    #: Run the self-attention of the blocks on FP8 tensor cores (cuDNN's FP8 attention,
+    #: forward and backward; `trainer.model.fp8_attention`): Q, K, V and the output gradient
+    #: quantized to e4m3 per tensor on the fly. Needs a Hopper or newer GPU and the
+    #: nvidia-cudnn-frontend package. Independent of `fp8_compute`.
+    fp8_attention: bool = False
     #: Copy the checkpointed block inputs to pinned host memory and back in the backward pass
     #: (with compiled checkpoint regions: everything large a checkpointed block saves).
     offload_activations: bool = False
@@ -189,7 +194,18 @@ class MemoryConfig:
             raise MemoryConfigError("offload_activations needs gradient checkpointing")
         if self.fp8_compute and not self.auto:
             self.check_fp8_compute()
+        if self.fp8_attention:
+            self.check_fp8_attention()
         return self
+
+    def check_fp8_attention(self, device: torch.device | str | None = None) -> None:
+        """Refuse `fp8_attention` where it cannot run (no Hopper or newer GPU, or no
+        nvidia-cudnn-frontend), naming the reason."""
+        from ..model.fp8_attention import refusal
+
+        reason = refusal(self.resolved_device() if device is None else device)
+        if reason:
+            raise MemoryConfigError(reason)
 
     def check_fp8_compute(self, device: torch.device | str | None = None) -> None:
         """Refuse `fp8_compute` where it cannot run: int8 base weights (they would be
@@ -253,6 +269,8 @@ class MemoryConfig:
         parts.append(f"checkpointing={ckpt}")
         if self.fp8_compute:
             parts.append("fp8 compute")
+        if self.fp8_attention:
+            parts.append("fp8 attention")
         if self.offload_activations:
             parts.append("activations->host")
         chunk = self.resolved_feed_forward_chunk_size()

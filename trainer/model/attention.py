@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dependencies import MissingPackageError, missing_package_message
-from . import flash4
+from . import flash4, fp8_attention
 from .rope import apply_rope
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash-attn-4")
@@ -77,12 +77,16 @@ def describe_attention_kernel(device: torch.device) -> str:
     return "SDPA"
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contiguous_heads: bool = False) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contiguous_heads: bool = False,
+              fp8_state: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention over [B, S, H, D] queries, keys and values; returns [B, S_q, H, D].
 
+    FP8 attention when the layer has an `fp8_state` (`trainer.model.fp8_attention`), else
     FlashAttention-4 where it runs (and is not turned off), else SDPA; `contiguous_heads`
     gives SDPA contiguous [B, H, S, D] queries and keys (see `WanS2VAttention`).
     """
+    if fp8_state is not None and fp8_attention.supports(q, k):
+        return fp8_attention.fp8_attention(q, k, v, fp8_state)[0]
     if flash4_enabled(q.device) and flash4.supports(q, k):
         return flash4.flash4_attention(q, k, v)[0]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -115,6 +119,10 @@ class WanS2VAttention(nn.Module):
     #: step. Only with gradients on (sampling runs no regions); elsewhere the strided views
     #: avoid a copy.
     contiguous_heads: bool = False
+    #: The layer's FP8 attention state on the compute device (`trainer.model.fp8_attention`,
+    #: set by `enable_fp8_attention`), None for attention in bf16. A plain attribute, not a
+    #: buffer: block offload would swap a buffer in from host memory and drop its updates.
+    fp8_attention_state: torch.Tensor | None = None
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, eps: float = 1e-6, kv_dim: int | None = None):
         super().__init__()
@@ -152,5 +160,6 @@ class WanS2VAttention(nn.Module):
         if rotary is not None:
             q = apply_rope(q, *rotary)
             k = apply_rope(k, *rotary)
-        out = attention(q, k, v, contiguous_heads=self.contiguous_heads and torch.is_grad_enabled())
+        out = attention(q, k, v, contiguous_heads=self.contiguous_heads and torch.is_grad_enabled(),
+                        fp8_state=self.fp8_attention_state)
         return self.to_out[0](out.reshape(batch, seq, -1))

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from . import flash4
+from . import flash4, fp8_attention
 
 CHECKPOINT_POLICIES = ("none", "full", "attention")
 BLOCK_POLICIES = ("full", "attention", "linears")  # what one block's checkpoint keeps
@@ -39,7 +39,7 @@ def _attention_ops() -> dict:
         "_scaled_dot_product_flash_attention_for_cpu",
     )
     sdpa = {getattr(aten, name).default: -2 for name in names if hasattr(aten, name)}  # [B, H, S, D]
-    return {**sdpa, flash4.FORWARD_OP: 1}  # [B, S, H, D]
+    return {**sdpa, flash4.FORWARD_OP: 1, fp8_attention.FORWARD_OP: 1}  # [B, S, H, D]
 
 
 def _keep_self_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:

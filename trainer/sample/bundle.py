@@ -24,6 +24,8 @@ class ModelBundle:
     audio_encoder: Any
     device: torch.device | str = "cpu"
     dtype: torch.dtype = torch.float32
+    #: Self-attention on FP8 tensor cores while sampling (`trainer.model.fp8_attention`).
+    fp8_attention: bool = False
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
@@ -114,6 +116,7 @@ def load_model_bundle(
     seed: int = 0,
     keep_fp8: bool = True,
     fp8_compute: bool = False,
+    fp8_attention: bool = False,
 ) -> ModelBundle:
     """Load every part from ComfyUI files or Diffusers folders.
 
@@ -131,11 +134,18 @@ def load_model_bundle(
     audio-injector Linears then run their matmuls on `device`'s FP8 tensor cores
     (`trainer.memory.fp8_compute`; a scaled-fp8 file's bytes as shipped, a bf16 file's weights
     quantized once per output channel); a device without FP8 tensor cores is refused first.
+    With `fp8_attention`, sampling runs the self-attention in FP8 (cuDNN's kernels on a Hopper
+    or newer GPU, refused first elsewhere).
     """
     if fp8_compute:
         check_fp8_compute(device)
+    if fp8_attention:
+        from ..model.fp8_attention import check_device
+
+        check_device(device)
     if tiny:
         bundle = build_tiny_bundle(seed=seed, device=device, numerics=numerics)
+        bundle.fp8_attention = fp8_attention
         return with_fp8_compute(bundle, copy=False) if fp8_compute else bundle
     from ..model.audio_encoder import load_audio_encoder
     from ..model.text_encoder import load_text_encoder
@@ -162,7 +172,7 @@ def load_model_bundle(
     text_model, tok = load_text_encoder(text_path, dtype=_dtype(text_encoder_dtype or dtype), device=load_device,
                                         tokenizer_path=tok_path)
     audio_model = load_audio_encoder(pick(audio_encoder, "audio_encoder"), dtype=torch.float32, device=load_device)
-    bundle = ModelBundle(model, vae_model, text_model, tok, audio_model, torch.device(device), dtype)
+    bundle = ModelBundle(model, vae_model, text_model, tok, audio_model, torch.device(device), dtype, fp8_attention)
     return with_fp8_compute(bundle, copy=False) if fp8_compute else bundle
 
 

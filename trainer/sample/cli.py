@@ -40,6 +40,9 @@ def add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
     models.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     models.add_argument("--fp8-compute", action="store_true",
                         help="the transformer's large matmuls on FP8 tensor cores (Ada, Hopper, Blackwell GPUs)")
+    models.add_argument("--fp8-attention", action="store_true",
+                        help="self-attention on FP8 tensor cores (cuDNN; Hopper, Blackwell GPUs; needs "
+                        "nvidia-cudnn-frontend)")
     models.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
                         help="LoRA .safetensors (ComfyUI, kohya / musubi-tuner, Diffusers or "
                         "DiffSynth-Studio keys; full differences too), repeatable; strength default 1")
@@ -94,6 +97,7 @@ def run_sample(args: argparse.Namespace) -> int:
         args.transformer, args.vae, args.text_encoder, args.audio_encoder, diffusers_root=args.diffusers_root,
         tokenizer=args.tokenizer, dtype=args.dtype, device=device, tiny=args.tiny,
         load_device="cpu" if args.offload else device, fp8_compute=args.fp8_compute,
+        fp8_attention=args.fp8_attention,
     )
     loras = [LoraSpec(path, strength) for path, strength in map(_lora_arg, args.lora)]
     last = [-1]

@@ -47,6 +47,7 @@ from ..media import (
 from ..model.audio_encoder import encode_speech
 from ..model.audio_features import audio_features_for_video, audio_window
 from ..model.conditioning import stack_pose_latents, transformer_inputs
+from ..model.fp8_attention import fp8_attention_during
 from ..model.text_encoder import encode_prompt
 from ..model.vae import decode_latents, encode_video
 from .bundle import ModelBundle
@@ -275,7 +276,7 @@ def _generate_chunks(bundle: ModelBundle, cfg: SamplerConfig, c: _Conditions, lo
     motion_latents = None
     try:
         with applied_loras(transformer, loras, keep_active=keep_active_adapters, log=say), \
-                _placed(transformer, device, offload):
+                _placed(transformer, device, offload), fp8_attention_during(transformer, device, bundle.fp8_attention):
             for r in range(chunks):
                 audio_in = audio_window(c.features, r, F)
                 pose = c.pose_latents[r] if c.pose_latents is not None else None

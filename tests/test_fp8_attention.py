@@ -1,0 +1,104 @@
+"""FP8 attention (`trainer.model.fp8_attention`): the scaling logic against float references,
+and the settings that turn it on, refused where cuDNN's FP8 kernels cannot run (any CPU).
+
+The kernels themselves need a Hopper GPU: `bench/bench_attention_fp8.py` checks the op against
+bf16 attention there."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from trainer.memory import MemoryConfig
+from trainer.memory.config import MemoryConfigError
+from trainer.model import TINY_TRANSFORMER_CONFIG
+from trainer.model import fp8_attention as fa
+from trainer.model.checkpointing import _ATTENTION_OPS
+
+
+def _logit_grad_ratio(q, k, v, dout) -> float:
+    """amax(dP) / amax(dO) in float64, dP the gradient of the scaled attention logits."""
+    logits = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).requires_grad_()
+    out = logits.softmax(-1) @ v
+    (grad,) = torch.autograd.grad(out, logits, dout)
+    return (grad.abs().amax() / dout.abs().amax()).item()
+
+
+@pytest.mark.parametrize("peaked", [False, True])
+def test_the_dp_scale_bound_holds_for_any_attention(peaked):
+    gen = torch.Generator().manual_seed(0)
+    heads, seq, dim = 2, 64, 128
+    q, k, v, dout = (torch.randn(heads, seq, dim, generator=gen, dtype=torch.float64) for _ in range(4))
+    if peaked:  # one key dominates each query's softmax: the largest logit gradients
+        q = q * 6
+        v[:, 0] *= 20
+    ratio = _logit_grad_ratio(q, k, v, dout)
+    v_amax = v.abs().amax().float()
+    scale = fa.dp_scale(torch.tensor(0.0), torch.tensor(1.0), v_amax, dim)
+    assert scale.shape == (1, 1, 1, 1)
+    # the bound's scale keeps the largest dP inside e4m3's range...
+    assert ratio * scale.item() <= fa.E4M3_MAX
+    # ...and is not absurdly loose for these inputs (within 2^12 of the true amax)
+    assert ratio * scale.item() > fa.E4M3_MAX / 2**12
+
+
+def test_the_delayed_dp_scale_follows_the_observed_ratio_under_the_bound():
+    v_amax, dout_amax = torch.tensor(3.0), torch.tensor(0.01)
+    bound_ratio = 2 * math.sqrt(128) * 3.0
+    observed = torch.tensor(0.5)  # far below the bound: the delayed ratio decides
+    scale = fa.dp_scale(observed, dout_amax, v_amax, 128).item()
+    assert scale == pytest.approx(fa.E4M3_MAX / (0.5 * fa.DP_MARGIN * 0.01), rel=1e-6)
+    # a loss ten times larger moves the scale at once (the ratio is relative to amax(dO))
+    assert fa.dp_scale(observed, dout_amax * 10, v_amax, 128).item() == pytest.approx(scale / 10, rel=1e-6)
+    # never above what the bound allows, whatever the history says
+    stale = torch.tensor(1e4)
+    assert fa.dp_scale(stale, dout_amax, v_amax, 128).item() == pytest.approx(
+        fa.E4M3_MAX / (bound_ratio * 0.01), rel=1e-6)
+
+
+def test_per_tensor_quantization_round_trips_within_e4m3_precision():
+    x = torch.randn(2, 33, 4, 128, generator=torch.Generator().manual_seed(1)).bfloat16() * 7
+    x8, descale = fa.quantize_per_tensor(x)
+    assert x8.dtype == torch.float8_e4m3fn and descale.shape == (1, 1, 1, 1)
+    assert descale.item() == pytest.approx(x.float().abs().max().item() / 448, rel=1e-6)
+    back = x8.float() * descale
+    assert back.abs().max() <= x.float().abs().max() * (1 + 1e-6)
+    normal = x.float().abs() / descale >= 2**-6  # e4m3's normal range: 3 mantissa bits
+    rel = ((back - x.float()).abs() / x.float().abs())[normal]
+    assert rel.max() <= 2**-4 + 1e-6  # half an e4m3 step
+
+
+def test_the_self_attention_checkpoint_policies_keep_the_fp8_op():
+    assert _ATTENTION_OPS[fa.FORWARD_OP] == 1  # [B, S, H, D]
+
+
+def test_fp8_attention_is_refused_on_a_cpu_with_the_reason():
+    reason = fa.refusal("cpu")
+    assert "Hopper" in reason and "fp8_attention off" in reason
+    with pytest.raises(MemoryConfigError, match="Hopper"):
+        MemoryConfig.from_dict({"device": "cpu", "fp8_attention": True})
+    model = torch.nn.Module()
+    with pytest.raises(ValueError, match="Hopper"):
+        fa.enable_fp8_attention(model, "cpu")
+
+
+def test_turning_fp8_attention_on_keeps_the_automatic_plan():
+    config = MemoryConfig.from_dict({"fp8_attention": False}, auto_by_default=True)
+    assert config.auto
+
+
+def test_fp8_attention_during_restores_each_layer(monkeypatch):
+    from trainer.model import WanS2VTransformer3DModel
+
+    monkeypatch.setattr(fa, "refusal", lambda device: None)  # a CPU stands in for the GPU here
+    model = WanS2VTransformer3DModel(**TINY_TRANSFORMER_CONFIG)
+    layers = fa.self_attention_layers(model)
+    kept = fa.new_state("cpu")
+    layers[0].fp8_attention_state = kept
+    with fa.fp8_attention_during(model, "cpu"):
+        assert layers[0].fp8_attention_state is kept
+        assert layers[1].fp8_attention_state is not None
+        assert all(b.attn2.fp8_attention_state is None for b in model.blocks)  # cross-attention stays bf16
+    assert layers[0].fp8_attention_state is kept and layers[1].fp8_attention_state is None

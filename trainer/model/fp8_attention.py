@@ -1,0 +1,380 @@
+"""FP8 self-attention: cuDNN's fused FP8 attention kernels (forward and backward) through
+the optional `nvidia-cudnn-frontend` package, as torch custom ops.
+
+Attention is most of a 14B step at 832x480x81 (two thirds with FP8 base Linears), and
+Hopper's FP8 tensor cores run it at about twice the bf16 rate. Scaling, as in Transformer
+Engine's FP8 attention:
+
+- Q, K, V (and, in the backward, dO) are quantized to e4m3 with one float32 scale per
+  tensor, from their absolute maximum on the fly (``q8 = round_e4m3(q * 448 / amax)``).
+- The kernel quantizes the softmax probabilities with a fixed scale (they lie in [0, 1]).
+- The output O is a convex combination of V's rows, so |O| <= amax(V): V's scale serves O.
+- The gradient of the attention logits (cuDNN's "dP") is quantized inside the backward
+  kernel, before its amax is known. Its scale comes from the layer's previous backward
+  (delayed scaling), stored relative to dO's amax so a change in the loss's magnitude
+  between steps moves it at once. It is capped by a bound that cannot overflow
+  (`dp_scale`), which also serves a layer's first backward.
+
+Only self-attention of the transformer blocks runs in FP8 (cross-attention over 512 text
+tokens and the audio injectors are ~3% of the attention work). The ops are defined whether
+or not the package is installed; `refusal` says when they may run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
+#: cuDNN's FP8 attention kernels: Hopper and newer, heads of 128.
+MIN_CAPABILITY = (9, 0)
+HEAD_DIM = 128
+#: Headroom of the delayed dP scale: the logits' gradient may grow this much relative to dO's
+#: amax from one step to the next before its largest values saturate.
+DP_MARGIN = 4.0
+#: A tiny amax (an all-zero tensor) quantizes to zeros instead of dividing by zero.
+MIN_AMAX = 1e-12
+
+
+@functools.cache
+def is_installed() -> bool:
+    try:
+        import cudnn  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken install (missing cuDNN library) counts as absent
+        return False
+    return True
+
+
+def refusal(device: torch.device | str) -> str | None:
+    """Why FP8 attention cannot run on `device` (None: it can), naming the GPU."""
+    device = torch.device(device)
+    advice = "Turn fp8_attention off (attention then runs in bf16)."
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return f"fp8_attention needs an NVIDIA Hopper or newer GPU; the model runs on '{device}'. {advice}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < MIN_CAPABILITY:
+        return (f"fp8_attention needs cuDNN's FP8 attention kernels (compute capability 9.0 or newer: Hopper, "
+                f"Blackwell); {torch.cuda.get_device_name(device)} has {major}.{minor}. {advice}")
+    if not is_installed():
+        return f"fp8_attention needs the nvidia-cudnn-frontend package: pip install nvidia-cudnn-frontend. {advice}"
+    return None
+
+
+def check_device(device: torch.device | str) -> None:
+    """Raise `ValueError` with `refusal`'s reason where FP8 attention cannot run."""
+    reason = refusal(device)
+    if reason:
+        raise ValueError(reason)
+
+
+def supports(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether these [B, S, H, D] queries and keys go through FP8 attention."""
+    return q.dtype == torch.bfloat16 and q.shape[-1] == HEAD_DIM and q.shape == k.shape
+
+
+# --------------------------------------------------------------------------- scaling
+
+
+def quantize_per_tensor(x: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 copy of `x` with one scale: (x8, descale), ``x ~= x8.float() * descale``;
+    `descale` is a float32 [1, 1, 1, 1] tensor (amax / 448), as cuDNN takes it."""
+    amax = x.detach().abs().amax().float() if amax is None else amax
+    descale = (amax.clamp(min=MIN_AMAX) / E4M3_MAX).reshape(1, 1, 1, 1)
+    return (x.float() / descale).to(E4M3), descale
+
+
+def dp_scale(ratio: torch.Tensor, dout_amax: torch.Tensor, v_amax: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Scale [1, 1, 1, 1] of the logits' gradient dP in the backward kernel.
+
+    From the layer's last observed ratio amax(dP) / amax(dO) (0 before its first backward)
+    times `DP_MARGIN`, and never above the bound that holds for any input: with
+    ``dP_ij = P_ij (dO_i . V_j - dO_i . O_i) / sqrt(D)``, 0 <= P_ij <= 1 and |O| <= amax(V),
+    ``|dP| <= 2 sqrt(D) amax(dO) amax(V)``.
+    """
+    bound = 2.0 * math.sqrt(head_dim) * v_amax
+    expected_ratio = torch.where(ratio > 0, torch.minimum(ratio * DP_MARGIN, bound), bound)
+    return (E4M3_MAX / (expected_ratio * dout_amax).clamp(min=MIN_AMAX)).reshape(1, 1, 1, 1)
+
+
+def new_state(device: torch.device | str) -> torch.Tensor:
+    """A layer's FP8 attention state: float32 [2] = (amax(dP) / amax(dO) of its last
+    backward, 0 until the first; scratch for cuDNN's amax output)."""
+    return torch.zeros(2, device=device, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------- cuDNN graphs
+
+
+@dataclass
+class _Graphs:
+    forward: object
+    backward: object
+    forward_tensors: dict
+    backward_tensors: dict
+    workspace_bytes: int
+
+
+@functools.cache
+def _handle(device_index: int):
+    import cudnn
+
+    with torch.cuda.device(device_index):
+        return cudnn.create_handle()
+
+
+def _build(graph, cudnn) -> None:
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    graph.check_support()
+    graph.build_plans()
+
+
+@functools.cache
+def _graphs(shape: tuple[int, ...], stride: tuple[int, ...], device_index: int) -> _Graphs:
+    """Forward and backward graphs for [B, H, S, D] views of `shape` and `stride`."""
+    import cudnn
+
+    dt = cudnn.data_type
+    handle = _handle(device_index)
+    batch, heads, seq, dim = shape
+    stats_dim, stats_stride = (batch, heads, seq, 1), (heads * seq, seq, 1, 1)
+    attn_scale = 1.0 / math.sqrt(dim)
+
+    def new_graph():
+        return cudnn.pygraph(io_data_type=dt.FP8_E4M3, intermediate_data_type=dt.FLOAT,
+                             compute_data_type=dt.FLOAT, handle=handle)
+
+    def tensor(graph, data_type=dt.FP8_E4M3):
+        return graph.tensor(dim=shape, stride=stride, data_type=data_type)
+
+    def scalar(graph):
+        return graph.tensor(dim=(1, 1, 1, 1), stride=(1, 1, 1, 1), data_type=dt.FLOAT)
+
+    def output(t, dims, strides, data_type):
+        t.set_output(True).set_dim(dims).set_stride(strides).set_data_type(data_type)
+
+    fwd = new_graph()
+    ft = {name: tensor(fwd) for name in ("q", "k", "v")}
+    ft.update({name: scalar(fwd) for name in ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s",
+                                               "scale_o")})
+    o, stats, amax_s, amax_o = fwd.sdpa_fp8(
+        q=ft["q"], k=ft["k"], v=ft["v"], descale_q=ft["descale_q"], descale_k=ft["descale_k"],
+        descale_v=ft["descale_v"], descale_s=ft["descale_s"], scale_s=ft["scale_s"], scale_o=ft["scale_o"],
+        is_inference=False, attn_scale=attn_scale, use_causal_mask=False)
+    output(o, shape, stride, dt.FP8_E4M3)
+    output(stats, stats_dim, stats_stride, dt.FLOAT)
+    for t in (amax_s, amax_o):
+        output(t, (1, 1, 1, 1), (1, 1, 1, 1), dt.FLOAT)
+    ft.update(o=o, stats=stats, amax_s=amax_s, amax_o=amax_o)
+    _build(fwd, cudnn)
+
+    bwd = new_graph()
+    bt = {name: tensor(bwd) for name in ("q", "k", "v", "o", "dO")}
+    bt["stats"] = bwd.tensor(dim=stats_dim, stride=stats_stride, data_type=dt.FLOAT)
+    scales = ("descale_q", "descale_k", "descale_v", "descale_o", "descale_dO", "descale_s", "descale_dP",
+              "scale_s", "scale_dQ", "scale_dK", "scale_dV", "scale_dP")
+    bt.update({name: scalar(bwd) for name in scales})
+    dq, dk, dv, *amaxes = bwd.sdpa_fp8_backward(**{n: bt[n] for n in ("q", "k", "v", "o", "dO", "stats", *scales)},
+                                                attn_scale=attn_scale, use_causal_mask=False)
+    for t in (dq, dk, dv):
+        output(t, shape, stride, dt.BFLOAT16)
+    for t in amaxes:
+        output(t, (1, 1, 1, 1), (1, 1, 1, 1), dt.FLOAT)
+    bt.update(dq=dq, dk=dk, dv=dv, **dict(zip(("amax_dq", "amax_dk", "amax_dv", "amax_dp"), amaxes)))
+    _build(bwd, cudnn)
+    return _Graphs(fwd, bwd, ft, bt, max(fwd.get_workspace_size(), bwd.get_workspace_size()))
+
+
+# --------------------------------------------------------------------------- the kernels
+
+
+@functools.cache
+def _constant(value: float, device: torch.device) -> torch.Tensor:
+    return torch.full((1, 1, 1, 1), value, device=device, dtype=torch.float32)
+
+
+def _bhsd(x: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shape and stride of the [B, H, S, D] view of a [B, S, H, D] tensor, as cuDNN takes them."""
+    view = x.transpose(1, 2)
+    return tuple(view.shape), tuple(view.stride())
+
+
+def _execute(graph, tensors: dict, pack: dict, workspace_bytes: int, device: torch.device) -> None:
+    import cudnn
+
+    handle = _handle(device.index)
+    cudnn.set_stream(handle, torch.cuda.current_stream(device).cuda_stream)
+    workspace = torch.empty(workspace_bytes, device=device, dtype=torch.uint8)
+    graph.execute({tensors[name]: value for name, value in pack.items()}, workspace, handle=handle)
+
+
+def _scalar(t: torch.Tensor, index: int) -> torch.Tensor:
+    return t[index:index + 1].view(1, 1, 1, 1)
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """FP8 attention of [B, S, H, D] bf16 tensors; returns (out bf16 [B, S, H, D], and for the
+    backward: o8, stats [B, H, S, 1] fp32, q8, k8, v8 (e4m3, [B, S, H, D]), descales [3] fp32
+    of q, k and v)."""
+    device = q.device
+    amaxes = torch.stack([x.detach().abs().amax() for x in (q, k, v)]).float()
+    descales = (amaxes.clamp(min=MIN_AMAX) / E4M3_MAX)
+    q8, k8, v8 = ((x.contiguous().float() / _scalar(descales, i).view(())).to(E4M3) for i, x in enumerate((q, k, v)))
+    shape, stride = _bhsd(q8)
+    graphs = _graphs(shape, stride, device.index)
+    o8 = torch.empty_like(q8)
+    stats = torch.empty(shape[0], shape[1], shape[2], 1, device=device, dtype=torch.float32)
+    amax_scratch = torch.empty(2, 1, 1, 1, device=device, dtype=torch.float32)
+    _execute(graphs.forward, graphs.forward_tensors, {
+        "q": q8, "k": k8, "v": v8, "descale_q": _scalar(descales, 0), "descale_k": _scalar(descales, 1),
+        "descale_v": _scalar(descales, 2), "descale_s": _constant(1.0 / E4M3_MAX, device),
+        "scale_s": _constant(E4M3_MAX, device), "scale_o": 1.0 / _scalar(descales, 2),
+        "o": o8, "stats": stats, "amax_s": amax_scratch[0:1], "amax_o": amax_scratch[1:2],
+    }, graphs.workspace_bytes, device)
+    out = (o8.float() * _scalar(descales, 2).view(())).to(q.dtype)
+    return out, o8, stats, q8, k8, v8, descales
+
+
+def attention_backward(grad_out: torch.Tensor, o8: torch.Tensor, stats: torch.Tensor, q8: torch.Tensor,
+                       k8: torch.Tensor, v8: torch.Tensor, descales: torch.Tensor, state: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv), bf16 [B, S, H, D], of `attention_forward`; updates the layer's
+    `state` (`new_state`) with this backward's amax(dP) / amax(dO)."""
+    device = q8.device
+    dout_amax = grad_out.detach().abs().amax().float()
+    do8, descale_do = quantize_per_tensor(grad_out.contiguous(), dout_amax)
+    scale_dp = dp_scale(state[0], dout_amax, descales[2] * E4M3_MAX, q8.shape[-1])
+    shape, stride = _bhsd(q8)
+    graphs = _graphs(shape, stride, device.index)
+    grads = [torch.empty(q8.shape, device=device, dtype=torch.bfloat16) for _ in range(3)]
+    amax_scratch = torch.empty(3, 1, 1, 1, device=device, dtype=torch.float32)
+    one = _constant(1.0, device)
+    descale_v = _scalar(descales, 2)
+    _execute(graphs.backward, graphs.backward_tensors, {
+        "q": q8, "k": k8, "v": v8, "o": o8, "dO": do8, "stats": stats,
+        "descale_q": _scalar(descales, 0), "descale_k": _scalar(descales, 1), "descale_v": descale_v,
+        "descale_o": descale_v, "descale_dO": descale_do, "descale_s": _constant(1.0 / E4M3_MAX, device),
+        "descale_dP": 1.0 / scale_dp, "scale_s": _constant(E4M3_MAX, device), "scale_dQ": one, "scale_dK": one,
+        "scale_dV": one, "scale_dP": scale_dp, "dq": grads[0], "dk": grads[1], "dv": grads[2],
+        "amax_dq": amax_scratch[0:1], "amax_dk": amax_scratch[1:2], "amax_dv": amax_scratch[2:3],
+        "amax_dp": _scalar(state, 1),
+    }, graphs.workspace_bytes, device)
+    torch.div(state[1:2], dout_amax.clamp(min=MIN_AMAX), out=state[0:1])
+    return grads[0], grads[1], grads[2]
+
+
+# --------------------------------------------------------------------------- custom ops
+
+
+def _registered() -> bool:
+    """Whether the ops exist already (the pack may be imported twice in one process)."""
+    try:
+        torch.ops.wan_s2v.fp8_attention_backward  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _define_ops() -> tuple:
+    @torch.library.custom_op("wan_s2v::fp8_attention", mutates_args=())
+    def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                 torch.Tensor]:
+        """`attention_forward`; `state` (`new_state`, the layer's) travels to the backward."""
+        return attention_forward(q, k, v)
+
+    @fp8_attention.register_fake
+    def _(q, k, v, state):
+        batch, seq, heads, _ = q.shape
+        fp8 = torch.empty(q.shape, dtype=E4M3, device=q.device)
+        return (torch.empty_like(q, memory_format=torch.contiguous_format), fp8, q.new_empty(batch, heads, seq, 1,
+                dtype=torch.float32), torch.empty_like(fp8), torch.empty_like(fp8), torch.empty_like(fp8),
+                q.new_empty(3, dtype=torch.float32))
+
+    # `state` is written in place (the delayed dP scale) but declared unmutated: nothing in a
+    # graph reads it except these ops, and a declared mutation would make the compiler copy it.
+    @torch.library.custom_op("wan_s2v::fp8_attention_backward", mutates_args=())
+    def fp8_attention_backward(grad_out: torch.Tensor, o8: torch.Tensor, stats: torch.Tensor, q8: torch.Tensor,
+                               k8: torch.Tensor, v8: torch.Tensor, descales: torch.Tensor, state: torch.Tensor
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`attention_backward`."""
+        return attention_backward(grad_out, o8, stats, q8, k8, v8, descales, state)
+
+    @fp8_attention_backward.register_fake
+    def _(grad_out, o8, stats, q8, k8, v8, descales, state):
+        return tuple(torch.empty(q8.shape, dtype=torch.bfloat16, device=q8.device) for _ in range(3))
+
+    def _setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*output[1:], inputs[3])
+
+    def _backward(ctx, grad_out, *unused):
+        o8, stats, q8, k8, v8, descales, state = ctx.saved_tensors
+        dq, dk, dv = fp8_attention_backward(grad_out, o8, stats, q8, k8, v8, descales, state)
+        return dq, dk, dv, None
+
+    fp8_attention.register_autograd(_backward, setup_context=_setup_context)
+    return fp8_attention, fp8_attention_backward
+
+
+if _registered():
+    fp8_attention, fp8_attention_backward = (torch.ops.wan_s2v.fp8_attention,
+                                             torch.ops.wan_s2v.fp8_attention_backward)
+else:
+    fp8_attention, fp8_attention_backward = _define_ops()
+
+#: The forward op overload, as selective checkpointing policies see it.
+FORWARD_OP = torch.ops.wan_s2v.fp8_attention.default
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def self_attention_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The self-attention layers of the transformer blocks (the ones FP8 attention serves)."""
+    return [block.attn1 for block in getattr(model, "blocks", [])]
+
+
+def enable_fp8_attention(model: torch.nn.Module, device: torch.device | str) -> int:
+    """Run the self-attention of every block of `model` in FP8 on `device` (refused with the
+    reason where it cannot run); returns the number of layers."""
+    check_device(device)
+    layers = self_attention_layers(model)
+    for layer in layers:
+        layer.fp8_attention_state = new_state(device)
+    return len(layers)
+
+
+def disable_fp8_attention(model: torch.nn.Module) -> None:
+    """Back to bf16 self-attention."""
+    for layer in self_attention_layers(model):
+        layer.fp8_attention_state = None
+
+
+def fp8_attention_enabled(model: torch.nn.Module) -> bool:
+    return any(layer.fp8_attention_state is not None for layer in self_attention_layers(model))
+
+
+@contextlib.contextmanager
+def fp8_attention_during(model: torch.nn.Module, device: torch.device | str, enabled: bool = True) -> Iterator[None]:
+    """FP8 self-attention on `device` inside the `with` block (for sampling a model that
+    others hold too); each layer's previous setting comes back afterwards."""
+    if not enabled:
+        yield
+        return
+    check_device(device)
+    layers = self_attention_layers(model)
+    before = [layer.fp8_attention_state for layer in layers]
+    for layer, state in zip(layers, before):
+        layer.fp8_attention_state = new_state(device) if state is None else state
+    try:
+        yield
+    finally:
+        for layer, state in zip(layers, before):
+            layer.fp8_attention_state = state
