@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..model.fp8_attention import enable_fp8_attention
 from .activations import ActivationOffload, offloaded_checkpoint
 from .config import EXCLUSIVE_OFFLOAD_MESSAGE, MemoryConfig, MemoryConfigError
 from .fp8_compute import enable_fp8_compute
@@ -148,6 +147,8 @@ def apply_memory_config(
     else:
         converted = apply_precision(model, config.base_model_precision, place)
     if config.fp8_attention:
+        from ..model.fp8_attention import enable_fp8_attention
+
         config.check_fp8_attention(device)
         enable_fp8_attention(model, device)
     regions = compile_regions and regions_apply(config, bool(getattr(model, "token_routes", None)))
