@@ -212,6 +212,7 @@ def pack_op_row(q, k, v, grad_out, reference: list[torch.Tensor], flops: float) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq", type=int, default=SEQ)
+    parser.add_argument("--pack-only", action="store_true", help="only bf16 and the pack's op")
     parser.add_argument("--logit-std", type=float, default=1.0,
                         help="standard deviation of the attention logits (larger: more peaked attention)")
     args = parser.parse_args()
@@ -245,8 +246,9 @@ def main() -> None:
     quant_s, _ = time_cuda(lambda: [quantize(t.detach()) for t in (q, k, v)], 2, 10)
     print(f"quantize q, k, v (eager): {quant_s * 1e3:.2f} ms", flush=True)
     scanned = False
-    for out_bf16, grads_bf16, o_in_bf16 in ((True, True, True), (False, True, False), (False, False, False),
-                                             (True, True, False)):
+    variants = () if args.pack_only else ((True, True, True), (False, True, False), (False, False, False),
+                                          (True, True, False))
+    for out_bf16, grads_bf16, o_in_bf16 in variants:
         name = (f"cuDNN fp8, o {'bf16' if out_bf16 else 'fp8'}, grads {'bf16' if grads_bf16 else 'fp8'}, "
                 f"o into backward {'bf16' if o_in_bf16 else 'fp8'}")
         try:

@@ -295,6 +295,7 @@ def main() -> None:
     parser.add_argument("--micro", action="store_true")
     parser.add_argument("--accuracy", action="store_true")
     parser.add_argument("--steps", action="store_true")
+    parser.add_argument("--rows", default=None, help="comma-separated rows to run (default: all of them)")
     parser.add_argument("--fp8-attention", action="store_true",
                         help="add a row with FP8 attention on top of FP8 compute (needs nvidia-cudnn-frontend)")
     parser.add_argument("--variant", default="regions+host+merged+linears5")
@@ -336,7 +337,9 @@ def main() -> None:
                 base.compile_blocks()
                 fp8.compile_blocks()
             rows = []
-            steps(*compared(base, fp8, params, args.fp8_attention), inputs, sigmas, noise, args, rows)
+            models, loras = compared(base, fp8, params, args.fp8_attention)
+            chosen = args.rows.split(",") if args.rows else list(models)
+            steps({n: models[n] for n in chosen}, {n: loras[n] for n in chosen}, inputs, sigmas, noise, args, rows)
             results["steps"] = print_table(
                 f"S2V LoRA r16 step, bf16 vs FP8 compute base Linears, {shape}, {args.policy}"
                 f"{', compiled' if args.compile else ''} - {head}", rows,

@@ -58,6 +58,13 @@ def test_the_delayed_dp_scale_follows_the_observed_ratio_under_the_bound():
         fa.E4M3_MAX / (bound_ratio * 0.01), rel=1e-6)
 
 
+def test_gradient_scales_give_each_gradient_its_headroom():
+    ratios = torch.tensor([0.5, 2.0, 4.0, 8.0])
+    scales = fa.gradient_scales(ratios, torch.tensor(0.01), torch.tensor(3.0), 128)
+    expected = [fa.E4M3_MAX / (r * fa.DP_MARGIN * 0.01) for r in (0.5, 2.0, 4.0, 8.0)]
+    assert scales.tolist() == pytest.approx(expected, rel=1e-6)
+
+
 def test_per_tensor_quantization_round_trips_within_e4m3_precision():
     x = torch.randn(2, 33, 4, 128, generator=torch.Generator().manual_seed(1)).bfloat16() * 7
     x8, descale = fa.quantize_per_tensor(x)
