@@ -339,6 +339,8 @@ def main() -> None:
             rows = []
             models, loras = compared(base, fp8, params, args.fp8_attention)
             chosen = args.rows.split(",") if args.rows else list(models)
+            for model in (base, fp8):  # a row left out must not hold device memory either
+                model.cpu()
             steps({n: models[n] for n in chosen}, {n: loras[n] for n in chosen}, inputs, sigmas, noise, args, rows)
             results["steps"] = print_table(
                 f"S2V LoRA r16 step, bf16 vs FP8 compute base Linears, {shape}, {args.policy}"

@@ -108,7 +108,8 @@ TOOLTIPS = {
     "token): ~10% faster steps and half the weight memory on Hopper; needs compute capability 8.9+ (Ada, Hopper, "
     "Blackwell). The LoRA, norms and attention stay in bf16.",
     "fp8_attention": "Run the blocks' self-attention on FP8 tensor cores (cuDNN's FP8 attention, forward and "
-    "backward; Q, K, V quantized per tensor): attention is most of a step. Hopper or Blackwell GPU and "
+    "backward; Q, K, V quantized per tensor): ~12% faster 14B steps, but the LoRA gradient drifts further from "
+    "bf16 (cosine 0.987 at step 1, 0.998 with fp8_compute alone). Hopper or Blackwell GPU and "
     "pip install nvidia-cudnn-frontend. Works with or without fp8_compute and with the automatic plan.",
     # validation
     "image": "Reference image of this validation case (the first of the batch).",
