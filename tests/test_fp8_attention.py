@@ -49,7 +49,7 @@ def test_the_delayed_dp_scale_follows_the_observed_ratio_under_the_bound():
     bound_ratio = 2 * math.sqrt(128) * 3.0
     observed = torch.tensor(0.5)  # far below the bound: the delayed ratio decides
     scale = fa.dp_scale(observed, dout_amax, v_amax, 128).item()
-    assert scale == pytest.approx(fa.E4M3_MAX / (0.5 * fa.DP_MARGIN * 0.01), rel=1e-6)
+    assert scale == pytest.approx(fa.E4M3_MAX / (0.5 * fa.GRADIENT_MARGIN * 0.01), rel=1e-6)
     # a loss ten times larger moves the scale at once (the ratio is relative to amax(dO))
     assert fa.dp_scale(observed, dout_amax * 10, v_amax, 128).item() == pytest.approx(scale / 10, rel=1e-6)
     # never above what the bound allows, whatever the history says
@@ -61,7 +61,7 @@ def test_the_delayed_dp_scale_follows_the_observed_ratio_under_the_bound():
 def test_gradient_scales_give_each_gradient_its_headroom():
     ratios = torch.tensor([0.5, 2.0, 4.0, 8.0])
     scales = fa.gradient_scales(ratios, torch.tensor(0.01), torch.tensor(3.0), 128)
-    expected = [fa.E4M3_MAX / (r * fa.DP_MARGIN * 0.01) for r in (0.5, 2.0, 4.0, 8.0)]
+    expected = [fa.E4M3_MAX / (r * fa.GRADIENT_MARGIN * 0.01) for r in (0.5, 2.0, 4.0, 8.0)]
     assert scales.tolist() == pytest.approx(expected, rel=1e-6)
 
 
@@ -109,3 +109,14 @@ def test_fp8_attention_during_restores_each_layer(monkeypatch):
         assert layers[1].fp8_attention_state is not None
         assert all(b.attn2.fp8_attention_state is None for b in model.blocks)  # cross-attention stays bf16
     assert layers[0].fp8_attention_state is kept and layers[1].fp8_attention_state is None
+
+
+def test_the_automatic_plan_keeps_fp8_attention_and_the_training_setup_turns_it_on(monkeypatch):
+    from trainer.memory.apply import apply_memory_config
+    from trainer.model import WanS2VTransformer3DModel
+
+    monkeypatch.setattr(fa, "refusal", lambda device: None)  # a CPU stands in for the GPU here
+    model = WanS2VTransformer3DModel(**TINY_TRANSFORMER_CONFIG)
+    setup = apply_memory_config(model, {"auto": True, "fp8_attention": True}, "cpu")
+    assert setup.config.fp8_attention and "fp8 attention" in setup.describe()
+    assert all(layer.fp8_attention_state is not None for layer in fa.self_attention_layers(model))

@@ -1,19 +1,22 @@
 """FP8 self-attention: cuDNN's fused FP8 attention kernels (forward and backward) through
 the optional `nvidia-cudnn-frontend` package, as torch custom ops.
 
-Attention is most of a 14B step at 832x480x81 (two thirds with FP8 base Linears), and
-Hopper's FP8 tensor cores run it at about twice the bf16 rate. Scaling, as in Transformer
-Engine's FP8 attention:
+Attention is two thirds of a 14B step at 832x480x81 once the base Linears run in FP8. On an
+H200 cuDNN's FP8 kernels take 29 ms forward and 88 ms backward at that shape against 43 and
+115 ms in bf16 (docs/benchmarks.md); the gradients come out noticeably less exact (relative
+L2 error ~0.07 per tensor), so this is an opt-in. Scaling, as in Transformer Engine's FP8
+attention:
 
 - Q, K, V (and, in the backward, dO) are quantized to e4m3 with one float32 scale per
   tensor, from their absolute maximum on the fly (``q8 = round_e4m3(q * 448 / amax)``).
 - The kernel quantizes the softmax probabilities with a fixed scale (they lie in [0, 1]).
 - The output O is a convex combination of V's rows, so |O| <= amax(V): V's scale serves O.
-- The gradient of the attention logits (cuDNN's "dP") is quantized inside the backward
-  kernel, before its amax is known. Its scale comes from the layer's previous backward
-  (delayed scaling), stored relative to dO's amax so a change in the loss's magnitude
-  between steps moves it at once. It is capped by a bound that cannot overflow
-  (`dp_scale`), which also serves a layer's first backward.
+- The backward kernel quantizes the gradient of the attention logits (cuDNN's "dP") and
+  writes dQ, dK, dV in e4m3 (cuDNN 9.19 offers these kernels with FP8 outputs only), each
+  before its amax is known. Their scales come from the layer's previous backward (delayed
+  scaling), kept relative to dO's amax so a change in the loss's magnitude between steps
+  moves them at once; dP's is also capped by a bound that cannot overflow (`dp_scale`). A
+  layer's first backward measures them with one extra run of the kernel.
 
 Only self-attention of the transformer blocks runs in FP8 (cross-attention over 512 text
 tokens and the audio injectors are ~3% of the attention work). The ops are defined whether
@@ -35,9 +38,9 @@ E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
 #: cuDNN's FP8 attention kernels: Hopper and newer, heads of 128.
 MIN_CAPABILITY = (9, 0)
 HEAD_DIM = 128
-#: Headroom of the delayed dP scale: the logits' gradient may grow this much relative to dO's
-#: amax from one step to the next before its largest values saturate.
-DP_MARGIN = 4.0
+#: Headroom of the delayed gradient scales: dP, dQ, dK, dV may grow this much relative to
+#: dO's amax from one step to the next before their largest values saturate.
+GRADIENT_MARGIN = 4.0
 #: A tiny amax (an all-zero tensor) quantizes to zeros instead of dividing by zero.
 MIN_AMAX = 1e-12
 
@@ -94,12 +97,12 @@ def dp_scale(ratio: torch.Tensor, dout_amax: torch.Tensor, v_amax: torch.Tensor,
     """Scale [1, 1, 1, 1] of the logits' gradient dP in the backward kernel.
 
     From the layer's last observed ratio amax(dP) / amax(dO) (0 before its first backward)
-    times `DP_MARGIN`, and never above the bound that holds for any input: with
+    times `GRADIENT_MARGIN`, and never above the bound that holds for any input: with
     ``dP_ij = P_ij (dO_i . V_j - dO_i . O_i) / sqrt(D)``, 0 <= P_ij <= 1 and |O| <= amax(V),
     ``|dP| <= 2 sqrt(D) amax(dO) amax(V)``.
     """
     bound = 2.0 * math.sqrt(head_dim) * v_amax
-    expected_ratio = torch.where(ratio > 0, torch.minimum(ratio * DP_MARGIN, bound), bound)
+    expected_ratio = torch.where(ratio > 0, torch.minimum(ratio * GRADIENT_MARGIN, bound), bound)
     return (E4M3_MAX / (expected_ratio * dout_amax).clamp(min=MIN_AMAX)).reshape(1, 1, 1, 1)
 
 
@@ -112,8 +115,8 @@ def new_state(device: torch.device | str) -> torch.Tensor:
 def gradient_scales(ratios: torch.Tensor, dout_amax: torch.Tensor, v_amax: torch.Tensor,
                     head_dim: int) -> torch.Tensor:
     """Scales [4] of dP, dQ, dK, dV in the backward kernel from the layer's last `ratios`
-    (`new_state`) with `DP_MARGIN` headroom; dP's is never above `dp_scale`'s bound."""
-    grads = E4M3_MAX / (ratios[1:] * DP_MARGIN * dout_amax).clamp(min=MIN_AMAX)
+    (`new_state`) with `GRADIENT_MARGIN` headroom; dP's is never above `dp_scale`'s bound."""
+    grads = E4M3_MAX / (ratios[1:] * GRADIENT_MARGIN * dout_amax).clamp(min=MIN_AMAX)
     return torch.cat([dp_scale(ratios[0], dout_amax, v_amax, head_dim).reshape(1), grads])
 
 
@@ -323,8 +326,8 @@ def _define_ops() -> tuple:
                 dtype=torch.float32), torch.empty_like(fp8), torch.empty_like(fp8), torch.empty_like(fp8),
                 q.new_empty(3, dtype=torch.float32))
 
-    # `state` is written in place (the delayed dP scale) but declared unmutated: nothing in a
-    # graph reads it except these ops, and a declared mutation would make the compiler copy it.
+    # `state` is written in place (the delayed gradient scales) but declared unmutated: nothing
+    # in a graph reads it except these ops, and a declared mutation would make the compiler copy it.
     @torch.library.custom_op("wan_s2v::fp8_attention_backward", mutates_args=())
     def fp8_attention_backward(grad_out: torch.Tensor, o8: torch.Tensor, stats: torch.Tensor, q8: torch.Tensor,
                                k8: torch.Tensor, v8: torch.Tensor, descales: torch.Tensor, state: torch.Tensor
@@ -380,10 +383,6 @@ def disable_fp8_attention(model: torch.nn.Module) -> None:
     """Back to bf16 self-attention."""
     for layer in self_attention_layers(model):
         layer.fp8_attention_state = None
-
-
-def fp8_attention_enabled(model: torch.nn.Module) -> bool:
-    return any(layer.fp8_attention_state is not None for layer in self_attention_layers(model))
 
 
 @contextlib.contextmanager
