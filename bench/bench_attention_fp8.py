@@ -4,9 +4,12 @@ API) against bf16 cuDNN SDPA at the 14B S2V shape (B=1, H=40, S=34,320, D=128, [
 Times the forward and the backward of each, and states each FP8 variant's relative L2 error
 (o, dq, dk, dv) against the bf16 result. Q, K, V and dO are quantized to e4m3 with one scale
 per tensor (amax / 448); P uses a fixed scale, dP the amax cuDNN reported on a first pass.
-Variants differ in which outputs stay bf16 (cuDNN may refuse some combinations; the table says).
+Variants differ in which outputs stay bf16 (cuDNN 9.19 with frontend 1.14.1 refuses all but
+FP8 outputs; the table says so). The last row is the pack's op
+(`trainer.model.fp8_attention`) as the transformer calls it, with its own delayed scales.
 
-    python bench/bench_attention_fp8.py     # needs nvidia-cudnn-frontend
+    python bench/bench_attention_fp8.py              # needs nvidia-cudnn-frontend
+    python bench/bench_attention_fp8.py --pack-only  # bf16 and the pack's op
 """
 
 from __future__ import annotations
