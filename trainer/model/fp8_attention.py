@@ -20,7 +20,9 @@ attention:
 
 Only self-attention of the transformer blocks runs in FP8 (cross-attention over 512 text
 tokens and the audio injectors are ~3% of the attention work). The ops are defined whether
-or not the package is installed; `refusal` says when they may run.
+or not the package is installed; `refusal` says when they may run. Off CUDA the ops run a
+float32 emulation of the two kernels from the same e4m3 operands and scales, so the scaling,
+autograd and checkpointing logic is tested on a CPU.
 """
 
 from __future__ import annotations
@@ -77,8 +79,10 @@ def check_device(device: torch.device | str) -> None:
 
 
 def supports(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether these [B, S, H, D] queries and keys go through FP8 attention."""
-    return q.dtype == torch.bfloat16 and q.shape[-1] == HEAD_DIM and q.shape == k.shape
+    """Whether these [B, S, H, D] queries and keys go through FP8 attention (cuDNN's kernels
+    take heads of 128; the float32 emulation off CUDA any)."""
+    head_ok = q.shape[-1] == HEAD_DIM or q.device.type != "cuda"
+    return q.dtype == torch.bfloat16 and head_ok and q.shape == k.shape
 
 
 # --------------------------------------------------------------------------- scaling
@@ -239,6 +243,16 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tupl
     amaxes = torch.stack([x.detach().abs().amax() for x in (q, k, v)]).float()
     descales = amaxes.clamp(min=MIN_AMAX) / E4M3_MAX
     q8, k8, v8 = ((x.contiguous() * (1.0 / descales[i])).to(E4M3) for i, x in enumerate((q, k, v)))
+    kernel = _forward_kernel if device.type == "cuda" else emulated_forward_kernel
+    o8, stats = kernel(q8, k8, v8, descales)
+    out = o8.to(q.dtype).mul_(descales[2])
+    return out, o8, stats, q8, k8, v8, descales
+
+
+def _forward_kernel(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descales: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cuDNN's FP8 forward: (o8 scaled by 1 / descale_v, stats [B, H, S, 1])."""
+    device = q8.device
     shape, stride = _bhsd(q8)
     graphs = _graphs(shape, stride, device.index)
     o8 = torch.empty_like(q8)
@@ -250,8 +264,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tupl
         "scale_s": _constant(E4M3_MAX, device), "scale_o": 1.0 / _scalar(descales, 2),
         "o": o8, "stats": stats, "amax_s": amax_scratch[0:1], "amax_o": amax_scratch[1:2],
     }, graphs.workspace_bytes, device)
-    out = o8.to(q.dtype).mul_(descales[2])
-    return out, o8, stats, q8, k8, v8, descales
+    return o8, stats
 
 
 def attention_backward(grad_out: torch.Tensor, o8: torch.Tensor, stats: torch.Tensor, q8: torch.Tensor,
@@ -280,6 +293,10 @@ def _backward_kernel(o8, stats, q8, k8, v8, do8, descales, descale_do, scales: t
     """One run of cuDNN's FP8 backward with gradient `scales` [4] (dP, dQ, dK, dV); returns
     the e4m3 dq, dk, dv and stores amax(X) / amax(dO) of each in `state`."""
     device = q8.device
+    if device.type != "cuda":
+        grads, amaxes = emulated_backward_kernel(o8, stats, q8, k8, v8, do8, descales, descale_do, scales)
+        torch.div(amaxes, dout_amax.clamp(min=MIN_AMAX), out=state)
+        return grads
     shape, stride = _bhsd(q8)
     graphs = _graphs(shape, stride, device.index)
     grads = [torch.empty_like(q8) for _ in range(3)]
@@ -296,6 +313,51 @@ def _backward_kernel(o8, stats, q8, k8, v8, do8, descales, descale_do, scales: t
     }, graphs.workspace_bytes, device)
     torch.div(amaxes.flatten(), dout_amax.clamp(min=MIN_AMAX), out=state)
     return grads
+
+
+# --------------------------------------------------------------------------- float32 emulation
+
+
+def _dequantized(x8: torch.Tensor, descale: torch.Tensor) -> torch.Tensor:
+    return x8.float() * descale.reshape(())
+
+
+def _probabilities(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor | None = None):
+    """Softmax probabilities [B, H, S, S] of [B, S, H, D] q, k and their log-sum-exp [B, H, S, 1]."""
+    logits = torch.einsum("bshd,bthd->bhst", q, k) / math.sqrt(q.shape[-1])
+    stats = logits.logsumexp(-1, keepdim=True) if stats is None else stats
+    return (logits - stats).exp(), stats
+
+
+def emulated_forward_kernel(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descales: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The contract of `_forward_kernel` in float32 on any device, from the same e4m3
+    operands and scales (the probabilities quantized with the kernel's fixed scale): for
+    checking the scaling logic without a Hopper GPU."""
+    q, k, v = (_dequantized(x, descales[i]) for i, x in enumerate((q8, k8, v8)))
+    p, stats = _probabilities(q, k)
+    p = (p * E4M3_MAX).to(E4M3).float() / E4M3_MAX
+    out = torch.einsum("bhst,bthd->bshd", p, v)
+    return (out / descales[2]).to(E4M3), stats
+
+
+def emulated_backward_kernel(o8, stats, q8, k8, v8, do8, descales, descale_do, scales: torch.Tensor
+                             ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The contract of cuDNN's FP8 backward in float32: e4m3 dq, dk, dv scaled by
+    `scales` [1:] and the amaxes [4] of dP (quantized with `scales` [0]), dQ, dK, dV."""
+    q, k, v = (_dequantized(x, descales[i]) for i, x in enumerate((q8, k8, v8)))
+    out, dout = _dequantized(o8, descales[2]), _dequantized(do8, descale_do)
+    p, _ = _probabilities(q, k, stats)
+    p8 = (p * E4M3_MAX).to(E4M3).float() / E4M3_MAX
+    dv = torch.einsum("bhst,bshd->bthd", p8, dout)
+    delta = (dout * out).sum(-1).transpose(1, 2).unsqueeze(-1)  # [B, H, S, 1]
+    dp = p * (torch.einsum("bshd,bthd->bhst", dout, v) - delta) / math.sqrt(q.shape[-1])
+    dp8 = (dp * scales[0]).to(E4M3).float() / scales[0]
+    dq = torch.einsum("bhst,bthd->bshd", dp8, k)
+    dk = torch.einsum("bhst,bshd->bthd", dp8, q)
+    amaxes = torch.stack([t.abs().amax() for t in (dp, dq, dk, dv)])
+    grads = [(g * scales[i + 1]).to(E4M3) for i, g in enumerate((dq, dk, dv))]
+    return grads, amaxes
 
 
 # --------------------------------------------------------------------------- custom ops
