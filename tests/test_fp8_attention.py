@@ -181,13 +181,16 @@ def test_self_attention_checkpointing_keeps_the_fp8_output(monkeypatch):
     FP8 forward per block), and the gradients stay close to bf16 attention's."""
     from trainer.model import WanS2VTransformer3DModel
 
-    from test_transformer_s2v import inputs
-
     monkeypatch.setattr(fa, "refusal", lambda device: None)
     torch.manual_seed(0)
     model = WanS2VTransformer3DModel(**TINY_TRANSFORMER_CONFIG).bfloat16()
     model.configure_gradient_checkpointing("attention")
-    kwargs = {k: v.bfloat16() if v.is_floating_point() else v for k, v in inputs(seed=4).items()}
+    cfg, (t, h, w) = TINY_TRANSFORMER_CONFIG, (3, 8, 16)
+    kwargs = {"hidden_states": torch.randn(1, 16, t, h, w), "timestep": torch.tensor([700.0]),
+              "encoder_hidden_states": torch.randn(1, 7, cfg["text_dim"]),
+              "audio_embeds": torch.randn(1, 25, cfg["audio_dim"], 4 * t),
+              "reference_latents": torch.randn(1, 16, 1, h, w)}
+    kwargs = {k: v.bfloat16() if v.is_floating_point() and k != "timestep" else v for k, v in kwargs.items()}
     params = [p for n, p in model.named_parameters() if "blocks.1." in n]
 
     def grads():
