@@ -17,6 +17,8 @@ import warnings
 
 import torch
 
+from .custom_ops import define_once
+
 # The CuTe DSL warns at every kernel compile about an argument FlashAttention-4 passes as a
 # compile-time value: nothing for a user to act on.
 warnings.filterwarnings("ignore", message=r"Argument aux_data .* cannot be converted to a JitArgument")
@@ -44,16 +46,6 @@ def supports(q: torch.Tensor, k: torch.Tensor) -> bool:
     where `device_supported`)."""
     head_dim = q.shape[-1]
     return q.dtype in (torch.bfloat16, torch.float16) and head_dim % 8 == 0 and head_dim <= 256 and q.shape[-2] == k.shape[-2]
-
-
-def _registered() -> bool:
-    """Whether the ops exist already: the pack may be imported twice in one process (as
-    `trainer` and under ComfyUI's package name), and an op can be defined only once."""
-    try:
-        torch.ops.wan_s2v.flash4_attention_backward  # noqa: B018
-    except (AttributeError, RuntimeError):
-        return False
-    return True
 
 
 def _define_ops() -> tuple:
@@ -103,11 +95,7 @@ def _define_ops() -> tuple:
     return flash4_attention, flash4_attention_backward
 
 
-if _registered():
-    flash4_attention, flash4_attention_backward = (torch.ops.wan_s2v.flash4_attention,
-                                                   torch.ops.wan_s2v.flash4_attention_backward)
-else:
-    flash4_attention, flash4_attention_backward = _define_ops()
+flash4_attention, flash4_attention_backward = define_once(("flash4_attention", "flash4_attention_backward"), _define_ops)
 
 #: The forward op overload, as selective checkpointing policies see it.
 FORWARD_OP = torch.ops.wan_s2v.flash4_attention.default

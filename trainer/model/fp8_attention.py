@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .custom_ops import define_once
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
 #: cuDNN's FP8 attention kernels: Hopper and newer, heads of 128.
@@ -363,15 +365,6 @@ def emulated_backward_kernel(o8, stats, q8, k8, v8, do8, descales, descale_do, s
 # --------------------------------------------------------------------------- custom ops
 
 
-def _registered() -> bool:
-    """Whether the ops exist already (the pack may be imported twice in one process)."""
-    try:
-        torch.ops.wan_s2v.fp8_attention_backward  # noqa: B018
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
 def _define_ops() -> tuple:
     @torch.library.custom_op("wan_s2v::fp8_attention", mutates_args=())
     def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor
@@ -413,11 +406,7 @@ def _define_ops() -> tuple:
     return fp8_attention, fp8_attention_backward
 
 
-if _registered():
-    fp8_attention, fp8_attention_backward = (torch.ops.wan_s2v.fp8_attention,
-                                             torch.ops.wan_s2v.fp8_attention_backward)
-else:
-    fp8_attention, fp8_attention_backward = _define_ops()
+fp8_attention, fp8_attention_backward = define_once(("fp8_attention", "fp8_attention_backward"), _define_ops)
 
 #: The forward op overload, as selective checkpointing policies see it.
 FORWARD_OP = torch.ops.wan_s2v.fp8_attention.default
