@@ -22,19 +22,14 @@ import torch.nn.functional as F
 from common import environment, print_table, save_json, time_cuda
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from trainer.model.fp8_attention import E4M3_MAX
+from trainer.model.fp8_attention import quantize_per_tensor as quantize
+
 HEADS, SEQ, DIM = 40, 34_320, 128
-E4M3_MAX = 448.0
 
 
 def bhsd(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2)
-
-
-def quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor e4m3 quantization: (fp8 tensor, descale as a [1, 1, 1, 1] float32 tensor)."""
-    amax = t.abs().amax().float().clamp(min=1e-12)
-    scale = E4M3_MAX / amax
-    return (t.float() * scale).to(torch.float8_e4m3fn), (1.0 / scale).reshape(1, 1, 1, 1)
 
 
 def scalar(value: float) -> torch.Tensor:

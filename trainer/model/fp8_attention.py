@@ -242,9 +242,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tupl
     backward: o8, stats [B, H, S, 1] fp32, q8, k8, v8 (e4m3, [B, S, H, D]), descales [3] fp32
     of q, k and v)."""
     device = q.device
-    amaxes = torch.stack([x.detach().abs().amax() for x in (q, k, v)]).float()
-    descales = amaxes.clamp(min=MIN_AMAX) / E4M3_MAX
-    q8, k8, v8 = ((x.contiguous() * (1.0 / descales[i])).to(E4M3) for i, x in enumerate((q, k, v)))
+    (q8, descale_q), (k8, descale_k), (v8, descale_v) = (quantize_per_tensor(x.contiguous()) for x in (q, k, v))
+    descales = torch.cat([descale_q, descale_k, descale_v]).flatten()
     kernel = _forward_kernel if device.type == "cuda" else emulated_forward_kernel
     o8, stats = kernel(q8, k8, v8, descales)
     out = o8.to(q.dtype).mul_(descales[2])
