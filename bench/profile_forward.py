@@ -68,7 +68,7 @@ def print_matmul_shapes(prof) -> None:
     print(f"matmul ops: base {base:.3f} s, LoRA-sized {lora:.3f} s")
     for name, (secs, flops) in sorted(per_shape.items(), key=lambda kv: -kv[1][0])[:32]:
         rate = flops / secs / 1e12 if secs else 0.0
-        print(f"  {secs:7.3f} s  {rate:6.0f} TFLOP/s  {name[:150]}")
+        print(f"  {secs:7.3f} s  {rate:6.0f} TFLOP/s  {name[:220]}")
 
 
 def _train_step(model, inputs, policy: str, regions: bool, merged: bool, linear_blocks: int, host: bool):
@@ -94,6 +94,7 @@ def main() -> None:
     parser.add_argument("--linear-blocks", type=int, default=0, help="blocks keeping their linear outputs")
     parser.add_argument("--host", action="store_true", help="checkpointed tensors to host memory (with --train)")
     parser.add_argument("--fp8-compute", action="store_true", help="base Linears on FP8 tensor cores")
+    parser.add_argument("--top", type=int, default=60, help="how many of the dearest kernels to list")
     args = parser.parse_args()
     from trainer.model.transformer_s2v import WanS2VTransformer3DModel
 
@@ -132,8 +133,8 @@ def main() -> None:
         print(f"  {name:32s} {secs:7.3f} s")
     print_matmul_shapes(prof)
     print("top kernels:")
-    for name, secs in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:60]:
-        print(f"  {secs:7.3f} s  x{calls[name]:<4d} {name[:150]}")
+    for name, secs in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:args.top]:
+        print(f"  {secs:7.3f} s  x{calls[name]:<4d} {name[:220]}")
 
 
 if __name__ == "__main__":
