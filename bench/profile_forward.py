@@ -71,6 +71,26 @@ def print_matmul_shapes(prof) -> None:
         print(f"  {secs:7.3f} s  {rate:6.0f} TFLOP/s  {name[:220]}")
 
 
+def print_kernel_sources(prof, pattern: str, limit: int = 20) -> None:
+    """Which CPU ops (with their input shapes and enclosing ops) launched the kernels whose
+    name contains `pattern`, by GPU time: finds the source of copies and other small kernels."""
+    per_source: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for evt in prof.events():
+        kernels = [k for k in getattr(evt, "kernels", []) if pattern in k.name]
+        if not kernels:
+            continue
+        chain, parent = [], evt.cpu_parent
+        while parent is not None and len(chain) < 4:
+            chain.append(parent.name)
+            parent = parent.cpu_parent
+        key = f"{evt.name} {[s for s in evt.input_shapes if s]} <- {' <- '.join(chain)}"
+        per_source[key][0] += sum(k.duration for k in kernels) / 1e6
+        per_source[key][1] += 1
+    print(f"sources of '{pattern}' kernels:")
+    for key, (secs, count) in sorted(per_source.items(), key=lambda kv: -kv[1][0])[:limit]:
+        print(f"  {secs:7.3f} s  x{count:<4d} {key[:260]}")
+
+
 def _train_step(model, inputs, policy: str, regions: bool, merged: bool, linear_blocks: int, host: bool):
     from trainer.lora.merged_linear import use_merged_lora
     from trainer.memory import MemoryConfig
@@ -132,6 +152,8 @@ def main() -> None:
     for name, secs in sorted(per_class.items(), key=lambda kv: -kv[1]):
         print(f"  {name:32s} {secs:7.3f} s")
     print_matmul_shapes(prof)
+    for pattern in ("Memcpy DtoD", "Memset", "badd"):
+        print_kernel_sources(prof, pattern)
     print("top kernels:")
     for name, secs in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:args.top]:
         print(f"  {secs:7.3f} s  x{calls[name]:<4d} {name[:220]}")
