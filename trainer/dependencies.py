@@ -8,6 +8,7 @@ and for a ComfyUI user who installs packages into ComfyUI's Python.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
@@ -72,6 +73,17 @@ def missing_package_message(module: str, feature: str | None = None) -> str:
     pip_name = PACKAGES[top].pip_name if top in PACKAGES else top
     needs = f"{feature} needs" if feature else "the Wan S2V trainer needs"
     return f"{needs} the Python package '{pip_name}', which is not installed: {install_hint(top)}"
+
+
+@functools.cache
+def importable(module: str) -> bool:
+    """Whether `module` imports cleanly; an optional kernel package whose import breaks (a
+    CUDA or cuDNN library it loads is missing) counts as absent. Asked once per process."""
+    try:
+        importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - any failure to import means the feature cannot run
+        return False
+    return True
 
 
 def import_optional(module: str, feature: str) -> ModuleType:

@@ -12,11 +12,11 @@ say when they may run.
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
 
+from ..dependencies import importable
 from .custom_ops import define_once
 
 # The CuTe DSL warns at every kernel compile about an argument FlashAttention-4 passes as a
@@ -27,13 +27,9 @@ warnings.filterwarnings("ignore", message=r"Argument aux_data .* cannot be conve
 _MAJORS = (9, 10, 11)
 
 
-@functools.cache
 def is_installed() -> bool:
-    try:
-        import flash_attn.cute.interface  # noqa: F401
-    except Exception:  # noqa: BLE001 - a broken install (missing CUDA libs) counts as absent
-        return False
-    return True
+    """Whether FlashAttention-4 (the `flash-attn-4` package) imports cleanly."""
+    return importable("flash_attn.cute.interface")
 
 
 def device_supported(device: torch.device) -> bool:

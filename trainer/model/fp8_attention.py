@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..dependencies import importable
 from .custom_ops import define_once
 
 E4M3 = torch.float8_e4m3fn
@@ -49,13 +50,9 @@ GRADIENT_MARGIN = 4.0
 MIN_AMAX = 1e-12
 
 
-@functools.cache
 def is_installed() -> bool:
-    try:
-        import cudnn  # noqa: F401
-    except Exception:  # noqa: BLE001 - a broken install (missing cuDNN library) counts as absent
-        return False
-    return True
+    """Whether the cuDNN frontend (the `nvidia-cudnn-frontend` package) imports cleanly."""
+    return importable("cudnn")
 
 
 def refusal(device: torch.device | str) -> str | None:
