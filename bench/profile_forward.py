@@ -11,8 +11,9 @@ their scaled products get a class of their own (the quantization is fused into t
 kernels beside them).
 
 It prints the kernel time by class next to an unprofiled warm run's wall time (their
-difference is time the compute stream sat idle), the matmuls by shape, which ops launch the
-device copies, fills and beta-add matmuls, and the dearest kernels (`--top`).
+difference is time the compute stream sat idle), where that stream waited, the matmuls by
+shape, which ops launch the device copies, fills and beta-add matmuls, and the dearest
+kernels (`--top`).
 """
 
 from __future__ import annotations
@@ -106,6 +107,48 @@ def print_kernel_sources(prof, pattern: str, limit: int = 20) -> None:
         print(f"  {secs:7.3f} s  x{count:<4d} {key[:260]}")
 
 
+def print_idle_gaps(prof, limit: int = 15, min_us: float = 20.0) -> None:
+    """Where the compute stream waits: each gap of over `min_us` between its kernels, charged
+    to the op that launched the kernel after it. "launched late" means the host issued that
+    kernel only after the stream ran dry (the host is the bottleneck); "queued" means it was
+    issued in time and waited on something else (another stream's event, a host sync)."""
+    events = prof.events()
+    host = [evt for evt in events if evt.device_type == torch.autograd.DeviceType.CPU]
+    # runtime calls (cudaLaunchKernel, ...) carry the kernel's id and link to the op's id
+    launches = {evt.id: evt for evt in host if evt.linked_correlation_id > 0}
+    ops = {evt.id: evt for evt in host if evt.linked_correlation_id == 0}
+    kernels = [evt for evt in events if evt.device_type == torch.autograd.DeviceType.CUDA
+               and classify(evt.name) not in NOT_COMPUTE_STREAM]
+    busy: dict[int, float] = defaultdict(float)
+    for evt in kernels:
+        busy[evt.device_resource_id] += evt.time_range.elapsed_us()
+    stream = max(busy, key=busy.get)
+    kernels = sorted((k for k in kernels if k.device_resource_id == stream), key=lambda k: k.time_range.start)
+    per_cause: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    totals: dict[str, float] = defaultdict(float)
+    last_end = kernels[0].time_range.end
+    for evt in kernels[1:]:
+        gap = evt.time_range.start - last_end
+        if gap > min_us:
+            launch = launches.get(evt.id)
+            kind = "launched late" if launch is not None and launch.time_range.start > last_end else "queued"
+            op, chain = ops.get(evt.linked_correlation_id), []
+            parent = op.cpu_parent if op is not None else None
+            while parent is not None and len(chain) < 3:
+                chain.append(parent.name)
+                parent = parent.cpu_parent
+            key = f"{kind}: {op.name if op else '?'} <- {' <- '.join(chain)} | next kernel {evt.name[:60]}"
+            per_cause[key][0] += gap / 1e6
+            per_cause[key][1] += 1
+            totals[kind] += gap / 1e6
+        last_end = max(last_end, evt.time_range.end)
+    span = (last_end - kernels[0].time_range.start) / 1e6
+    print(f"compute stream {stream}: first to last kernel {span:.3f} s, gaps over {min_us:.0f} us: "
+          + ", ".join(f"{kind} {secs:.3f} s" for kind, secs in totals.items()))
+    for key, (secs, count) in sorted(per_cause.items(), key=lambda kv: -kv[1][0])[:limit]:
+        print(f"  {secs:7.3f} s  x{count:<4d} {key[:260]}")
+
+
 def _train_step(model, inputs, policy: str, regions: bool, merged: bool, linear_blocks: int, host: bool):
     from trainer.lora.merged_linear import use_merged_lora
     from trainer.memory import MemoryConfig
@@ -170,6 +213,7 @@ def main() -> None:
           f"(the compute stream idle: {wall - busy:.3f} s)")
     for name, secs in sorted(per_class.items(), key=lambda kv: -kv[1]):
         print(f"  {name:32s} {secs:7.3f} s")
+    print_idle_gaps(prof)
     print_matmul_shapes(prof)
     for pattern in ("Memcpy DtoD", "Memset", "badd"):
         print_kernel_sources(prof, pattern)
