@@ -112,37 +112,40 @@ def print_idle_gaps(prof, limit: int = 15, min_us: float = 20.0) -> None:
     to the op that launched the kernel after it. "launched late" means the host issued that
     kernel only after the stream ran dry (the host is the bottleneck); "queued" means it was
     issued in time and waited on something else (another stream's event, a host sync)."""
-    events = prof.events()
-    host = [evt for evt in events if evt.device_type == torch.autograd.DeviceType.CPU]
-    # runtime calls (cudaLaunchKernel, ...) carry the kernel's id and link to the op's id
-    launches = {evt.id: evt for evt in host if evt.linked_correlation_id > 0}
-    ops = {evt.id: evt for evt in host if evt.linked_correlation_id == 0}
-    kernels = [evt for evt in events if evt.device_type == torch.autograd.DeviceType.CUDA
-               and classify(evt.name) not in NOT_COMPUTE_STREAM]
-    busy: dict[int, float] = defaultdict(float)
+    device, host = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    origin = prof.profiler.kineto_results.trace_start_ns()
+    # a kernel and its runtime call (cudaLaunchKernel, ...) share one id; ops have ids of their own
+    launched_at, ops = {}, {}
+    for evt in prof.events():
+        if evt.device_type == host:
+            (launched_at if evt.name.startswith("cu") else ops)[evt.id] = evt
+    kernels = [evt for evt in prof.profiler.kineto_results.events()
+               if evt.device_type() == device and classify(evt.name()) not in NOT_COMPUTE_STREAM]
+    busy: dict[int, int] = defaultdict(int)
     for evt in kernels:
-        busy[evt.device_resource_id] += evt.time_range.elapsed_us()
+        busy[evt.device_resource_id()] += evt.duration_ns()
     stream = max(busy, key=busy.get)
-    kernels = sorted((k for k in kernels if k.device_resource_id == stream), key=lambda k: k.time_range.start)
+    kernels = sorted((k for k in kernels if k.device_resource_id() == stream), key=lambda k: k.start_ns())
     per_cause: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     totals: dict[str, float] = defaultdict(float)
-    last_end = kernels[0].time_range.end
+    last_end = (kernels[0].end_ns() - origin) / 1e3  # us, the clock of `prof.events()`
     for evt in kernels[1:]:
-        gap = evt.time_range.start - last_end
+        start = (evt.start_ns() - origin) / 1e3
+        gap = start - last_end
         if gap > min_us:
-            launch = launches.get(evt.id)
+            launch = launched_at.get(evt.correlation_id())
             kind = "launched late" if launch is not None and launch.time_range.start > last_end else "queued"
-            op, chain = ops.get(evt.linked_correlation_id), []
+            op, chain = ops.get(evt.linked_correlation_id()), []
             parent = op.cpu_parent if op is not None else None
             while parent is not None and len(chain) < 3:
                 chain.append(parent.name)
                 parent = parent.cpu_parent
-            key = f"{kind}: {op.name if op else '?'} <- {' <- '.join(chain)} | next kernel {evt.name[:60]}"
+            key = f"{kind}: {op.name if op else '?'} <- {' <- '.join(chain)} | next kernel {evt.name()[:60]}"
             per_cause[key][0] += gap / 1e6
             per_cause[key][1] += 1
             totals[kind] += gap / 1e6
-        last_end = max(last_end, evt.time_range.end)
-    span = (last_end - kernels[0].time_range.start) / 1e6
+        last_end = max(last_end, (evt.end_ns() - origin) / 1e3)
+    span = last_end / 1e6 - (kernels[0].start_ns() - origin) / 1e9
     print(f"compute stream {stream}: first to last kernel {span:.3f} s, gaps over {min_us:.0f} us: "
           + ", ".join(f"{kind} {secs:.3f} s" for kind, secs in totals.items()))
     for key, (secs, count) in sorted(per_cause.items(), key=lambda kv: -kv[1][0])[:limit]:
