@@ -196,10 +196,12 @@ def main() -> None:
         model.compile_blocks()
     for _ in range(2):
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         run()
         torch.cuda.synchronize()
     wall = time.perf_counter() - start  # the second, warm run, without the profiler
+    print(f"warm run: peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         run()
         torch.cuda.synchronize()
