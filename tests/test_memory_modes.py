@@ -377,6 +377,39 @@ def test_host_buffer_pool_reuses_exact_sizes_and_refuses_when_ram_is_short():
     assert view.shape == like.shape and view.stride() == like.stride()
 
 
+def test_activation_offload_keeps_the_last_blocks_tensors_on_the_device():
+    """Each block's saved tensors leave for the host when the next block starts, so the
+    last block of a forward (whose backward runs first) hands its own back without a round
+    trip; the gradients are those of the plain computation, step after step."""
+    from torch.utils.checkpoint import checkpoint
+
+    from trainer.memory.activations import ActivationOffload
+
+    def block(h, w):
+        return torch.tanh(h @ w)
+
+    torch.manual_seed(0)
+    weights = [torch.randn(16, 16, requires_grad=True) for _ in range(3)]
+    x = torch.randn(8, 16, requires_grad=True)
+    h = x
+    for w in weights:
+        h = block(h, w)
+    expected = torch.autograd.grad(h.square().sum(), [x, *weights])
+    offload = ActivationOffload(min_bytes=0)
+    for blocks in (3, 3, 1):
+        offload.reset_stats()
+        h = x
+        for w in weights[:blocks]:
+            with offload.hooks():
+                h = checkpoint(block, h, w, use_reentrant=False)
+        assert offload.window_bytes > 0
+        assert offload.moved_bytes == (blocks - 1) * offload.window_bytes  # all but the last block's
+        grads = torch.autograd.grad(h.square().sum(), [x, *weights[:blocks]])
+        if blocks == len(weights):
+            for got, want in zip(grads, expected, strict=True):
+                torch.testing.assert_close(got, want)
+
+
 def _alive_originals_at_each_conversion(model, monkeypatch, owner, method, run) -> list[int]:
     """Run `run(model)` and count, each time `owner.method` converts a layer, how many of the
     model's original base weights are still alive."""

@@ -12,7 +12,10 @@ Only tensors of at least `min_bytes` move (the hidden states); the small per-blo
 that every block shares (RoPE tables, timestep embeddings, text context) stay put, and a
 tensor saved by several blocks is copied once. With compiled checkpoint regions everything
 large a block saves goes this way (its input and its attention output, about 0.95 GB a 14B
-block); the backward then fetches a whole block's worth ahead. Host buffers come from
+block); the backward then fetches a whole block's worth ahead. A block's tensors leave when
+the next block starts, so the last block of a forward keeps its own on the device: its
+backward runs first and would otherwise wait for the round trip (profiled at 14B: 66 ms a
+step at the start of the backward). Host buffers come from
 `HostBufferPool`: exact sizes, reused every step, and never so many that the host runs out
 (a tensor that finds no room stays on the device).
 """
@@ -98,18 +101,17 @@ def _is_dense(tensor: torch.Tensor) -> bool:
 
 @dataclass(eq=False)
 class _Saved:
-    """One offloaded tensor: its host copy and, once fetched back, its device copy."""
+    """One saved tensor: on the device until it is sent out (`resident`), then its host
+    copy and, once fetched back, its device copy."""
 
-    host: torch.Tensor
     device: torch.device
+    nbytes: int
+    resident: torch.Tensor | None = None
+    host: torch.Tensor | None = None
     copied_out: torch.cuda.Event | None = None
     fetched: torch.Tensor | None = None
     fetched_event: torch.cuda.Event | None = None
     used: bool = False  # handed to the backward once; never fetched again
-
-    @property
-    def nbytes(self) -> int:
-        return self.host.numel() * self.host.element_size()
 
 
 class ActivationOffload:
@@ -133,12 +135,15 @@ class ActivationOffload:
         self.moved_bytes = 0  # bytes sent to the host since the last `reset_stats`
         self.window_bytes = 0  # the most bytes one `hooks()` context packed: the prefetch depth
         self._context_bytes = 0
-        self._order: list[weakref.ref[_Saved]] = []
+        self._order: list[weakref.ref[_Saved]] = []  # sent to the host, in forward order
+        self._pending: list[weakref.ref[_Saved]] = []  # the current block's, still on the device
         self._stream: torch.cuda.Stream | None = None
 
     @contextlib.contextmanager
     def hooks(self):
-        """Saved-tensor hooks for one checkpointed block."""
+        """Saved-tensor hooks for one checkpointed block; the previous block's tensors
+        leave for the host now."""
+        self._send_pending()
         self._context_bytes = 0
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             yield
@@ -156,34 +161,47 @@ class ActivationOffload:
         size = tensor.numel() * tensor.element_size()
         if size < self.min_bytes or tensor.layout != torch.strided:
             return tensor
-        saved = self._copy_out(tensor)
-        if saved is None:
-            self.kept_bytes += size
-            return tensor
-        self._order = [ref for ref in self._order if ref() is not None]
-        self._order.append(weakref.ref(saved))
-        self.moved_bytes += size
+        saved = _Saved(device=tensor.device, nbytes=size, resident=tensor)
+        self._pending.append(weakref.ref(saved))  # the autograd graph owns it
         self._context_bytes += size
         self.window_bytes = max(self.window_bytes, self._context_bytes)
         return saved
 
-    def _copy_out(self, tensor: torch.Tensor) -> _Saved | None:
+    def _send_pending(self) -> None:
+        """Send the tensors the last `hooks()` context packed to the host (those the backward
+        has not taken yet); a tensor that finds no host buffer stays where it is."""
+        pending, self._pending = self._pending, []
+        for saved in (ref() for ref in pending):
+            if saved is None or saved.resident is None:
+                continue
+            if self._copy_out(saved):
+                self._order = [ref for ref in self._order if ref() is not None]
+                self._order.append(weakref.ref(saved))
+                self.moved_bytes += saved.nbytes
+            else:
+                self.kept_bytes += saved.nbytes
+
+    def _copy_out(self, saved: _Saved) -> bool:
+        """Start the device -> host copy of `saved` on the side stream; False when no host
+        buffer is left."""
+        tensor = saved.resident
         if tensor.device.type != "cuda":
-            return _Saved(host=tensor.detach().clone(), device=tensor.device)
-        buffer = self.pool.take(tensor.numel() * tensor.element_size())
+            saved.host, saved.resident = tensor.detach().clone(), None
+            return True
+        buffer = self.pool.take(saved.nbytes)
         if buffer is None:
-            return None
+            return False
         stream = self._side_stream(tensor.device)
         stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the tensor is computed
         with torch.cuda.stream(stream):
-            host = _host_view(buffer, tensor)
-            host.copy_(tensor.detach(), non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(stream)
+            saved.host = _host_view(buffer, tensor)
+            saved.host.copy_(tensor.detach(), non_blocking=True)
+            saved.copied_out = torch.cuda.Event()
+            saved.copied_out.record(stream)
         tensor.record_stream(stream)  # its memory is reused only once the copy is done
-        saved = _Saved(host=host, device=tensor.device, copied_out=done)
+        saved.resident = None
         weakref.finalize(saved, self.pool.give_back, buffer)
-        return saved
+        return True
 
     # ------------------------------------------------------------------ backward
     def _fetch(self, saved: _Saved) -> None:
@@ -203,7 +221,8 @@ class ActivationOffload:
         `window_bytes` of them not yet handed over."""
         live = [s for s in (ref() for ref in self._order) if s is not None]
         self._order = [weakref.ref(s) for s in live]
-        position = next((i for i in range(len(live) - 1, -1, -1) if live[i] is saved), 0)
+        # a tensor that never left (the last block's) comes after everything sent out
+        position = next((i for i in range(len(live) - 1, -1, -1) if live[i] is saved), len(live))
         budget = self.window_bytes
         for earlier in reversed(live[:position]):
             if budget <= 0:
@@ -215,6 +234,11 @@ class ActivationOffload:
     def _unpack(self, packed):
         if not isinstance(packed, _Saved):
             return packed
+        if packed.resident is not None:
+            tensor, packed.resident, packed.used = packed.resident, None, True
+            if self.prefetch and tensor.device.type == "cuda":
+                self._prefetch_before(packed)
+            return tensor
         if packed.device.type != "cuda":
             return packed.host
         self._fetch(packed)
