@@ -171,11 +171,11 @@ class ActivationOffload:
         """Send the tensors the last `hooks()` context packed to the host (those the backward
         has not taken yet); a tensor that finds no host buffer stays where it is."""
         pending, self._pending = self._pending, []
+        self._order = [ref for ref in self._order if ref() is not None]
         for saved in (ref() for ref in pending):
             if saved is None or saved.resident is None:
                 continue
             if self._copy_out(saved):
-                self._order = [ref for ref in self._order if ref() is not None]
                 self._order.append(weakref.ref(saved))
                 self.moved_bytes += saved.nbytes
             else:
@@ -234,20 +234,18 @@ class ActivationOffload:
     def _unpack(self, packed):
         if not isinstance(packed, _Saved):
             return packed
-        if packed.resident is not None:
-            tensor, packed.resident, packed.used = packed.resident, None, True
-            if self.prefetch and tensor.device.type == "cuda":
-                self._prefetch_before(packed)
-            return tensor
-        if packed.device.type != "cuda":
+        if packed.resident is not None:  # never left the device (the last block's)
+            tensor, packed.resident = packed.resident, None
+        elif packed.device.type != "cuda":
             return packed.host
-        self._fetch(packed)
-        current = torch.cuda.current_stream(packed.device)
-        current.wait_event(packed.fetched_event)
-        tensor = packed.fetched
-        tensor.record_stream(current)  # allocated on the side stream, used on this one
-        packed.fetched, packed.used = None, True  # from here on only the caller holds the device copy
-        if self.prefetch:
+        else:
+            self._fetch(packed)
+            current = torch.cuda.current_stream(packed.device)
+            current.wait_event(packed.fetched_event)
+            tensor, packed.fetched = packed.fetched, None  # from here on only the caller holds the device copy
+            tensor.record_stream(current)  # allocated on the side stream, used on this one
+        packed.used = True
+        if self.prefetch and tensor.device.type == "cuda":
             self._prefetch_before(packed)
         return tensor
 
