@@ -5,8 +5,9 @@ Times the forward and the backward of each, and states each FP8 variant's relati
 (o, dq, dk, dv) against the bf16 result. Q, K, V and dO are quantized to e4m3 with one scale
 per tensor (amax / 448); P uses a fixed scale, dP the amax cuDNN reported on a first pass.
 Variants differ in which outputs stay bf16 (cuDNN 9.19 with frontend 1.14.1 refuses all but
-FP8 outputs; the table says so). The last row is the pack's op
-(`trainer.model.fp8_attention`) as the transformer calls it, with its own delayed scales.
+FP8 outputs; the table says so). The last rows are the pack's op
+(`trainer.model.fp8_attention`) as the transformer calls it, with its own delayed scales,
+eager and compiled.
 
     python bench/bench_attention_fp8.py              # needs nvidia-cudnn-frontend
     python bench/bench_attention_fp8.py --pack-only  # bf16 and the pack's op
@@ -182,24 +183,27 @@ def measure(graphs: Fp8Graphs, name: str, reference: list[torch.Tensor], fp8_qkv
     return row
 
 
-def pack_op_row(q, k, v, grad_out, reference: list[torch.Tensor], flops: float) -> dict:
+def pack_op_row(q, k, v, grad_out, reference: list[torch.Tensor], flops: float, compiled: bool) -> dict:
     """The pack's op (`trainer.model.fp8_attention`, as the transformer calls it): errors
     over three backwards (the first uses the bound for dP's scale, later ones the delayed
-    scale) and times including the on-the-fly quantization."""
+    scale) and times including the on-the-fly quantization, eager or `compiled` (as in the
+    compiled regions, where the quantization is compiled into fused kernels)."""
     from trainer.model.fp8_attention import fp8_attention, new_state
 
-    name = "pack op (quantize + cuDNN fp8 + dequantize)"
+    name = f"pack op, {'compiled' if compiled else 'eager'} (quantize + cuDNN fp8 + dequantize)"
+    op = torch.compile(fp8_attention) if compiled else fp8_attention
     try:
         state = new_state("cuda")
         errors = []
         for _ in range(3):
-            out = fp8_attention(q, k, v, state)[0]
+            out = op(q, k, v, state)
             grads = torch.autograd.grad(out, (q, k, v), grad_out)
             errors.append(" ".join(f"{rel_l2(a, b):.3f}" for a, b in zip([out.detach(), *grads], reference)))
         print(f"  {name}: errors per backward {errors}, state {state.tolist()}", flush=True)
         with torch.no_grad():
-            f_s, _ = time_cuda(lambda: fp8_attention(q, k, v, state), 3, 10)
-        both, _ = time_cuda(lambda: torch.autograd.grad(fp8_attention(q, k, v, state)[0], (q, k, v), grad_out), 2, 6)
+            op(q, k, v, state)  # the no-grad graph compiles outside the timing
+            f_s, _ = time_cuda(lambda: op(q, k, v, state), 3, 10)
+        both, _ = time_cuda(lambda: torch.autograd.grad(op(q, k, v, state), (q, k, v), grad_out), 2, 6)
         return {"kernel": name, "forward_ms": f"{f_s * 1e3:.1f}", "forward_tflops": f"{flops / f_s / 1e12:.0f}",
                 "backward_ms": f"{(both - f_s) * 1e3:.1f}",
                 "backward_tflops": f"{2.5 * flops / (both - f_s) / 1e12:.0f}", "rel_l2 (o, dq, dk, dv)": errors[-1]}
@@ -258,7 +262,7 @@ def main() -> None:
             print(rows[-1], flush=True)
             continue
         scanned = scanned or grads_bf16
-    rows.append(pack_op_row(q, k, v, grad_out, reference, flops))
+    rows += [pack_op_row(q, k, v, grad_out, reference, flops, compiled) for compiled in (False, True)]
     env = environment()
     print_table(f"Attention fp8 vs bf16, B=1 H={HEADS} S={seq} D={DIM} - {env['device']}, torch {env['torch']}, "
                 f"cuDNN {torch.backends.cudnn.version()}, frontend {cudnn.__version__}", rows, list(rows[0]))

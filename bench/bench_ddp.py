@@ -1,4 +1,4 @@
-"""Data-parallel scaling of the real training loop: 1 GPU vs N GPUs (issue 9).
+"""Data-parallel scaling of the real training loop: 1 GPU vs N GPUs.
 
 Runs `trainer.train.loop.train` (the code `python -m trainer train` runs) on the full 14B S2V
 transformer with random bf16 weights, 832x480, 81 frames, LoRA r16, bf16 autocast, full

@@ -1,4 +1,4 @@
-"""Memory modes of LoRA training on the full 14B S2V transformer (issue 6): step time and peak.
+"""Memory modes of LoRA training on the full 14B S2V transformer: step time and peak.
 
 832x480, 81 frames, batch 1, LoRA r16 on q/k/v/o (self-, cross-, audio attention), bf16
 autocast, fp32 LoRA, AdamW; step = forward + recompute + backward + optimizer step. Random

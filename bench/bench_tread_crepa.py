@@ -1,5 +1,5 @@
-"""TREAD and CREPA on the full 14B S2V transformer (issue 7), and host offload of the
-checkpointed block inputs (issue 4): step time and peak memory, side by side in one process.
+"""TREAD and CREPA on the full 14B S2V transformer, and host offload of the
+checkpointed block inputs: step time and peak memory, side by side in one process.
 
 832x480, 81 frames, batch 1, LoRA r16 on q/k/v/o (self-, cross-, audio attention), bf16
 autocast, fp32 LoRA, AdamW. The loss is the training loop's own `compute_losses` (flow MSE,

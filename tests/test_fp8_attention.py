@@ -6,6 +6,7 @@ checks the op against bf16 attention there."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -147,7 +148,7 @@ def qkv():
 def test_the_fp8_op_matches_float_attention_within_fp8_error(qkv):
     q, k, v, dout = qkv
     state = fa.new_state("cpu")
-    out = fa.fp8_attention(q, k, v, state)[0]
+    out = fa.fp8_attention(q, k, v, state)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     reference = _reference(q, k, v, dout)
     errors = [_rel(a, b) for a, b in zip([out, *grads], reference)]
@@ -160,7 +161,7 @@ def test_the_fp8_op_matches_float_attention_within_fp8_error(qkv):
 def test_the_first_backward_measures_the_scales_and_later_ones_reuse_them(qkv):
     q, k, v, dout = qkv
     state = fa.new_state("cpu")
-    first = torch.autograd.grad(fa.fp8_attention(q, k, v, state)[0], (q, k, v), dout)
+    first = torch.autograd.grad(fa.fp8_attention(q, k, v, state), (q, k, v), dout)
     ratios = state.clone()
     assert (ratios > 0).all()
     reference = _reference(q, k, v, dout)
@@ -169,7 +170,7 @@ def test_the_first_backward_measures_the_scales_and_later_ones_reuse_them(qkv):
     # a loss 100 times larger: the delayed scales follow dO's amax (scales kept from the last
     # loss would saturate every gradient), so the error stays that of e4m3 rounding
     louder = dout * 100
-    second = torch.autograd.grad(fa.fp8_attention(q, k, v, state)[0], (q, k, v), louder)
+    second = torch.autograd.grad(fa.fp8_attention(q, k, v, state), (q, k, v), louder)
     reference = _reference(q, k, v, louder)
     assert max(_rel(a, b) for a, b in zip(second, reference[1:])) < 0.12
     assert max(_rel(a, b) for a, b in zip(first, _reference(q, k, v, dout)[1:])) < 0.12
@@ -199,9 +200,51 @@ def test_self_attention_checkpointing_keeps_the_fp8_output(monkeypatch):
 
     expected = grads()
     calls = []
-    forward = fa.attention_forward
-    monkeypatch.setattr(fa, "attention_forward", lambda *a: calls.append(1) or forward(*a))
+    forward = fa.emulated_forward_kernel
+    monkeypatch.setattr(fa, "emulated_forward_kernel", lambda *a: calls.append(1) or forward(*a))
     fa.enable_fp8_attention(model, "cpu")
     got = grads()
     assert len(calls) == len(model.blocks)  # one per block: the recompute reused the saved outputs
     assert torch.nn.functional.cosine_similarity(got, expected, dim=0).item() > 0.98
+
+
+def test_compiled_regions_run_the_fp8_kernel_once_per_block_and_match_eager(monkeypatch):
+    """In compiled checkpoint regions the quantization around the kernels is compiled with the
+    block (fused with RoPE and the projections); the "attention" policy still keeps the
+    kernel's outputs, so the backward runs no second FP8 forward, and the gradients are eager
+    FP8 attention's up to the compiler's bf16 fusions."""
+    from torch._dynamo.utils import counters
+
+    from trainer.model import WanS2VTransformer3DModel
+
+    monkeypatch.setattr(fa, "refusal", lambda device: None)
+    torch.manual_seed(0)
+    base = WanS2VTransformer3DModel(**TINY_TRANSFORMER_CONFIG).bfloat16()
+    cfg, (t, h, w) = TINY_TRANSFORMER_CONFIG, (3, 8, 16)
+    gen = torch.Generator().manual_seed(1)
+    kwargs = {"hidden_states": torch.randn(1, 16, t, h, w, generator=gen).bfloat16(),
+              "timestep": torch.tensor([700.0]),
+              "encoder_hidden_states": torch.randn(1, 7, cfg["text_dim"], generator=gen).bfloat16(),
+              "audio_embeds": torch.randn(1, 25, cfg["audio_dim"], 4 * t, generator=gen).bfloat16(),
+              "reference_latents": torch.randn(1, 16, 1, h, w, generator=gen).bfloat16()}
+
+    def grads(compile_regions: bool) -> tuple[torch.Tensor, int]:
+        model = copy.deepcopy(base)
+        model.configure_gradient_checkpointing("attention", compile_regions=compile_regions)
+        fa.enable_fp8_attention(model, "cpu")
+        params = [p for n, p in model.named_parameters() if "blocks.1." in n]
+        calls.clear()
+        out = model(**kwargs).sample.float()
+        flat = torch.cat([g.flatten().float() for g in torch.autograd.grad(out.square().mean(), params)])
+        return flat, len(calls)
+
+    calls = []
+    forward = fa.emulated_forward_kernel
+    monkeypatch.setattr(fa, "emulated_forward_kernel", lambda *a: calls.append(1) or forward(*a))
+    expected, eager_calls = grads(compile_regions=False)
+    torch._dynamo.reset()
+    counters.clear()
+    got, compiled_calls = grads(compile_regions=True)
+    assert eager_calls == compiled_calls == len(base.blocks)
+    assert not counters["graph_break"]  # the quantization compiles with the region
+    assert torch.nn.functional.cosine_similarity(got, expected, dim=0).item() > 0.99

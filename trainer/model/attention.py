@@ -86,7 +86,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contiguous_head
     gives SDPA contiguous [B, H, S, D] queries and keys (see `WanS2VAttention`).
     """
     if fp8_state is not None and fp8_attention.supports(q, k):
-        return fp8_attention.fp8_attention(q, k, v, fp8_state)[0]
+        return fp8_attention.fp8_attention(q, k, v, fp8_state)
     if flash4_enabled(q.device) and flash4.supports(q, k):
         return flash4.flash4_attention(q, k, v)[0]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

@@ -234,19 +234,6 @@ def _scalar(t: torch.Tensor, index: int) -> torch.Tensor:
     return t[index:index + 1].view(1, 1, 1, 1)
 
 
-def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """FP8 attention of [B, S, H, D] bf16 tensors; returns (out bf16 [B, S, H, D], and for the
-    backward: o8, stats [B, H, S, 1] fp32, q8, k8, v8 (e4m3, [B, S, H, D]), descales [3] fp32
-    of q, k and v)."""
-    device = q.device
-    (q8, descale_q), (k8, descale_k), (v8, descale_v) = (quantize_per_tensor(x.contiguous()) for x in (q, k, v))
-    descales = torch.cat([descale_q, descale_k, descale_v]).flatten()
-    kernel = _forward_kernel if device.type == "cuda" else emulated_forward_kernel
-    o8, stats = kernel(q8, k8, v8, descales)
-    out = o8.to(q.dtype).mul_(descales[2])
-    return out, o8, stats, q8, k8, v8, descales
-
-
 def _forward_kernel(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descales: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """cuDNN's FP8 forward: (o8 scaled by 1 / descale_v, stats [B, H, S, 1])."""
@@ -265,25 +252,24 @@ def _forward_kernel(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descal
     return o8, stats
 
 
-def attention_backward(grad_out: torch.Tensor, o8: torch.Tensor, stats: torch.Tensor, q8: torch.Tensor,
-                       k8: torch.Tensor, v8: torch.Tensor, descales: torch.Tensor, state: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk, dv), bf16 [B, S, H, D], of `attention_forward`.
+def backward_kernels(do8: torch.Tensor, descale_do: torch.Tensor, dout_amax: torch.Tensor, o8: torch.Tensor,
+                     stats: torch.Tensor, q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descales: torch.Tensor,
+                     state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The FP8 backward of one attention call: (dq8, dk8, dv8 e4m3 [B, S, H, D], their
+    descales [3] float32, ``dq ~= dq8.float() * descales[0]``).
 
     The kernel writes e4m3 gradients with scales from the layer's `state` (`new_state`),
     which this call then updates from the amaxes the kernel reports. A layer's first backward
     (no ratios yet; one host sync a call to know) runs the kernel once more to measure them.
     """
-    dout_amax = grad_out.detach().abs().amax().float()
-    do8, descale_do = quantize_per_tensor(grad_out.contiguous(), dout_amax)
     v_amax = descales[2] * E4M3_MAX
     if state[0].item() == 0.0:  # unit gradient scales: the amaxes come out right whether or not cuDNN scales first
         calibration = gradient_scales(state, dout_amax, v_amax, q8.shape[-1])
         calibration[1:] = 1.0
         _backward_kernel(o8, stats, q8, k8, v8, do8, descales, descale_do, calibration, state, dout_amax)
     scales = gradient_scales(state, dout_amax, v_amax, q8.shape[-1])
-    grads = _backward_kernel(o8, stats, q8, k8, v8, do8, descales, descale_do, scales, state, dout_amax)
-    return tuple(g.to(torch.bfloat16).mul_(1.0 / scales[i + 1]) for i, g in enumerate(grads))
+    dq8, dk8, dv8 = _backward_kernel(o8, stats, q8, k8, v8, do8, descales, descale_do, scales, state, dout_amax)
+    return dq8, dk8, dv8, 1.0 / scales[1:]
 
 
 def _backward_kernel(o8, stats, q8, k8, v8, do8, descales, descale_do, scales: torch.Tensor, state: torch.Tensor,
@@ -336,7 +322,7 @@ def emulated_forward_kernel(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor
     p, stats = _probabilities(q, k)
     p = (p * E4M3_MAX).to(E4M3).float() / E4M3_MAX
     out = torch.einsum("bhst,bthd->bshd", p, v)
-    return (out / descales[2]).to(E4M3), stats
+    return (out / descales[2]).to(E4M3).contiguous(), stats
 
 
 def emulated_backward_kernel(o8, stats, q8, k8, v8, do8, descales, descale_do, scales: torch.Tensor
@@ -354,7 +340,7 @@ def emulated_backward_kernel(o8, stats, q8, k8, v8, do8, descales, descale_do, s
     dq = torch.einsum("bhst,bthd->bshd", dp8, k)
     dk = torch.einsum("bhst,bshd->bthd", dp8, q)
     amaxes = torch.stack([t.abs().amax() for t in (dp, dq, dk, dv)])
-    grads = [(g * scales[i + 1]).to(E4M3) for i, g in enumerate((dq, dk, dv))]
+    grads = [(g * scales[i + 1]).to(E4M3).contiguous() for i, g in enumerate((dq, dk, dv))]
     return grads, amaxes
 
 
@@ -363,49 +349,74 @@ def emulated_backward_kernel(o8, stats, q8, k8, v8, do8, descales, descale_do, s
 
 def _define_ops() -> tuple:
     @torch.library.custom_op("wan_s2v::fp8_attention", mutates_args=())
-    def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                 torch.Tensor]:
-        """`attention_forward`; `state` (`new_state`, the layer's) travels to the backward."""
-        return attention_forward(q, k, v)
+    def fp8_attention_kernel(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descales: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cuDNN's FP8 forward (its float32 emulation off CUDA): (o8 e4m3 [B, S, H, D], scaled
+        by 1 / descales[2]; stats [B, H, S, 1] float32)."""
+        q8, k8, v8 = (t.contiguous() for t in (q8, k8, v8))
+        kernel = _forward_kernel if q8.device.type == "cuda" else emulated_forward_kernel
+        return kernel(q8, k8, v8, descales)
 
-    @fp8_attention.register_fake
-    def _(q, k, v, state):
-        batch, seq, heads, _ = q.shape
-        fp8 = torch.empty(q.shape, dtype=E4M3, device=q.device)
-        return (torch.empty_like(q, memory_format=torch.contiguous_format), fp8, q.new_empty(batch, heads, seq, 1,
-                dtype=torch.float32), torch.empty_like(fp8), torch.empty_like(fp8), torch.empty_like(fp8),
-                q.new_empty(3, dtype=torch.float32))
+    @fp8_attention_kernel.register_fake
+    def _(q8, k8, v8, descales):
+        batch, seq, heads, _ = q8.shape
+        return (torch.empty(q8.shape, dtype=E4M3, device=q8.device),
+                q8.new_empty(batch, heads, seq, 1, dtype=torch.float32))
 
     # `state` is written in place (the delayed gradient scales) but declared unmutated: nothing
-    # in a graph reads it except these ops, and a declared mutation would make the compiler copy it.
+    # in a graph reads it except this op, and a declared mutation would make the compiler copy it.
     @torch.library.custom_op("wan_s2v::fp8_attention_backward", mutates_args=())
-    def fp8_attention_backward(grad_out: torch.Tensor, o8: torch.Tensor, stats: torch.Tensor, q8: torch.Tensor,
-                               k8: torch.Tensor, v8: torch.Tensor, descales: torch.Tensor, state: torch.Tensor
-                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`attention_backward`."""
-        return attention_backward(grad_out, o8, stats, q8, k8, v8, descales, state)
+    def fp8_attention_backward_kernel(do8: torch.Tensor, descale_do: torch.Tensor, dout_amax: torch.Tensor,
+                                      o8: torch.Tensor, stats: torch.Tensor, q8: torch.Tensor, k8: torch.Tensor,
+                                      v8: torch.Tensor, descales: torch.Tensor, state: torch.Tensor
+                                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`backward_kernels`."""
+        do8, o8, q8, k8, v8 = (t.contiguous() for t in (do8, o8, q8, k8, v8))
+        return backward_kernels(do8, descale_do, dout_amax, o8, stats, q8, k8, v8, descales, state)
 
-    @fp8_attention_backward.register_fake
-    def _(grad_out, o8, stats, q8, k8, v8, descales, state):
-        return tuple(torch.empty(q8.shape, dtype=torch.bfloat16, device=q8.device) for _ in range(3))
+    @fp8_attention_backward_kernel.register_fake
+    def _(do8, descale_do, dout_amax, o8, stats, q8, k8, v8, descales, state):
+        grads = tuple(torch.empty(q8.shape, dtype=E4M3, device=q8.device) for _ in range(3))
+        return (*grads, descales.new_empty(3))
 
-    def _setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(*output[1:], inputs[3])
-
-    def _backward(ctx, grad_out, *unused):
-        o8, stats, q8, k8, v8, descales, state = ctx.saved_tensors
-        dq, dk, dv = fp8_attention_backward(grad_out, o8, stats, q8, k8, v8, descales, state)
-        return dq, dk, dv, None
-
-    fp8_attention.register_autograd(_backward, setup_context=_setup_context)
-    return fp8_attention, fp8_attention_backward
+    return fp8_attention_kernel, fp8_attention_backward_kernel
 
 
-fp8_attention, fp8_attention_backward = define_once(("fp8_attention", "fp8_attention_backward"), _define_ops)
+fp8_attention_kernel, fp8_attention_backward_kernel = define_once(
+    ("fp8_attention", "fp8_attention_backward"), _define_ops)
 
-#: The forward op overload, as selective checkpointing policies see it.
+#: The forward kernel's op overload, as selective checkpointing policies see it: its outputs
+#: are what an "attention" checkpoint keeps.
 FORWARD_OP = torch.ops.wan_s2v.fp8_attention.default
+
+
+class _FP8Attention(torch.autograd.Function):
+    """Quantization and dequantization around the kernel ops in plain torch ops, so that a
+    compiled region fuses them into the RoPE, norm and projection kernels beside them
+    instead of running them as separate passes."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        (q8, descale_q), (k8, descale_k), (v8, descale_v) = (quantize_per_tensor(x) for x in (q, k, v))
+        descales = torch.cat([descale_q, descale_k, descale_v]).flatten()
+        o8, stats = fp8_attention_kernel(q8, k8, v8, descales)
+        ctx.save_for_backward(o8, stats, q8, k8, v8, descales, state)
+        return o8.to(q.dtype) * descales[2]  # a 0-dim scale keeps the product in bf16
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple:
+        o8, stats, q8, k8, v8, descales, state = ctx.saved_tensors
+        dout_amax = grad_out.detach().abs().amax().float()
+        do8, descale_do = quantize_per_tensor(grad_out, dout_amax)
+        *grads8, grad_descales = fp8_attention_backward_kernel(do8, descale_do, dout_amax, o8, stats, q8, k8, v8,
+                                                               descales, state)
+        return (*(g.to(grad_out.dtype) * grad_descales[i] for i, g in enumerate(grads8)), None)
+
+
+def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """FP8 attention of [B, S, H, D] bf16 queries, keys and values; returns bf16 [B, S, H, D].
+    `state` (`new_state`) is the layer's: its delayed gradient scales travel to the backward."""
+    return _FP8Attention.apply(q, k, v, state)
 
 
 # --------------------------------------------------------------------------- the model
