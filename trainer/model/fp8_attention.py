@@ -1,5 +1,7 @@
 """FP8 self-attention: cuDNN's fused FP8 attention kernels (forward and backward) through
-the optional `nvidia-cudnn-frontend` package, as torch custom ops.
+the optional `nvidia-cudnn-frontend` package. The kernels are torch custom ops; the
+quantization around them is plain torch code (`fp8_attention`, an autograd function), which
+a compiled region fuses into the RoPE, norm and projection kernels beside it.
 
 Attention is two thirds of a 14B step at 832x480x81 once the base Linears run in FP8. On an
 H200 cuDNN's FP8 kernels take 29 ms forward and 88 ms backward at that shape against 43 and
