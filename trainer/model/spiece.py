@@ -3,10 +3,12 @@
 transformers converts a `spiece.model` into its fast tokenizer by parsing the model with
 `protobuf`; when that package is missing it silently falls back to a tiktoken reader and
 fails. ComfyUI's text encoder files embed exactly such a model (`spiece_model`), so the
-pack reads the few fields the conversion needs itself and builds the tokenizer the
-conversion would (transformers' T5 layout: Unigram pieces with their scores, the
-normalizer's precompiled character map, Metaspace pre-tokenizer, `</s>` appended, control /
-user-defined pieces as added tokens), on transformers 4.x and 5.x alike.
+pack reads the few fields the conversion needs itself and builds the tokenizer in
+transformers' T5 layout: Unigram pieces with their scores, the normalizer's precompiled
+character map, Metaspace pre-tokenizer, `</s>` appended, control pieces as special tokens.
+Its ids are SentencePiece's own (the library ComfyUI tokenizes this model with), on every
+transformers version; transformers' own conversion agrees from 5.25 on, while earlier
+versions split the text around user-defined pieces.
 
 The SentencePiece model is a protobuf `ModelProto`
 (sentencepiece/src/sentencepiece_model.proto): field 1 repeats `SentencePiece {piece = 1,
@@ -25,8 +27,8 @@ from tokenizers.models import Unigram
 from transformers import PreTrainedTokenizerFast
 
 _VARINT, _FIXED64, _BYTES, _FIXED32 = 0, 1, 2, 5
-#: `SentencePiece.Type` values that transformers turns into added tokens.
-_CONTROL, _USER_DEFINED = 3, 4
+#: The `SentencePiece.Type` of pieces matched in the text as special tokens.
+_CONTROL = 3
 #: T5's fixed special ids (Wan's UMT5 tokenizer keeps them).
 _EOS_ID, _UNK_ID = 1, 2
 
@@ -108,7 +110,7 @@ def read_spiece_model(data: bytes) -> tuple[list[Piece], bytes | None]:
 
 def t5_tokenizer_from_spiece(data: bytes) -> PreTrainedTokenizerFast:
     """The T5 tokenizer (pad 0, eos 1, unk 2, no sentinel ids) of a serialized
-    SentencePiece model; the same ids as transformers' protobuf-based conversion."""
+    SentencePiece model; SentencePiece's ids, with control pieces in the text matched whole."""
     pieces, charsmap = read_spiece_model(data)
     backend = Tokenizer(Unigram([(p.piece, p.score) for p in pieces], unk_id=_UNK_ID, byte_fallback=False))
     if charsmap is not None:
@@ -121,11 +123,9 @@ def t5_tokenizer_from_spiece(data: bytes) -> PreTrainedTokenizerFast:
     backend.post_processor = processors.TemplateProcessing(
         single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"], special_tokens=[("</s>", _EOS_ID)],
     )
-    added = [
-        AddedToken(p.piece, normalized=False, special=p.type == _CONTROL)
-        for p in pieces
-        if p.type in (_CONTROL, _USER_DEFINED)
-    ]
-    backend.add_tokens([token for token in added if not token.special])
-    backend.add_special_tokens([token for token in added if token.special])
+    # User-defined pieces stay in the Unigram model, which emits them whole after the dummy
+    # prefix as SentencePiece does; as added tokens they would split the text around them.
+    backend.add_special_tokens([
+        AddedToken(p.piece, normalized=False, special=True) for p in pieces if p.type == _CONTROL
+    ])
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
